@@ -1,0 +1,302 @@
+"""Build a tokenizer and challenge-format shards from a local document source.
+
+This is how pgolf runs with no download: the `stdlib` source is every `.py` file of the
+running Python's standard library (about 12 MB of text), which is always on disk. The
+pipeline copies the challenge's export (`data/download_hf_docs_and_tokenize.py`): the same
+SentencePiece BPE trainer settings, the first `num_val_docs` documents held out as
+validation, and each document stored as BOS + its tokens with no EOS, packed into shards
+that may split a document across a boundary. Output is built in a temporary directory
+beside `out` and renamed into place last, so an interrupted prepare leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from pgolf.data.shards import write_shard
+from pgolf.errors import PgolfError
+
+SOURCES = ("stdlib", "jsonl")
+# The challenge's SentencePiece trainer settings (data/download_hf_docs_and_tokenize.py).
+TRAINER_SETTINGS = {
+    "model_type": "bpe",
+    "character_coverage": 0.999,
+    "byte_fallback": True,
+    "split_digits": True,
+    "normalization_rule_name": "nmt_nfkc",
+    "add_dummy_prefix": False,
+    "pad_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "unk_id": 3,
+    "hard_vocab_limit": False,
+}
+# SentencePiece silently drops training sentences longer than max_sentence_length (4192
+# bytes by default), which would discard nearly every source file, so documents are fed to
+# the trainer as chunks of whole lines below this size.
+SENTENCE_BYTES = 4096
+# Tokenizer training reads at most this many chunks (a prefix of the corpus, about 400 MB),
+# which keeps memory and time bounded on a large jsonl; the stdlib is ~5k chunks.
+MAX_TRAIN_SENTENCES = 100_000
+ENCODE_BATCH_DOCS = 64
+
+
+def stdlib_files() -> list[Path]:
+    """Every `.py` file of this Python's standard library, sorted by relative path, without
+    test suites (any `test`, `tests` or `idle_test` directory, any `test_*.py`) or site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip_dirs = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs]  # prune: never descend
+        files += [Path(dirpath, f) for f in filenames if f.endswith(".py") and not f.startswith("test_")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def iter_documents(*, source: str, path: str | None, max_docs: int | None) -> Iterator[str]:
+    """Yield document texts in order: stdlib files (empty ones skipped) or the `text` field of
+    each line of a jsonl file, stopping after `max_docs` documents when given."""
+    if source == "stdlib":
+        texts = (p.read_bytes().decode("utf-8", errors="replace") for p in stdlib_files())
+        docs = (t for t in texts if t.strip())
+    else:
+        docs = _jsonl_texts(Path(path))
+    for i, text in enumerate(docs):
+        if max_docs is not None and i >= max_docs:
+            return
+        yield text
+
+
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                yield json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                msg = f'{path}:{lineno}: not a {{"text": ...}} JSON line ({e}); fix or drop that line'
+                raise PgolfError(msg) from None
+
+
+def _sentences(docs: Iterator[str], stats: dict[str, int]) -> Iterator[str]:
+    """Cut documents into chunks of whole lines under SENTENCE_BYTES for the trainer."""
+    for text in docs:
+        if stats["sentences"] >= MAX_TRAIN_SENTENCES:
+            stats["subset"] = 1
+            return
+        stats["docs"] += 1
+        buf: list[str] = []
+        size = 0
+        for line in text.replace("\x00", " ").splitlines(keepends=True):
+            n = len(line.encode("utf-8"))
+            if buf and size + n > SENTENCE_BYTES:
+                yield "".join(buf)
+                stats["sentences"] += 1
+                buf, size = [], 0
+            # A single over-long line is cut by characters (4 bytes at most each).
+            while n > SENTENCE_BYTES:
+                yield line[: SENTENCE_BYTES // 4]
+                stats["sentences"] += 1
+                line = line[SENTENCE_BYTES // 4 :]
+                n = len(line.encode("utf-8"))
+            buf.append(line)
+            size += n
+        if "".join(buf).strip():
+            yield "".join(buf)
+            stats["sentences"] += 1
+
+
+def _train_tokenizer(docs: Iterator[str], *, vocab_size: int, prefix: Path) -> tuple[dict, dict]:
+    """Train the SentencePiece model `prefix`.model/.vocab; returns the settings used and
+    how much of the corpus the trainer saw."""
+    stats = {"docs": 0, "sentences": 0, "subset": 0}
+    # input_sentence_size=0: train on every chunk we feed (already capped), no random sampling.
+    settings = {**TRAINER_SETTINGS, "vocab_size": vocab_size, "input_sentence_size": 0, "max_sentence_length": 4192}
+    errors: list[PgolfError] = []
+
+    def sentences() -> Iterator[str]:
+        # SentencePiece turns an exception inside the iterator into an opaque failure, so a
+        # bad input line is caught here and re-raised once training has returned.
+        try:
+            yield from _sentences(docs, stats)
+        except PgolfError as e:
+            errors.append(e)
+
+    spm.set_random_generator_seed(0)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_prefix=str(prefix), num_threads=_num_threads(), minloglevel=2,
+            **settings,
+        )
+    except RuntimeError as e:
+        if errors:
+            raise errors[0] from None
+        too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if too_small:
+            msg = f"vocab_size={vocab_size} is too small: this corpus needs {too_small[2]} pieces; raise vocab_size"
+            raise PgolfError(msg) from None
+        msg = f"sentencepiece training failed: {str(e).strip()}; check vocab_size and the documents"
+        raise PgolfError(msg) from None
+    if errors:
+        raise errors[0]
+    return settings, {**stats, "subset": bool(stats["subset"]), "max_sentences": MAX_TRAIN_SENTENCES}
+
+
+def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _num_threads() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cpus))
+
+
+class _ShardWriter:
+    """Packs one split's documents into fixed-size shards named like the challenge's."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.parts: list[np.ndarray] = []
+        self.fill = self.num_files = self.num_tokens = self.num_docs = 0
+
+    def add(self, toks: np.ndarray) -> None:
+        self.num_docs += 1
+        self.num_tokens += toks.size
+        pos = 0
+        while pos < toks.size:
+            k = min(self.shard_tokens - self.fill, toks.size - pos)
+            self.parts.append(toks[pos : pos + k])
+            self.fill += k
+            pos += k
+            if self.fill == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill:
+            name = f"fineweb_{self.split}_{self.num_files:06d}.bin"
+            write_shard(self.out_dir / name, np.concatenate(self.parts))
+            self.parts, self.fill, self.num_files = [], 0, self.num_files + 1
+
+
+def _check_args(*, source: str, path: str | None, vocab_size: int, out: Path, num_val_docs: int,
+                shard_tokens: int, max_docs: int | None) -> None:
+    if source not in SOURCES:
+        raise PgolfError(f"source={source!r} is unknown; use one of {', '.join(SOURCES)}")
+    if source == "jsonl" and (path is None or not Path(path).is_file()):
+        raise PgolfError(f'jsonl source file {path} not found; pass the path of a file of {{"text": ...}} lines')
+    if source == "stdlib" and path is not None:
+        raise PgolfError(f"source=stdlib takes no path (got {path}); drop it or use --source jsonl")
+    if not 260 < vocab_size <= 65536:
+        raise PgolfError(f"vocab_size={vocab_size} must be in (260, 65536]: 256 byte pieces + 4 specials, uint16 ids")
+    if num_val_docs < 1:
+        raise PgolfError(f"num_val_docs={num_val_docs} must be >= 1: evaluation needs a validation split")
+    if shard_tokens < 1:
+        raise PgolfError(f"shard_tokens={shard_tokens} must be >= 1")
+    if max_docs is not None and max_docs <= num_val_docs:
+        raise PgolfError(f"max_docs={max_docs} must exceed num_val_docs={num_val_docs} to leave training documents")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PgolfError(f"{out} already exists and is not empty; delete it or pick another --out")
+
+
+def _export(docs: Iterator[str], sp: spm.SentencePieceProcessor, *, out_dir: Path, num_val_docs: int,
+            shard_tokens: int, total: int | None) -> tuple[dict[str, int], str]:
+    """Encode every document as BOS + tokens into val then train shards; returns the stats
+    and the sha256 of the document list."""
+    writers = {split: _ShardWriter(out_dir, split, shard_tokens) for split in ("val", "train")}
+    digest = hashlib.sha256()
+    n = 0
+    with tqdm(total=total, unit="doc", desc="tokenizing", disable=None) as bar:  # disable=None: off if no tty
+        for batch in _batched(docs, ENCODE_BATCH_DOCS):
+            for text, ids in zip(batch, sp.encode(batch, num_threads=_num_threads())):
+                raw = text.encode("utf-8")
+                # Length-prefixed, so the hash pins document boundaries as well as contents.
+                digest.update(len(raw).to_bytes(8, "little") + raw)
+                if n == num_val_docs:
+                    writers["val"].flush()
+                split = "val" if n < num_val_docs else "train"
+                writers[split].add(np.array([sp.bos_id(), *ids], dtype=np.uint16))
+                n += 1
+            bar.update(len(batch))
+    for w in writers.values():
+        w.flush()
+    stats = {"docs_total": n}
+    for key in ("docs", "tokens", "files"):
+        for split, w in writers.items():
+            stats[f"{key}_{split}"] = getattr(w, f"num_{key}")
+    return stats, digest.hexdigest()
+
+
+def prepare(*, source: str, path: str | None, vocab_size: int, out: str, num_val_docs: int, shard_tokens: int,
+            max_docs: int | None) -> dict:
+    """Train a SentencePiece BPE tokenizer on `source` documents and write it, the val/train
+    shards and `manifest.json` into `out` (which must not exist or be empty); returns the
+    manifest. See the module docstring for the format and the atomic-write guarantee."""
+    t0 = time.perf_counter()
+    out_dir = Path(out).expanduser().absolute()
+    _check_args(source=source, path=path, vocab_size=vocab_size, out=out_dir, num_val_docs=num_val_docs,
+                shard_tokens=shard_tokens, max_docs=max_docs)
+    docs = lambda: iter_documents(source=source, path=path, max_docs=max_docs)  # noqa: E731
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a shared cache should be readable
+    try:
+        settings, train_stats = _train_tokenizer(docs(), vocab_size=vocab_size, prefix=tmp / "tokenizer")
+        sp = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model"))
+        total = sum(1 for _ in docs()) if source == "stdlib" else None  # a cheap extra read, for the bar
+        stats, docs_sha256 = _export(docs(), sp, out_dir=tmp, num_val_docs=num_val_docs,
+                                     shard_tokens=shard_tokens, total=total)
+        if stats["docs_train"] == 0:
+            raise PgolfError(f"num_val_docs={num_val_docs} leaves no training documents out of "
+                             f"{stats['docs_total']} from {source}; lower it")
+        manifest = {
+            "source": source,
+            "source_path": str(Path(path).absolute()) if path else sysconfig.get_paths()["stdlib"],
+            "python_version": platform.python_version() if source == "stdlib" else None,
+            "docs_sha256": docs_sha256,
+            "num_val_docs": num_val_docs,
+            "max_docs": max_docs,
+            "shard_tokens": shard_tokens,
+            "stats": stats,
+            "train_glob": "fineweb_train_*.bin",
+            "val_glob": "fineweb_val_*.bin",
+            "tokenizer_path": "tokenizer.model",
+            "tokenizer_vocab_path": "tokenizer.vocab",
+            "requested_vocab_size": vocab_size,
+            "vocab_size": sp.vocab_size(),
+            "bos_id": sp.bos_id(),
+            "eos_id": sp.eos_id(),
+            "trainer_settings": settings,
+            "tokenizer_train": train_stats,
+            "elapsed_s": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        # rename(2) is atomic and may replace an empty directory; a non-empty `out` created
+        # meanwhile by another builder makes it fail, and that builder's output stands.
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            msg = f"{out_dir} was created by another prepare meanwhile; delete it or pick another --out"
+            raise PgolfError(msg) from None
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""The `data` config group: where shards and the tokenizer come from.
+
+A `DataSpec` is either pre-built shards on disk (`source=None`: the challenge's FineWeb
+export, fetched with `python -m pgolf.data download`) or a local source that pgolf builds
+once and caches (`source="stdlib"`), so a fresh checkout can train with no download.
+`ensure()` is the one place that checks the data exists, builds it if needed, and turns
+relative paths into absolute ones; the loader and eval only see the resolved patterns.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgolf.data.prepare import prepare
+from pgolf.errors import PgolfError
+
+BUILT_SOURCES = ("stdlib",)
+
+
+@dataclass(frozen=True)
+class ResolvedData:
+    """Absolute paths the training run reads: shard globs and the SentencePiece model."""
+
+    train_pattern: str
+    val_pattern: str
+    tokenizer_path: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """Where a run's data lives. `data_path` and `tokenizer_path` locate pre-built shards
+    (`source=None`); for a built source they are unused, the shards and `tokenizer.model`
+    live in `cache_dir` (default `$PGOLF_CACHE` or `~/.cache/pgolf`, then `stdlib_sp<vocab>`),
+    and `vocab_size`, `num_val_docs`, `max_docs` and `shard_tokens` are passed to `prepare`."""
+
+    name: str
+    data_path: str = ""
+    tokenizer_path: str = ""
+    train_files: str = "fineweb_train_*.bin"
+    val_files: str = "fineweb_val_*.bin"
+    source: str | None = None
+    cache_dir: str | None = None
+    vocab_size: int = 1024
+    num_val_docs: int = 50
+    max_docs: int | None = None
+    shard_tokens: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.source is not None and self.source not in BUILT_SOURCES:
+            msg = f"data.source={self.source!r} is unknown; use null (pre-built shards) or one of {BUILT_SOURCES}"
+            raise PgolfError(msg)
+        if self.source is None and not (self.data_path and self.tokenizer_path):
+            raise PgolfError(f"data {self.name}: data_path and tokenizer_path are required when data.source is null")
+
+    def build_dir(self) -> Path:
+        """Where a built source is cached."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser().absolute()
+        base = os.environ.get("PGOLF_CACHE") or "~/.cache/pgolf"
+        return Path(base).expanduser().absolute() / f"{self.source}_sp{self.vocab_size}"
+
+    def ensure(self) -> ResolvedData:
+        """Check (or build, for a built source) the data and return its absolute paths."""
+        if self.source is None:
+            return self._check_prebuilt()
+        out = self.build_dir()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Every torchrun rank calls ensure(); the lock makes one of them build while the
+        # others wait, then find the manifest and reuse the result.
+        with open(out.parent / f".{out.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "manifest.json").is_file():
+                print(f"pgolf.data: building {self.source} data into {out} (one-off)", flush=True)
+                prepare(
+                    source=self.source, path=None, vocab_size=self.vocab_size, out=str(out),
+                    num_val_docs=self.num_val_docs, shard_tokens=self.shard_tokens, max_docs=self.max_docs,
+                )
+        self._check_manifest(out)
+        return ResolvedData(
+            train_pattern=str(out / self.train_files),
+            val_pattern=str(out / self.val_files),
+            tokenizer_path=str(out / "tokenizer.model"),
+        )
+
+    def _check_manifest(self, out: Path) -> None:
+        # A cache built with other settings must not be reused silently.
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        want = {
+            "source": self.source, "requested_vocab_size": self.vocab_size, "num_val_docs": self.num_val_docs,
+            "max_docs": self.max_docs, "shard_tokens": self.shard_tokens,
+        }
+        diff = {k: (manifest.get(k), v) for k, v in want.items() if manifest.get(k) != v}
+        if diff:
+            shown = ", ".join(f"{k} {a} != {b}" for k, (a, b) in diff.items())
+            raise PgolfError(f"{out} was built with other settings ({shown}); delete it or set another data.cache_dir")
+
+    def _check_prebuilt(self) -> ResolvedData:
+        data_dir = Path(self.data_path).expanduser().absolute()
+        tokenizer = Path(self.tokenizer_path).expanduser().absolute()
+        # The download command that creates this directory, when it follows the challenge layout.
+        m = re.fullmatch(r"fineweb10B_(\w+)", data_dir.name)
+        variant = m.group(1) if m else "sp1024"
+        root = data_dir.parent.parent if data_dir.parent.name == "datasets" else Path("data").absolute()
+        root_arg = "" if root == Path("data").absolute() else f" --root {root}"
+        fix = (f"run `python -m pgolf.data download --variant {variant} --train-shards 10{root_arg}` "
+               "(or use data=stdlib for a run with no download)")
+        for pattern in (self.train_files, self.val_files):
+            if not list(data_dir.glob(pattern)):
+                raise PgolfError(f"{data_dir / pattern}: no shards found; {fix}")
+        if not tokenizer.is_file():
+            raise PgolfError(f"{tokenizer}: tokenizer not found; {fix}")
+        return ResolvedData(
+            train_pattern=str(data_dir / self.train_files),
+            val_pattern=str(data_dir / self.val_files),
+            tokenizer_path=str(tokenizer),
+        )
