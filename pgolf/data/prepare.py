@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import sysconfig
@@ -53,6 +54,7 @@ SENTENCE_BYTES = 4096
 # which keeps memory and time bounded on a large jsonl; the stdlib is ~5k chunks.
 MAX_TRAIN_SENTENCES = 100_000
 ENCODE_BATCH_DOCS = 64
+STDLIB_SHUFFLE_SEED = 1337
 
 
 def stdlib_files() -> list[Path]:
@@ -67,11 +69,20 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def stdlib_order() -> list[Path]:
+    """The stdlib files sorted by path, then shuffled with a fixed seed. Sorted order walks the
+    library alphabetically (a run would train on `encodings/` tables for hundreds of steps and
+    validate on `asyncio/`); the challenge's FineWeb documents are shuffled too."""
+    files = stdlib_files()
+    random.Random(STDLIB_SHUFFLE_SEED).shuffle(files)
+    return files
+
+
 def iter_documents(*, source: str, path: str | None, max_docs: int | None) -> Iterator[str]:
-    """Yield document texts in order: stdlib files (empty ones skipped) or the `text` field of
-    each line of a jsonl file, stopping after `max_docs` documents when given."""
+    """Yield document texts in order: stdlib files in `stdlib_order` (empty ones skipped) or the
+    `text` field of each line of a jsonl file, stopping after `max_docs` documents when given."""
     if source == "stdlib":
-        texts = (p.read_bytes().decode("utf-8", errors="replace") for p in stdlib_files())
+        texts = (p.read_bytes().decode("utf-8", errors="replace") for p in stdlib_order())
         docs = (t for t in texts if t.strip())
     else:
         docs = _jsonl_texts(Path(path))
@@ -273,6 +284,7 @@ def prepare(*, source: str, path: str | None, vocab_size: int, out: str, num_val
             "source_path": str(Path(path).absolute()) if path else sysconfig.get_paths()["stdlib"],
             "python_version": platform.python_version() if source == "stdlib" else None,
             "docs_sha256": docs_sha256,
+            "shuffle_seed": STDLIB_SHUFFLE_SEED if source == "stdlib" else None,
             "num_val_docs": num_val_docs,
             "max_docs": max_docs,
             "shard_tokens": shard_tokens,

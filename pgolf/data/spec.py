@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.data.prepare import prepare
+from pgolf.data.prepare import STDLIB_SHUFFLE_SEED, prepare
 from pgolf.errors import PgolfError
 
 BUILT_SOURCES = ("stdlib",)
@@ -93,6 +93,7 @@ class DataSpec:
         want = {
             "source": self.source, "requested_vocab_size": self.vocab_size, "num_val_docs": self.num_val_docs,
             "max_docs": self.max_docs, "shard_tokens": self.shard_tokens,
+            "shuffle_seed": STDLIB_SHUFFLE_SEED if self.source == "stdlib" else None,
         }
         diff = {k: (manifest.get(k), v) for k, v in want.items() if manifest.get(k) != v}
         if diff:

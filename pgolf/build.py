@@ -1,0 +1,180 @@
+"""Hydra stops here: compose, check and instantiate a config into plain Python objects.
+
+This module and `run.py` are the only places that see a DictConfig. Each group option
+names one callable in `_target_`; that callable's typed keyword-only signature is the
+schema. `check_config` compares every key and value against it before anything is
+allocated, so a typo or a wrong type costs one clear line, not a half-made run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pgolf.errors import PgolfError
+
+CONF_DIR = Path(os.environ.get("PGOLF_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+GROUPS = ("model", "optimizer", "schedule", "eval", "quant", "data", "logger", "distributed", "checkpoint")
+TOP_LEVEL = {"seed": int, "run_id": str, "device": str, "dtype": str, "compile": str | bool, "resume": str | None}
+CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "bf16", "fp32"), "compile": ("auto", True, False)}
+
+
+def _run_id() -> str:
+    # All torchrun workers of one job share TORCHELASTIC_RUN_ID, so they agree on one run directory.
+    if os.environ.get("PGOLF_RUN_ID"):
+        return os.environ["PGOLF_RUN_ID"]
+    import datetime
+    import uuid
+
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID")
+    return f"{stamp}_{(elastic or uuid.uuid4().hex)[:8]}" if not elastic else f"torchrun_{elastic[:12]}"
+
+
+if not OmegaConf.has_resolver("pgolf_run_id"):
+    OmegaConf.register_new_resolver("pgolf_run_id", _run_id, use_cache=True)
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf messages carry context lines; keep the first two, joined."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith("full_key")]
+    return " ".join(lines[:2]) if lines else type(exc).__name__
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), *, config_name: str = "config",
+            config_dir: str | Path | None = None) -> DictConfig:
+    """Compose `conf/` with command-line style overrides and check it (PgolfError on bad input)."""
+    config_dir = Path(config_dir or CONF_DIR).resolve()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise PgolfError(f"bad override: {one_line(exc)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    check_config(cfg)
+    return cfg
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple, ListConfig)) and all(
+            _matches(v, args[0]) for v in value) if args else isinstance(value, (list, tuple, ListConfig))
+    if origin is dict or hint is dict:
+        return isinstance(value, (dict, DictConfig))
+    return True
+
+
+def _signature(target: str) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    fn = get_method(target)
+    init = fn.__init__ if inspect.isclass(fn) else fn
+    params = {n: p for n, p in inspect.signature(fn).parameters.items() if p.kind != p.VAR_KEYWORD}
+    return params, typing.get_type_hints(init)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every key of every group must be a typed parameter of the group's `_target_`."""
+    for key, kind in TOP_LEVEL.items():
+        if key in cfg and not _matches(cfg[key], kind):
+            raise PgolfError(f"{key}={cfg[key]!r} has the wrong type: expected {_type_name(kind)}")
+    for key, allowed in CHOICES.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise PgolfError(f"{key}={cfg[key]!r} is not one of {', '.join(map(str, allowed))}")
+    for group in GROUPS:
+        if group not in cfg:
+            continue
+        node = cfg[group]
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise PgolfError(f"config group {group!r} has no _target_; pick an option with {group}=NAME")
+        params, hints = _signature(node._target_)
+        runtime = {n for n, p in params.items() if p.default is p.empty and p.kind == p.POSITIONAL_OR_KEYWORD}
+        known = sorted(set(params) - runtime)
+        for key in node:
+            if key.startswith("_"):
+                continue
+            if key not in params or key in runtime:
+                raise PgolfError(f"{group}.{key} is not an option of {group} ({node._target_}); "
+                                 f"known: {', '.join(known)}")
+            value = OmegaConf.to_container(node, resolve=True)[key] if OmegaConf.is_config(node[key]) else node[key]
+            hint = hints.get(key, Any)
+            if not _matches(value, hint):
+                raise PgolfError(f"{group}.{key}={value!r} has the wrong type: expected {_type_name(hint)}")
+        missing = [n for n, p in params.items() if p.default is p.empty and n not in runtime and n not in node]
+        if missing:
+            raise PgolfError(f"{group} is missing {', '.join(missing)}; set {group}.{missing[0]}=...")
+
+
+def build(cfg: DictConfig, group: str, *args: Any) -> Any:
+    """Instantiate one group; runtime objects (the model, ...) are passed here, never stored in config."""
+    node = cfg[group]
+    try:
+        obj = instantiate(node, _convert_="all")
+    except Exception as exc:  # instantiate wraps the target's own errors
+        cause = exc.__cause__ or exc
+        if isinstance(cause, PgolfError):
+            raise cause from None
+        raise
+    return obj(*args) if args else obj
+
+
+def build_model(cfg: DictConfig):
+    """The GPT of a composed config (weights on CPU, fp32, initialized with `cfg.seed`)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    return build(cfg, "model")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def train(cfg: DictConfig, *, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run one job of a composed config and return its final metrics (the keys of metrics.json)."""
+    from pgolf.train import Job, run_job
+
+    check_config(cfg)
+    job = Job(
+        seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
+        model_fn=lambda: build(cfg, "model"), optimizers_fn=build(cfg, "optimizer"), schedule=build(cfg, "schedule"),
+        eval_spec=build(cfg, "eval"), quant=build(cfg, "quant"), data=build(cfg, "data"), logger=build(cfg, "logger"),
+        config=to_container(cfg), config_yaml=to_yaml(cfg),
+    )
+    return run_job(job, Path(run_dir) if run_dir is not None else Path("outputs") / str(cfg.run_id))

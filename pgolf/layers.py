@@ -1,0 +1,45 @@
+"""Layers shared by the model and the record techniques: the casted linear and RoPE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.quant import fake_quantize
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer whose fp32 weight is cast to the activation dtype at matmul.
+
+    With `qat_bits` set, the weight is fake-quantized on the way in (straight-through
+    estimator, int6 QAT of records #65/#192). `qat_enabled` is a buffer, not a Python
+    attribute: a late-QAT switch held as an attribute was constant-folded by
+    `torch.compile` in one record and never turned on.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, qat_bits: int = 0, qat_clip: str = "percentile"):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat_bits = qat_bits
+        self.qat_clip = qat_clip
+        self.register_buffer("qat_enabled", torch.zeros((), dtype=torch.float32), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.qat_bits and self.training:
+            # Switch on a tensor so the compiled graph keeps both paths; where() keeps q(w) exact.
+            w = torch.where(self.qat_enabled > 0, fake_quantize(w, bits=self.qat_bits, clip=self.qat_clip), w)
+        return F.linear(x, w.to(x.dtype))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    # Recomputed per call (cheap, and compile folds it) instead of the baseline's Python-side cache.
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos()[None, None], freqs.sin()[None, None]  # (1, 1, T, D/2)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)

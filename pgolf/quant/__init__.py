@@ -1,0 +1,44 @@
+"""Post-training quantization and the compressed artifact, faithful to the challenge's exporters.
+
+treatments: one tensor's integer math (int8 baseline, intN percentile/rowmax, grouped) and
+            the QAT `fake_quantize` that shares it.
+rules:      ordered (pattern, treatment) rule sets, the records' presets, validation.
+state:      a state dict through a rule set and back.
+spec:       QuantSpec, the `quant` config group's target.
+artifact:   compression with magic-byte detection, atomic export with a size report, and
+            weights_only loading.
+"""
+
+from pgolf.quant.artifact import (
+    ExportReport,
+    TensorRow,
+    check_codec,
+    compress,
+    decompress,
+    detect_compressor,
+    export,
+    load_artifact,
+    load_quantized,
+    serialize,
+)
+from pgolf.quant.rules import CONTROL_PATTERNS, PRESETS, QuantRules, get_rules, matches, validate_rules
+from pgolf.quant.spec import QuantSpec
+from pgolf.quant.state import dequantize_state_dict, quantize_state_dict
+from pgolf.quant.treatments import (
+    CLIP_Q,
+    FP16,
+    FP32,
+    INT8,
+    Treatment,
+    dequantize_tensor,
+    fake_quantize,
+    fp16_round,
+    quantize_tensor,
+)
+
+__all__ = [
+    "CLIP_Q", "CONTROL_PATTERNS", "FP16", "FP32", "INT8", "PRESETS", "ExportReport", "QuantRules", "QuantSpec", "TensorRow",
+    "Treatment", "check_codec", "compress", "decompress", "dequantize_state_dict", "dequantize_tensor", "detect_compressor",
+    "export", "fake_quantize", "fp16_round", "get_rules", "load_artifact", "load_quantized", "matches",
+    "quantize_state_dict", "quantize_tensor", "serialize", "validate_rules",
+]  # fmt: skip

@@ -1,0 +1,128 @@
+"""Record techniques that change the embedding path or the init: SmearGate, BigramHash, OrthoInit.
+
+Each one keeps the parameter names of the record that introduced it, so a record's
+checkpoint loads into pgolf with `strict=True`:
+- SmearGate `pre_norm`, record 2026-03-19_smeargate_orthoinit_muonwd (#65): `smeargate.gate`,
+  init 3.0, out = g*x + (1-g)*x_prev with g = sigmoid(gate), before the embedding RMSNorm.
+- SmearGate `post_norm`, records of 2026-03-20: `smear.gate`, init 0,
+  out = (1-g)*x + g*x_prev, after the embedding RMSNorm.
+- SmearGate `token`, PR #192: x_t + lam * sigmoid(w . x_t) * x_{t-1}, top-level `smear_gate.weight`
+  (1, dim; a plain nn.Linear, so it stays bf16 on GPU and gets no QAT) and `smear_lambda` (1,),
+  both zero-init, so it starts as the identity.
+- BigramHash `mul` (#65): `bigram_hash.table`, (prev*92821 + cur) % buckets, prev=0 at t=0.
+- BigramHash `xor` (2026-03-20 records): `bigram.embed`, (36313*cur ^ 27191*prev) % (buckets-1),
+  first position mapped to buckets-1, optional `bigram.scale`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pgolf.errors import PgolfError
+from pgolf.layers import CastedLinear
+
+SMEAR_VARIANTS = ("none", "pre_norm", "post_norm", "token")
+# Attribute (and so state_dict prefix) of each variant, as in its record.
+SMEAR_ATTR = {"pre_norm": "smeargate", "post_norm": "smear"}
+BIGRAM_ATTR = {"mul": "bigram_hash", "xor": "bigram"}
+
+
+def shift_right(x: Tensor) -> Tensor:
+    """x_{t-1} along dim 1, zeros at t=0: (B, T, ...) -> (B, T, ...)."""
+    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+
+class SigmoidSmear(nn.Module):
+    """Per-dimension learned blend of each position with the previous one (dim params).
+
+    pre_norm (#65): g = sigmoid(gate) in fp32, out = g*x + (1-g)*x_prev, gate init 3.0.
+    post_norm (2026-03-20): g = sigmoid(gate) in the activation dtype, out = (1-g)*x + g*x_prev, init 0.
+    """
+
+    def __init__(self, dim: int, *, pre_norm: bool):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.gate = nn.Parameter(torch.full((dim,), 3.0 if pre_norm else 0.0, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre_norm:
+            g = torch.sigmoid(self.gate).to(dtype=x.dtype)
+            return g * x + (1.0 - g) * shift_right(x)
+        g = torch.sigmoid(self.gate.to(dtype=x.dtype))[None, None, :]
+        return (1 - g) * x + g * shift_right(x)
+
+
+def token_smear(x: Tensor, gate: nn.Linear, lam: Tensor) -> Tensor:
+    """PR #192's token-dependent gate: x_t + lam * sigmoid(w . x_t) * x_{t-1}; (B, T, D) -> (B, T, D)."""
+    g = lam.to(dtype=x.dtype) * torch.sigmoid(gate(x))  # (B, T, 1)
+    return x + g * shift_right(x)
+
+
+class BigramHash(nn.Module):
+    """A hashed (previous, current) token-pair embedding projected to model dim.
+
+    `hash="mul"` follows record #65 (table `table`, zero-init projection); `hash="xor"`
+    follows the 2026-03-20 records (table `embed`, projection only when dim != model_dim,
+    optional learned output scale).
+    """
+
+    def __init__(self, model_dim: int, *, buckets: int, dim: int, hash: str, init: str, scale_init: float | None):
+        super().__init__()
+        if hash not in BIGRAM_ATTR:
+            raise PgolfError(f"model.bigram_hash={hash!r} is not one of {', '.join(BIGRAM_ATTR)}")
+        if init not in ("normal", "zeros"):
+            raise PgolfError(f"model.bigram_init={init!r} is not one of normal, zeros")
+        if buckets < 2:
+            raise PgolfError(f"model.bigram_buckets={buckets} must be 0 (off) or at least 2")
+        self.buckets, self.hash = buckets, hash
+        self.table_name = "table" if hash == "mul" else "embed"
+        table = nn.Embedding(buckets, dim)
+        if init == "normal":
+            nn.init.normal_(table.weight, std=0.01)
+        else:
+            nn.init.zeros_(table.weight)
+        setattr(self, self.table_name, table)
+        self.proj = CastedLinear(dim, model_dim) if (hash == "mul" or dim != model_dim) else None
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+            # #65 flags it zero-init; the xor records zero it here but let OrthoInit overwrite it.
+            self.proj._zero_init = hash == "mul"
+        self.scale = None if scale_init is None else nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
+
+    def indices(self, ids: Tensor) -> Tensor:
+        """Bucket index of each (previous, current) pair: (B, T) -> (B, T) int64."""
+        if self.hash == "mul":
+            prev = shift_right(ids)
+            return (prev.long() * 92821 + ids.long()) % self.buckets
+        t = ids.to(torch.int32)
+        mod = self.buckets - 1
+        rest = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % mod
+        first = torch.full_like(t[:, :1], mod)
+        return torch.cat([first, rest], dim=1).long()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = getattr(self, self.table_name)(self.indices(ids))  # (B, T, dim)
+        if self.proj is not None:
+            h = self.proj(h)
+        if self.scale is not None:
+            h = h * self.scale.to(dtype=h.dtype)
+        return h
+
+
+@torch.no_grad()
+def orthogonal_init_(model: nn.Module, *, min_dim: int, proj_scale: float) -> None:
+    """Orthogonal init (gain 1) for every linear not flagged `_zero_init`.
+
+    `min_dim` skips matrices with a side below it (64 in the 2026-03-20 records, 0 in #65);
+    `proj_scale` multiplies output projections (`.proj`) by 1/sqrt(2*num_layers) as the
+    2026-03-20 records do. Zero-init layers are zeroed by the caller afterwards.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or getattr(module, "_zero_init", False):
+            continue
+        if min(module.weight.shape) < min_dim:
+            continue
+        nn.init.orthogonal_(module.weight, gain=1.0)
+        if name.endswith(".proj") or ".proj." in name:
+            module.weight.mul_(proj_scale)

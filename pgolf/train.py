@@ -1,0 +1,359 @@
+"""One Parameter Golf job: data -> model -> optimizer -> train -> quantize -> roundtrip eval -> log.
+
+`run_job` reads top to bottom like the challenge's `main()`: setup, warmup that primes
+the compiled paths and then restores the initial state, the training loop with its
+wall-clock stop agreed across ranks, then export and the one scoring path: the
+headline number comes from the dequantized artifact, evaluated the same way every time.
+Eval time does not count as train time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pgolf.data import DistributedTokenLoader, load_validation_tokens
+from pgolf.errors import PgolfError
+from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
+from pgolf.quant import load_artifact
+from pgolf.runlog import RunLog, describe_environment
+from pgolf.schedule import SWA
+
+SIZE_CAP_BYTES = 16_000_000
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class Job:
+    """Everything a job needs, as plain objects (built by pgolf.build from a config)."""
+
+    seed: int
+    run_id: str
+    device: str
+    dtype: str
+    compile: str | bool
+    model_fn: Callable[[], nn.Module]
+    optimizers_fn: Callable[[nn.Module], Any]
+    schedule: Any
+    eval_spec: Any
+    quant: Any
+    data: Any
+    logger: Any
+    config: dict
+    config_yaml: str
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+    compile: bool
+    rank: int
+    world_size: int
+    local_rank: int
+    distributed: bool
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(job: Job) -> Runtime:
+    """Device, dtype and process group. CUDA: bf16 autocast + compile + NCCL; CPU: fp32, gloo."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if 8 % world_size:
+        raise PgolfError(f"WORLD_SIZE={world_size} must divide 8 (grad accumulation is 8 // world_size)")
+    kind = job.device if job.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise PgolfError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    device = torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
+                                **({"device_id": device} if kind == "cuda" else {}))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(job.dtype, torch.bfloat16 if kind == "cuda" else torch.float32)
+    compiled = (kind == "cuda") if job.compile == "auto" else bool(job.compile)
+    return Runtime(device, dtype, compiled, rank, world_size, local_rank, distributed)
+
+
+def place_model(model: nn.Module, rt: Runtime) -> nn.Module:
+    """Move to the device; in bf16 runs keep linear weights and small/control params in fp32 (baseline)."""
+    from pgolf.layers import CastedLinear
+    from pgolf.model import CONTROL_TENSOR_NAME_PATTERNS
+
+    model = model.to(rt.device)
+    if rt.dtype == torch.bfloat16:
+        model = model.bfloat16()
+        for m in model.modules():
+            if isinstance(m, CastedLinear):
+                m.float()
+        for name, p in model.named_parameters():
+            if p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
+                p.data = p.data.float()
+    return model
+
+
+def code_bytes(config_yaml: str) -> int:
+    """Counted code: UTF-8 bytes of every .py under pgolf/, run.py, and the composed config."""
+    files = sorted(PACKAGE_DIR.rglob("*.py")) + [p for p in [PACKAGE_DIR.parent / "run.py"] if p.exists()]
+    return sum(len(f.read_text(encoding="utf-8").encode("utf-8")) for f in files) + len(config_yaml.encode("utf-8"))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def all_ranks_true(flag: bool, rt: Runtime) -> bool:
+    if not rt.distributed:
+        return flag
+    t = torch.tensor(int(flag), device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def unigram_bpb(train_pattern: str, val_tokens: torch.Tensor, luts, vocab_size: int) -> float:
+    """bpb of a unigram model fit on the first 10M train tokens (add-one smoothing): the floor to beat."""
+    from pgolf.data import TokenStream
+
+    first = TokenStream(train_pattern).tokens[:10_000_000].to(torch.int64)
+    counts = torch.bincount(first, minlength=vocab_size).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    y, x = val_tokens[1:].to(torch.int64), val_tokens[:-1].to(torch.int64)
+    nll = -logp[y].sum().item()
+    return nll / math.log(2.0) / luts.count(x, y).double().sum().item()
+
+
+def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
+    rt = setup_runtime(job)
+    run_dir = run_dir.resolve()
+    if rt.master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):
+            raise PgolfError(f"run directory {run_dir} is not writable; pick another hydra.run.dir")
+    log = RunLog(run_dir, master=rt.master)
+    log(job.config_yaml, console=False)
+    log(describe_environment(rt.device), console=False)
+    log(f"run_dir:{run_dir}")
+    random.seed(job.seed)
+    np.random.seed(job.seed)
+    torch.manual_seed(job.seed)
+
+    # -------------------------------- data --------------------------------
+    import sentencepiece as spm
+
+    paths = job.data.ensure() if rt.master else None
+    if rt.distributed:  # rank 0 may have built the dataset; the others wait, then resolve
+        dist.barrier()
+        paths = job.data.ensure() if paths is None else paths
+    sched, spec = job.schedule, job.eval_spec
+    eval_seq_len, stride = spec.resolve(sched.train_seq_len)
+    sp = spm.SentencePieceProcessor(model_file=str(paths.tokenizer_path))
+    model = job.model_fn()
+    vocab = model.tok_emb.num_embeddings
+    if int(sp.vocab_size()) != vocab:
+        raise PgolfError(f"model.vocab_size={vocab} does not match the tokenizer {paths.tokenizer_path} "
+                         f"(vocab {sp.vocab_size()}); set model.vocab_size={sp.vocab_size()}")
+    grad_accum = 8 // rt.world_size
+    local_tokens = sched.train_batch_tokens // (rt.world_size * grad_accum)
+    if local_tokens % sched.train_seq_len or local_tokens == 0:
+        raise PgolfError(f"schedule.train_batch_tokens={sched.train_batch_tokens} must split into whole sequences of "
+                         f"{sched.train_seq_len} over {rt.world_size * grad_accum} micro-batches; use a multiple of "
+                         f"{rt.world_size * grad_accum * sched.train_seq_len}")
+    val_tokens = load_validation_tokens(paths.val_pattern, eval_seq_len)
+    luts = build_byte_luts(sp, vocab, rt.device)
+    floor = unigram_bpb(paths.train_pattern, val_tokens, build_byte_luts(sp, vocab), vocab)
+    log(f"val_tokens:{val_tokens.numel() - 1} eval_seq_len:{eval_seq_len} stride:{stride} unigram_bpb:{floor:.4f}")
+    job.quant.check_names({k: tuple(v.shape) for k, v in model.state_dict().items()})
+
+    # -------------------------------- model + optimizer --------------------------------
+    base_model = place_model(model, rt)
+    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if rt.compile else base_model
+    train_model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                      broadcast_buffers=False) if rt.distributed else compiled
+    opt = job.optimizers_fn(base_model)
+    n_params = sum(p.numel() for p in base_model.parameters())
+    log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{grad_accum} device:{rt.device} "
+        f"dtype:{rt.dtype} compile:{rt.compile}")
+    if not rt.master:  # only rank 0 talks to W&B
+        from pgolf.runlog import NullLogger
+
+        job.logger = NullLogger()
+    job.logger.start(config=job.config, run_dir=run_dir, log=log)
+    loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device)
+    has_qat = any(getattr(m, "qat_bits", 0) for m in base_model.modules())
+    autocast = lambda: torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)  # noqa: E731
+
+    def train_step(step: int, scale: float) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=rt.device)
+        for micro in range(grad_accum):
+            if rt.distributed:  # DDP syncs gradients on the last micro-step only
+                train_model.require_backward_grad_sync = micro == grad_accum - 1
+            x, y = loader.next_batch(sched.train_batch_tokens, sched.train_seq_len, grad_accum)
+            with autocast():
+                loss = train_model(x, y)
+            loss_sum += loss.detach()
+            (loss / grad_accum).backward()
+        opt.step(step, scale)
+        return loss_sum / grad_accum
+
+    def evaluate(kind: str) -> tuple[float, float]:
+        common = dict(rank=rt.rank, world_size=rt.world_size, device=rt.device, dtype=rt.dtype)
+        if kind == "standard":
+            return eval_standard(train_model, val_tokens, luts, seq_len=eval_seq_len,
+                                 batch_tokens=spec.val_batch_size // (rt.world_size * grad_accum), **common)
+        return eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
+                            batch_seqs=spec.batch_seqs, **common)
+
+    # -------------------------------- warmup (prime compile, then restore) --------------------------------
+    if sched.warmup_steps > 0:
+        init_model = {k: v.detach().cpu().clone() for k, v in base_model.state_dict().items()}
+        init_opt = copy.deepcopy(opt.state_dict())
+        base_model.set_qat(has_qat)
+        for i in range(sched.warmup_steps):
+            train_step(0, 1.0)
+            if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
+                log(f"warmup_step:{i + 1}/{sched.warmup_steps}")
+        base_model.load_state_dict(init_model, strict=True)
+        opt.load_state_dict(init_opt)
+        opt.zero_grad()
+        loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device)
+
+    # -------------------------------- training loop --------------------------------
+    swa = SWA()
+    train_ms, step, stop_after = 0.0, 0, None
+    pre_loss = pre_bpb = float("nan")
+    qat_on = None
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == sched.iterations or (stop_after is not None and step >= stop_after)
+        if last or (spec.val_loss_every > 0 and step % spec.val_loss_every == 0):
+            sync()
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            pre_loss, pre_bpb = evaluate("standard")
+            log(f"step:{step}/{sched.iterations} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            job.logger.log({"val/loss": pre_loss, "val/bpb": pre_bpb}, step=step)
+            sync()
+            t0 = time.perf_counter()
+        if last:
+            if stop_after is not None and step < sched.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{sched.iterations}")
+            break
+
+        scale = sched.lr_mul(step, train_ms + 1000.0 * (time.perf_counter() - t0))
+        if has_qat and sched.qat_active(scale) != qat_on:
+            qat_on = sched.qat_active(scale)
+            base_model.set_qat(qat_on)
+            log(f"qat:{'on' if qat_on else 'off'} step:{step} lr_scale:{scale:.4f}")
+        train_loss = train_step(step, scale)
+        step += 1
+        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        if sched.swa_due(step, scale):
+            swa.add(base_model)
+        if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
+            loss_value = train_loss.item()
+            if not math.isfinite(loss_value):
+                raise PgolfError(f"train loss is {loss_value} at step {step}; lower the learning rates or "
+                                 "check the data (the last checkpoint, if any, is kept)")
+            log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
+                f"step_avg:{approx_ms / step:.2f}ms")
+            job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/step_ms": approx_ms / step},
+                           step=step)
+        capped = sched.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * sched.max_wallclock_seconds
+        if stop_after is None and all_ranks_true(capped, rt):
+            stop_after = step
+
+    peak_mib = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
+    log(f"peak memory allocated: {peak_mib} MiB")
+    if swa.count > 1:  # the 2026-03-20 records apply SWA only with 2+ snapshots
+        log(f"swa:applying average of {swa.count} snapshots")
+        base_model.load_state_dict(swa.average(base_model.state_dict()), strict=True)
+        pre_loss, pre_bpb = evaluate("standard")
+        log(f"swa val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
+    return finish(job, rt, run_dir, log, base_model, evaluate, dict(
+        pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=n_params, steps=step, train_ms=train_ms, peak_mib=peak_mib,
+        unigram_bpb=floor, swa_count=swa.count))
+
+
+def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Module, evaluate, t: dict) -> dict:
+    """Export, reload the artifact into the model, score it, and write metrics.json (rank 0)."""
+    state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
+    artifact = run_dir / job.quant.artifact_name
+    ncode = code_bytes(job.config_yaml)
+    if rt.master:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_atomic(run_dir / "final_model.pt", buf.getvalue())
+        report = job.quant.export(state, artifact)
+        log(report.format_table())
+    if rt.distributed:
+        dist.barrier()
+    nmodel = artifact.stat().st_size
+    log(f"artifact:{artifact.name} model_bytes:{nmodel} code_bytes:{ncode} total_bytes:{nmodel + ncode} "
+        f"cap:{SIZE_CAP_BYTES} over_cap:{nmodel + ncode > SIZE_CAP_BYTES}")
+    t_eval = time.perf_counter()
+    pre_sliding = evaluate("sliding")
+    base_model.load_state_dict(load_artifact(artifact), strict=True)
+    quant_loss, quant_bpb = evaluate("standard")
+    quant_sliding = evaluate("sliding")
+    eval_s = time.perf_counter() - t_eval
+    metrics = {
+        "final/quant_sliding_bpb": quant_sliding[1],
+        "final/quant_sliding_loss_nats": quant_sliding[0],
+        "final/quant_bpb": quant_bpb,
+        "final/quant_loss_nats": quant_loss,
+        "final/prequant_bpb": t["pre_bpb"],
+        "final/prequant_loss_nats": t["pre_loss"],
+        "final/prequant_sliding_bpb": pre_sliding[1],
+        "final/prequant_sliding_loss_nats": pre_sliding[0],
+        "final/quant_gap_bpb": quant_sliding[1] - pre_sliding[1],
+        "data/unigram_bpb": t["unigram_bpb"],
+        "artifact/model_bytes": nmodel,
+        "artifact/code_bytes": ncode,
+        "artifact/total_bytes": nmodel + ncode,
+        "artifact/over_cap": nmodel + ncode > SIZE_CAP_BYTES,
+        "model/params": t["n_params"],
+        "train/steps": t["steps"],
+        "train/time_s": t["train_ms"] / 1000.0,
+        "train/ms_per_step": t["train_ms"] / max(t["steps"], 1),
+        "train/swa_snapshots": t["swa_count"],
+        "eval/time_s": eval_s,
+        "memory/peak_mib": t["peak_mib"],
+        "world_size": rt.world_size,
+        "status": "finished",
+    }
+    log(f"final_prequant val_loss:{t['pre_loss']:.8f} val_bpb:{t['pre_bpb']:.8f} "
+        f"sliding_bpb:{pre_sliding[1]:.8f}")
+    log(f"final_roundtrip val_loss:{quant_loss:.8f} val_bpb:{quant_bpb:.8f}")
+    log(f"final_quant_sliding val_loss:{quant_sliding[0]:.8f} val_bpb:{quant_sliding[1]:.8f} "
+        f"(unigram baseline {t['unigram_bpb']:.4f})")
+    if rt.master:
+        write_atomic(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+        job.logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=t["steps"])
+        job.logger.summary(metrics)
+    job.logger.finish()
+    return metrics
