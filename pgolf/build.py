@@ -48,9 +48,11 @@ if not OmegaConf.has_resolver("pgolf_run_id"):
 
 
 def one_line(exc: BaseException) -> str:
-    """Hydra/OmegaConf messages carry context lines; keep the first two, joined."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith("full_key")]
-    return " ".join(lines[:2]) if lines else type(exc).__name__
+    """Hydra/OmegaConf messages span lines (the error, the fix, options); join them into one."""
+    skip = ("full_key", "object_type", "reference_type", "Set the environment variable HYDRA_FULL_ERROR")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    text = " ".join(lines).split(" Config search path")[0] if lines else type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), *, config_name: str = "config",
@@ -135,6 +137,21 @@ def check_config(cfg: DictConfig) -> None:
         missing = [n for n, p in params.items() if p.default is p.empty and n not in runtime and n not in node]
         if missing:
             raise PgolfError(f"{group} is missing {', '.join(missing)}; set {group}.{missing[0]}=...")
+    check_values(cfg)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Cross-field checks that need no allocation: model shapes and options, the eval window
+    against the train length, quant rules' syntax, data options. Weights come later."""
+    from pgolf.model import check_model_args
+
+    if "model" in cfg:
+        check_model_args(**{k: v for k, v in to_container(cfg.model).items() if not k.startswith("_")})
+    if "schedule" in cfg and "eval" in cfg:
+        build(cfg, "eval").resolve(build(cfg, "schedule").train_seq_len)
+    for group in ("quant", "data"):
+        if group in cfg:
+            build(cfg, group)
 
 
 def build(cfg: DictConfig, group: str, *args: Any) -> Any:

@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from pgolf.build import compose, train
+from pgolf.build import build, compose, train
 from pgolf.errors import PgolfError
 
 # Command-line arguments that are Hydra's own, not config overrides.
@@ -46,12 +46,15 @@ def precheck_argv(argv: list[str]) -> None:
                 overrides.append(a)
     try:
         if config_dir is None:
-            compose(overrides, config_name=config_name)
+            cfg = compose(overrides, config_name=config_name)
         else:
             from pgolf.build import CONF_DIR
 
-            compose(overrides + [f"hydra.searchpath=[file://{CONF_DIR}]"], config_name=config_name,
-                    config_dir=config_dir)
+            cfg = compose(overrides + [f"hydra.searchpath=[file://{CONF_DIR}]"], config_name=config_name,
+                          config_dir=config_dir)
+        data = build(cfg, "data")
+        if data.source is None:  # pre-built shards: check they exist (built sources are made in the job)
+            data.ensure()
     except PgolfError as exc:
         fail(str(exc))
 

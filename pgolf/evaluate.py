@@ -45,7 +45,7 @@ class EvalSpec:
             raise PgolfError(f"eval.seq_len={seq_len} must be positive")
         if stride <= 0 or stride > seq_len:
             raise PgolfError(f"eval.stride={stride} must be in 1..{seq_len} (the eval seq_len); "
-                             "use eval.stride=64 as the records do, or null for no overlap")
+                             f"use e.g. eval.stride={min(64, seq_len)} (the records use 64), or null for no overlap")
         if self.batch_seqs <= 0:
             raise PgolfError(f"eval.batch_seqs={self.batch_seqs} must be positive")
         return seq_len, stride

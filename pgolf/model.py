@@ -124,8 +124,10 @@ class GPT(nn.Module):
         qat_clip: str = "percentile",
     ):
         super().__init__()
-        check_shape(vocab_size=vocab_size, num_layers=num_layers, model_dim=model_dim, num_heads=num_heads,
-                    num_kv_heads=num_kv_heads, logit_softcap=logit_softcap)
+        check_model_args(vocab_size=vocab_size, num_layers=num_layers, model_dim=model_dim, num_heads=num_heads,
+                         num_kv_heads=num_kv_heads, logit_softcap=logit_softcap, smear_gate=smear_gate,
+                         bigram_buckets=bigram_buckets, bigram_hash=bigram_hash, bigram_init=bigram_init,
+                         qat_bits=qat_bits, qat_clip=qat_clip)
         hidden = mlp_hidden if mlp_hidden is not None else int(mlp_mult * model_dim)
         qat = {"qat_bits": qat_bits, "qat_clip": qat_clip}
         self.tie_embeddings = tie_embeddings
@@ -136,8 +138,6 @@ class GPT(nn.Module):
         if self.bigram_attr:
             setattr(self, self.bigram_attr, BigramHash(model_dim, buckets=bigram_buckets, dim=bigram_dim,
                                                        hash=bigram_hash, init=bigram_init, scale_init=bigram_scale_init))
-        if smear_gate not in SMEAR_VARIANTS:
-            raise PgolfError(f"model.smear_gate={smear_gate!r} is not one of {', '.join(SMEAR_VARIANTS)}")
         self.smear_variant = smear_gate
         if smear_gate in SMEAR_ATTR:
             setattr(self, SMEAR_ATTR[smear_gate], SigmoidSmear(model_dim, pre_norm=smear_gate == "pre_norm"))
@@ -233,9 +233,14 @@ class GPT(nn.Module):
         return groups
 
 
-def check_shape(*, vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
-                logit_softcap: float) -> None:
-    """Reject inconsistent shapes with one line naming the field and the fix."""
+def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: int = 512, num_heads: int = 8,
+                     num_kv_heads: int = 4, logit_softcap: float = 30.0, smear_gate: str = "none",
+                     bigram_buckets: int = 0, bigram_hash: str = "mul", bigram_init: str = "normal", qat_bits: int = 0,
+                     qat_clip: str = "percentile", **_: object) -> None:
+    """Reject inconsistent shapes and unknown technique options with one line naming the field
+    and the fix. Allocates nothing, so `pgolf.compose` runs it on every config."""
+    from pgolf.quant.treatments import CLIPS
+
     for field, value in (("vocab_size", vocab_size), ("num_layers", num_layers), ("model_dim", model_dim),
                          ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
         if value <= 0:
@@ -251,3 +256,12 @@ def check_shape(*, vocab_size: int, num_layers: int, model_dim: int, num_heads: 
                          "RoPE needs an even head_dim")
     if logit_softcap <= 0:
         raise PgolfError(f"model.logit_softcap={logit_softcap} must be positive")
+    choices = (("smear_gate", smear_gate, SMEAR_VARIANTS), ("bigram_hash", bigram_hash, tuple(BIGRAM_ATTR)),
+               ("bigram_init", bigram_init, ("normal", "zeros")), ("qat_clip", qat_clip, CLIPS))
+    for field, value, allowed in choices:
+        if value not in allowed:
+            raise PgolfError(f"model.{field}={value!r} is not one of {', '.join(allowed)}")
+    if bigram_buckets == 1 or bigram_buckets < 0:
+        raise PgolfError(f"model.bigram_buckets={bigram_buckets} must be 0 (off) or at least 2")
+    if qat_bits and not 4 <= qat_bits <= 8:
+        raise PgolfError(f"model.qat_bits={qat_bits} must be 0 (off) or in 4..8 (the exporter's range)")

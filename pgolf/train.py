@@ -168,8 +168,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
     sched, spec = job.schedule, job.eval_spec
     eval_seq_len, stride = spec.resolve(sched.train_seq_len)
     sp = spm.SentencePieceProcessor(model_file=str(paths.tokenizer_path))
-    model = job.model_fn()
-    vocab = model.tok_emb.num_embeddings
+    vocab = int(job.config["model"]["vocab_size"])
     if int(sp.vocab_size()) != vocab:
         raise PgolfError(f"model.vocab_size={vocab} does not match the tokenizer {paths.tokenizer_path} "
                          f"(vocab {sp.vocab_size()}); set model.vocab_size={sp.vocab_size()}")
@@ -180,6 +179,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
                          f"{sched.train_seq_len} over {rt.world_size * grad_accum} micro-batches; use a multiple of "
                          f"{rt.world_size * grad_accum * sched.train_seq_len}")
     val_tokens = load_validation_tokens(paths.val_pattern, eval_seq_len)
+    model = job.model_fn()
     luts = build_byte_luts(sp, vocab, rt.device)
     floor = unigram_bpb(paths.train_pattern, val_tokens, build_byte_luts(sp, vocab), vocab)
     log(f"val_tokens:{val_tokens.numel() - 1} eval_seq_len:{eval_seq_len} stride:{stride} unigram_bpb:{floor:.4f}")

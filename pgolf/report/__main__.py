@@ -1,0 +1,37 @@
+"""`python -m pgolf.report MULTIRUN_DIR [...] [--baseline OVERRIDES] [--metric KEY] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pgolf.errors import PgolfError
+from pgolf.report.jobs import load_jobs
+from pgolf.report.render import format_text, write_report
+from pgolf.report.summary import BPB, summarize
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pgolf.report", description=__doc__.split("\n")[0].strip("`"))
+    p.add_argument("dirs", nargs="+", metavar="MULTIRUN_DIR", help="Hydra multirun dirs; same overrides pool")
+    p.add_argument("--baseline", help="comma-separated overrides of the baseline group, order-insensitive "
+                   "(default: the group without overrides, else the first group by key)")
+    p.add_argument("--metric", default=BPB, help=f"metrics.json key for the mean/std column and plot ({BPB})")
+    p.add_argument("--out", help="where report.md/.json/.png go (default: the first MULTIRUN_DIR)")
+    args = p.parse_args(argv)
+    try:
+        report = summarize(load_jobs(args.dirs), metric=args.metric, baseline=args.baseline)
+        out = Path(args.out or args.dirs[0])
+        if out.exists() and not out.is_dir():
+            raise PgolfError(f"--out {out} is a file, not a directory")
+        written = write_report(report, out)
+    except PgolfError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(format_text(report) + f"\nwrote {', '.join(str(w) for w in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Composition and checking: every bad value fails at compose time with one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pgolf
+from pgolf.build import build, check_config
+from pgolf.errors import PgolfError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_composition_is_the_naive_baseline():
+    cfg = pgolf.compose()
+    m, o, s, q = cfg.model, cfg.optimizer, cfg.schedule, cfg.quant
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_mult, m.vocab_size) == (9, 512, 8, 4, 2.0, 1024)
+    assert (m.tie_embeddings, m.tied_embed_init_std, m.rope_base, m.logit_softcap, m.qk_gain_init) == (
+        True, 0.005, 10000.0, 30.0, 1.5)
+    assert (s.train_batch_tokens, s.train_seq_len, s.iterations, s.max_wallclock_seconds) == (524288, 1024, 20000, 600.0)
+    assert (s.warmup_steps, s.warmdown_iters) == (20, 1200)
+    assert (o.matrix_lr, o.muon_momentum, o.muon_momentum_warmup_start, o.muon_momentum_warmup_steps) == (
+        0.04, 0.95, 0.85, 500)
+    assert (o.muon_backend_steps, o.beta1, o.beta2, o.adam_eps, o.tied_embed_lr, o.scalar_lr) == (
+        5, 0.9, 0.95, 1e-8, 0.05, 0.04)
+    assert (q.preset, q.compressor, q.level) == ("int8", "zlib", 9)
+    assert cfg.seed == 1337 and cfg.data.name == "fineweb10B_sp1024"
+
+
+def test_baseline_param_count_matches_the_challenge_log():
+    model = pgolf.build_model(pgolf.compose())
+    assert sum(p.numel() for p in model.parameters()) == 17_059_912  # naive baseline log: model_params:17059912
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+model.foo=1"], "model.foo is not an option of model"),
+    (["model.foo=1"], "bad override: Could not override 'model.foo'"),
+    (["model.num_layers=abc"], "model.num_layers='abc' has the wrong type: expected int"),
+    (["schedule.iterations=1.5"], "schedule.iterations=1.5 has the wrong type"),
+    (["model.tie_embeddings=3"], "model.tie_embeddings=3 has the wrong type: expected bool"),
+    (["model.model_dim=500"], "model.model_dim=500 is not divisible by model.num_heads=8"),
+    (["model.num_kv_heads=3"], "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
+    (["model.model_dim=24"], "head_dim"),
+    (["model.smear_gate=foo"], "model.smear_gate='foo' is not one of"),
+    (["eval.stride=0"], "eval.stride=0 must be in 1..1024"),
+    (["eval.stride=2048"], "eval.stride=2048 must be in 1..1024"),
+    (["model=nope"], "Could not find 'model/nope'"),
+    (["device=tpu"], "device='tpu' is not one of auto, cpu, cuda"),
+    (["quant.compressor=lz4"], "compressor 'lz4' is unknown"),
+    (["schedule.train_seq_len=0"], "schedule.train_seq_len=0 must be positive"),
+])
+def test_bad_config_values_raise_one_line(overrides, message):
+    with pytest.raises(PgolfError) as e:
+        pgolf.compose(overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_group_key_is_a_parameter_of_its_target():
+    cfg = pgolf.compose(["experiment=smoke"])
+    check_config(cfg)
+    for group in ("optimizer", "schedule", "eval", "quant", "data", "logger"):
+        assert build(cfg, group) is not None
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model.foo=1"], "Could not override 'model.foo'"),
+    (["+model.foo=1"], "model.foo is not an option of model"),
+    (["model.num_heads=7"], "model.model_dim=512 is not divisible by model.num_heads=7"),
+    ([], "fineweb_train_*.bin: no shards found; run `python -m pgolf.data download --variant sp1024"),
+])
+def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, args, message):
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []
