@@ -142,6 +142,9 @@ def test_baseline_is_order_insensitive_and_ignores_seed(tmp_path):
     # No --baseline and no group without overrides: the first group by key, and the report says so.
     report = summarize(load_jobs([root]))
     assert report["baseline"]["key"] == "a.x=1,b.y=2" and "first group by key" in report["baseline"]["chosen_by"]
+    # Hydra's append prefix is not part of the setting: `c=1` names the group `+c=1`.
+    plus = make_sweep(tmp_path / "p", {"+c=1": BASE, "+c=2": WIN})
+    assert summarize(load_jobs([plus]), baseline="c=1")["baseline"]["key"] == "+c=1"
 
 
 def test_files_written_and_bar_chart_without_numeric_sweep(tmp_path, capsys):

@@ -175,7 +175,7 @@ def summarize(jobs: list[Job], *, metric: str = BPB, baseline: str | None = None
     elif DEFAULT_KEY in tested:
         base_key, chosen_by = DEFAULT_KEY, "default: the group without overrides"
     else:
-        base_key, chosen_by = (tested or list(by_key))[0], "default: the first group by key, none is without overrides"
+        base_key, chosen_by = (tested or list(by_key))[0], "default: the first group by key with results"
     base = by_key[base_key]
     for r in rows:
         if r is not base:
