@@ -20,7 +20,7 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from hydra.utils import get_method, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from pgolf.errors import PgolfError
@@ -165,6 +165,18 @@ def build(cfg: DictConfig, group: str, *args: Any) -> Any:
             raise cause from None
         raise
     return obj(*args) if args else obj
+
+
+def label_job(cfg: DictConfig, *, group: str, name: str, job_type: str) -> None:
+    """Fill the logger's group/name/job_type (when not set by the user) for a sweep's job."""
+    if "logger" not in cfg:
+        return
+    with open_dict(cfg.logger):
+        for key, value in (("group", group), ("name", name), ("job_type", job_type)):
+            if key in cfg.logger and cfg.logger[key] is None:
+                cfg.logger[key] = value
+        if "tags" in cfg.logger and job_type not in cfg.logger.tags:
+            cfg.logger.tags = [*cfg.logger.tags, job_type]
 
 
 def build_model(cfg: DictConfig):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from pgolf.build import build, compose, train
@@ -24,6 +26,27 @@ HYDRA_FLAGS = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def swept_keys(argv: list[str], sweeper_params: dict) -> set[str]:
+    """Keys a multirun varies: command-line overrides with a comma list or a sweep function
+    (range/choice/glob), and the sweeper params of a sweeps/*.yaml file."""
+    keys = set(sweeper_params)
+    for a in argv:
+        if "=" not in a or a.startswith("-"):
+            continue
+        key, value = a.lstrip("+~").split("=", 1)
+        depth = 0
+        for ch in value:
+            if ch in "[{(":
+                depth += 1
+            elif ch in "]})":
+                depth -= 1
+            elif ch == "," and depth == 0:
+                keys.add(key)
+        if value.startswith(("range(", "choice(", "glob(")):
+            keys.add(key)
+    return keys
 
 
 def precheck_argv(argv: list[str]) -> None:
@@ -59,10 +82,48 @@ def precheck_argv(argv: list[str]) -> None:
         fail(str(exc))
 
 
-def run_guarded(cfg, *, run_dir: str, multirun: bool) -> float:
-    """Train one job; return the headline metric (what a sweeper minimizes)."""
+@dataclass(frozen=True, kw_only=True)
+class Launch:
+    """The `distributed` group: how many worker processes one job runs on this node."""
+
+    nproc_per_node: int = 1
+
+    def __post_init__(self):
+        if self.nproc_per_node < 1 or 8 % self.nproc_per_node:
+            raise PgolfError(f"distributed.nproc_per_node={self.nproc_per_node} must divide 8 (1, 2, 4 or 8)")
+
+    def needs_launch(self) -> bool:
+        return self.nproc_per_node > 1 and "RANK" not in os.environ
+
+
+def launch_workers(nproc: int, overrides: list[str], run_dir: str) -> dict:
+    """Run this job as `torchrun --standalone --nproc_per_node=N run.py <overrides>` in run_dir.
+
+    The workers share the job's directory; when the launcher returns they are gone, so the
+    next job of a sweep starts on a free machine.
+    """
+    run_py = Path(__file__).resolve().parent.parent / "run.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(run_py),
+           *[o for o in overrides if not o.startswith("hydra.run.dir=")], f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, env=dict(os.environ, PGOLF_RUN_ID=Path(run_dir).name))
+    metrics_path = Path(run_dir) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if proc.returncode != 0 or metrics.get("status") != "finished":
+        raise PgolfError(metrics.get("error") or f"{nproc} workers exited with code {proc.returncode}; see {run_dir}")
+    return metrics
+
+
+def run_guarded(cfg, *, run_dir: str, multirun: bool, overrides: list[str] = ()) -> float:
+    """Train one job (launching its workers if asked); return the headline metric for a sweeper."""
     try:
-        metrics = train(cfg, run_dir=run_dir)
+        launch = build(cfg, "distributed") if "distributed" in cfg else Launch()
+        if launch.needs_launch():
+            labels = [f"logger.{k}='{cfg.logger[k]}'" for k in ("group", "name", "job_type")
+                      if "logger" in cfg and cfg.logger.get(k) is not None and not any(
+                          o.startswith(f"logger.{k}=") for o in overrides)]
+            metrics = launch_workers(launch.nproc_per_node, [*overrides, *labels], run_dir)
+        else:
+            metrics = train(cfg, run_dir=run_dir)
         return float(metrics["final/quant_sliding_bpb"])
     except (PgolfError, Exception) as exc:
         user_error = isinstance(exc, PgolfError)

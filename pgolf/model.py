@@ -137,7 +137,8 @@ class GPT(nn.Module):
         self.bigram_attr = BIGRAM_ATTR.get(bigram_hash, "bigram") if bigram_buckets else None
         if self.bigram_attr:
             setattr(self, self.bigram_attr, BigramHash(model_dim, buckets=bigram_buckets, dim=bigram_dim,
-                                                       hash=bigram_hash, init=bigram_init, scale_init=bigram_scale_init))
+                                                       hash=bigram_hash, init=bigram_init, scale_init=bigram_scale_init,
+                                                       qat=qat))
         self.smear_variant = smear_gate
         if smear_gate in SMEAR_ATTR:
             setattr(self, SMEAR_ATTR[smear_gate], SigmoidSmear(model_dim, pre_norm=smear_gate == "pre_norm"))

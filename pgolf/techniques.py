@@ -67,7 +67,8 @@ class BigramHash(nn.Module):
     optional learned output scale).
     """
 
-    def __init__(self, model_dim: int, *, buckets: int, dim: int, hash: str, init: str, scale_init: float | None):
+    def __init__(self, model_dim: int, *, buckets: int, dim: int, hash: str, init: str, scale_init: float | None,
+                 qat: dict | None = None):
         super().__init__()
         if hash not in BIGRAM_ATTR:
             raise PgolfError(f"model.bigram_hash={hash!r} is not one of {', '.join(BIGRAM_ATTR)}")
@@ -83,7 +84,8 @@ class BigramHash(nn.Module):
         else:
             nn.init.zeros_(table.weight)
         setattr(self, self.table_name, table)
-        self.proj = CastedLinear(dim, model_dim) if (hash == "mul" or dim != model_dim) else None
+        # A CastedLinear like the block matrices, so QAT (record #65) fake-quantizes it too.
+        self.proj = CastedLinear(dim, model_dim, **(qat or {})) if (hash == "mul" or dim != model_dim) else None
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
             # #65 flags it zero-init; the xor records zero it here but let OrthoInit overwrite it.

@@ -297,8 +297,21 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         unigram_bpb=floor, swa_count=swa.count))
 
 
+def ranks_identical(model: nn.Module, rt: Runtime) -> bool:
+    """Whether every rank holds bit-identical weights (compared through fp64 sums and sums of squares)."""
+    if not rt.distributed:
+        return True
+    flat = [p.detach().double() for p in model.parameters()]
+    mine = torch.stack([sum(p.sum() for p in flat), sum((p * p).sum() for p in flat)]).to(rt.device)
+    everyone = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(everyone, mine)
+    return all(torch.equal(everyone[0], other) for other in everyone[1:])
+
+
 def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Module, evaluate, t: dict) -> dict:
     """Export, reload the artifact into the model, score it, and write metrics.json (rank 0)."""
+    identical = ranks_identical(base_model, rt)
+    log(f"ranks_identical:{identical} world_size:{rt.world_size}")
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
     artifact = run_dir / job.quant.artifact_name
     ncode = code_bytes(job.config_yaml)
@@ -344,6 +357,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         "eval/time_s": eval_s,
         "memory/peak_mib": t["peak_mib"],
         "world_size": rt.world_size,
+        "train/ranks_identical": identical,
         "status": "finished",
     }
     log(f"final_prequant val_loss:{t['pre_loss']:.8f} val_bpb:{t['pre_bpb']:.8f} "

@@ -170,6 +170,13 @@ def summarize(jobs: list[Job], *, metric: str = BPB, baseline: str | None = None
         if base_key not in by_key:
             plain = {_plain_key(r["overrides"]): r["key"] for r in rows}
             base_key = plain.get(_plain_key(_split_overrides(baseline) if base_key != DEFAULT_KEY else []), base_key)
+        if base_key not in by_key:  # a subset names the one group holding all of its overrides
+            wanted = set(_plain_key(_split_overrides(baseline)).split(","))
+            hits = [r["key"] for r in rows if wanted <= set(_plain_key(r["overrides"]).split(","))]
+            if len(hits) > 1:
+                raise PgolfError(f"--baseline {baseline!r} matches {len(hits)} groups; add overrides to pick one of: "
+                                 f"{' | '.join(hits)}")
+            base_key = hits[0] if hits else base_key
         if base_key not in by_key:
             raise PgolfError(f"--baseline {baseline!r} matches no group; groups: {' | '.join(by_key)}")
     elif DEFAULT_KEY in tested:

@@ -1,0 +1,95 @@
+"""Multi-process and multi-job runs on CPU: torchrun with gloo, Hydra multirun, self-launched workers.
+
+Jobs use a small validation split (5 documents) so that each takes seconds; they still go
+through the real run.py, torchrun, Hydra's multirun and W&B offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["experiment=smoke", "schedule.iterations=8", "schedule.train_log_every=4", "data.num_val_docs=5"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return f"data.cache_dir={tmp_path_factory.mktemp('cache') / 'stdlib_val5'}"
+
+
+def run(args: list[str], cwd: Path, torchrun: int = 0) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    return subprocess.run([*launcher, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def metrics(job_dir: Path) -> dict:
+    return json.loads((job_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_agree(tmp_path, cache):
+    r = run([*FAST, cache, "logger=none", "hydra.run.dir=run"], tmp_path, torchrun=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = metrics(tmp_path / "run")
+    assert m["status"] == "finished" and m["world_size"] == 2 and m["train/ranks_identical"] is True
+    assert m["final/quant_sliding_bpb"] > 0 and m["train/steps"] == 8
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
+        "final_model.int8.ptz", "final_model.pt", "metrics.json", "run.log", "train.log"]
+
+
+@pytest.mark.slow
+def test_multirun_sweep_report_and_wandb_groups(tmp_path, cache):
+    r = run(["-m", *FAST, cache, "seed=1,2", "optimizer.muon_weight_decay=0,0.04", "hydra.sweep.dir=sweep"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 4 and all(metrics(j)["status"] == "finished" for j in jobs)
+    rep = subprocess.run([sys.executable, "-m", "pgolf.report", str(tmp_path / "sweep"), "--baseline",
+                          "optimizer.muon_weight_decay=0"], capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    report = json.loads((tmp_path / "sweep" / "report.json").read_text())
+    assert len(report["groups"]) == 2
+    assert all((tmp_path / "sweep" / f).is_file() for f in ("report.md", "report.png"))
+    wandb_cli = str(Path(sys.executable).parent / "wandb")
+    runs = []
+    for j in jobs:
+        out = subprocess.run([wandb_cli, "leet", "inspect", "--json", str(next((j / "wandb").glob("offline-run-*")))],
+                             capture_output=True, text=True, timeout=120).stdout
+        runs.append(next(json.loads(ln)["run"] for ln in out.splitlines() if '"type":"run"' in ln))
+        summary = json.loads(subprocess.run([wandb_cli, "leet", "inspect", "--summary", "--json",
+                                             str(next((j / "wandb").glob("offline-run-*")))],
+                                            capture_output=True, text=True, timeout=120).stdout)["summary"]
+        assert summary["final/quant_sliding_bpb"] == pytest.approx(metrics(j)["final/quant_sliding_bpb"])
+    assert len({r["run_group"] for r in runs}) == 1 and runs[0]["run_group"].startswith("config-")
+    assert {r["display_name"] for r in runs} == {f"seed={s},muon_weight_decay={w}" for s in (1, 2) for w in ("0", "0.04")}
+    assert {r["job_type"] for r in runs} == {"smoke"}
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, cache):
+    r = run(["-m", *FAST, cache, "logger=none", "model.num_heads=4,3", "hydra.sweep.dir=sweep"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ok, bad = metrics(tmp_path / "sweep" / "0"), metrics(tmp_path / "sweep" / "1")
+    assert ok["status"] == "finished"
+    assert bad["status"] == "failed" and "model.num_heads=3" in bad["error"]
+    rep = subprocess.run([sys.executable, "-m", "pgolf.report", str(tmp_path / "sweep")], capture_output=True,
+                         text=True, timeout=120)
+    assert rep.returncode == 0 and "model.num_heads=3" in (tmp_path / "sweep" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_multirun_jobs_launch_their_own_workers(tmp_path, cache):
+    r = run(["-m", *FAST, cache, "logger=none", "seed=1,2", "distributed.nproc_per_node=2", "hydra.sweep.dir=sweep"],
+            tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for job in ("0", "1"):
+        m = metrics(tmp_path / "sweep" / job)
+        assert m["status"] == "finished" and m["world_size"] == 2 and m["train/ranks_identical"] is True
