@@ -113,8 +113,19 @@ def launch_workers(nproc: int, overrides: list[str], run_dir: str) -> dict:
     return metrics
 
 
+def adopt_slurm_ranks() -> None:
+    """Under a submitit/SLURM launcher with several tasks, each task is one rank: export the
+    torch.distributed variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from SLURM's."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SUBMITIT_FOLDER" not in os.environ:
+        return
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export()
+
+
 def run_guarded(cfg, *, run_dir: str, multirun: bool, overrides: list[str] = ()) -> float:
     """Train one job (launching its workers if asked); return the headline metric for a sweeper."""
+    adopt_slurm_ranks()
     try:
         launch = build(cfg, "distributed") if "distributed" in cfg else Launch()
         if launch.needs_launch():

@@ -112,7 +112,7 @@ class Optimizers:
         adam_eps: float = 1e-8,
         grad_clip_norm: float = 0.0,
         ns_fp32_on_cpu: bool = True,
-        compile_ns: bool = False,
+        compile_ns: bool | None = None,
     ):
         for name, value in (("matrix_lr", matrix_lr), ("scalar_lr", scalar_lr), ("tied_embed_lr", tied_embed_lr),
                             ("embed_lr", embed_lr), ("head_lr", head_lr)):
@@ -139,6 +139,8 @@ class Optimizers:
         if groups["bigram"]:
             tok_groups.append({"params": params("bigram"), "lr": token_lr, "base_lr": token_lr})
         self.token = adam_cls(tok_groups, **adam)
+        # The baseline compiles Newton-Schulz on CUDA; None follows the device.
+        compile_ns = device.type == "cuda" if compile_ns is None else compile_ns
         self.muon = Muon(params("matrix"), lr=matrix_lr, momentum=muon_momentum, backend_steps=muon_backend_steps,
                          weight_decay=muon_weight_decay, compile_ns=compile_ns,
                          ns_dtype=torch.float32 if (device.type == "cpu" and ns_fp32_on_cpu) else torch.bfloat16)

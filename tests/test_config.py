@@ -83,3 +83,15 @@ def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, args, message
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sweep,params", [("seeds", {"seed"}), ("weight_decay", {"optimizer.muon_weight_decay", "seed"}),
+                                          ("significance", {"experiment", "seed"})])
+def test_sweep_files_compose(tmp_path, sweep, params):
+    job = run_cli("--config-dir", str(ROOT / "sweeps"), "--config-name", sweep, "--cfg", "job", cwd=tmp_path)
+    assert job.returncode == 0, job.stderr
+    assert "model:" in job.stdout and "seed:" in job.stdout
+    hydra_cfg = run_cli("--config-dir", str(ROOT / "sweeps"), "--config-name", sweep, "--cfg", "hydra", cwd=tmp_path)
+    assert hydra_cfg.returncode == 0 and "mode: MULTIRUN" in hydra_cfg.stdout
+    for key in params:
+        assert f"{key}:" in hydra_cfg.stdout

@@ -93,3 +93,20 @@ def test_multirun_jobs_launch_their_own_workers(tmp_path, cache):
     for job in ("0", "1"):
         m = metrics(tmp_path / "sweep" / job)
         assert m["status"] == "finished" and m["world_size"] == 2 and m["train/ranks_identical"] is True
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher(tmp_path, cache):
+    r = run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *FAST, cache, "logger=none",
+             "seed=1,2", "hydra.sweep.dir=sweep"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for job in ("0", "1"):
+        assert metrics(tmp_path / "sweep" / job)["status"] == "finished"
+    assert (tmp_path / "sweep" / ".submitit").is_dir()
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    r = run(["hydra/launcher=slurm", "--cfg", "hydra", "-p", "hydra.launcher"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in ("gpus_per_node: 8", "tasks_per_node: 8", "nodes: 1", "max_num_timeout: 3", "partition: null"):
+        assert line in r.stdout
