@@ -1,0 +1,188 @@
+"""What a config costs before you spend GPU hours on it: `python -m pgolf.bench [overrides]`.
+
+Measures, on the current device, the train step (forward + backward + optimizers, median
+after warm-up), standard and sliding eval throughput, and export time and bytes, then
+projects them onto the challenge: steps inside the wall-clock cap on N GPUs and the time
+to score the full FineWeb validation split (62,021,632 targets). On CPU the batch is scaled
+down (the scale is printed); projections assume time proportional to tokens.
+`--compare "OVERRIDES"` benchmarks a second config in the same process, alternating steps,
+and prints ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pgolf.build import build, compose
+from pgolf.errors import PgolfError
+from pgolf.evaluate import ByteLUTs, eval_sliding, eval_standard
+from pgolf.train import Runtime, place_model
+
+FINEWEB_VAL_TARGETS = 62_021_632
+
+
+class Bench:
+    """One config's model, optimizers and synthetic batch, ready to time."""
+
+    def __init__(self, overrides: list[str], *, device: torch.device, batch_tokens: int | None):
+        self.label = " ".join(overrides) or "(defaults)"
+        self.cfg = compose(overrides + ["logger=none"])
+        self.schedule, self.spec = build(self.cfg, "schedule"), build(self.cfg, "eval")
+        self.seq_len = self.schedule.train_seq_len
+        self.eval_seq_len, self.stride = self.spec.resolve(self.seq_len)
+        cuda = device.type == "cuda"
+        self.rt = Runtime(device, torch.bfloat16 if cuda else torch.float32, cuda, 0, 1, 0, False)
+        torch.manual_seed(0)
+        self.model = place_model(build(self.cfg, "model"), self.rt)
+        self.step_model = torch.compile(self.model, dynamic=False, fullgraph=True) if cuda else self.model
+        self.opt = build(self.cfg, "optimizer")(self.model)
+        self.vocab = self.model.tok_emb.num_embeddings
+        # One GPU of 8 takes train_batch_tokens / 8 per step; on CPU a few sequences stand in.
+        per_gpu = self.schedule.train_batch_tokens // 8
+        self.batch_tokens = batch_tokens or (per_gpu if cuda else min(per_gpu, 4 * self.seq_len))
+        self.batch_tokens = max(self.seq_len, self.batch_tokens // self.seq_len * self.seq_len)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randint(0, self.vocab, (self.batch_tokens // self.seq_len, self.seq_len), generator=g).to(device)
+        self.y = torch.randint(0, self.vocab, self.x.shape, generator=g).to(device)
+        self.times: list[float] = []
+
+    def sync(self) -> None:
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(self, record: bool = True) -> None:
+        self.sync()
+        t = time.perf_counter()
+        with torch.autocast(self.rt.device.type, dtype=self.rt.dtype, enabled=self.rt.dtype != torch.float32):
+            loss = self.step_model(self.x, self.y)
+        loss.backward()
+        self.opt.step(1, 1.0)
+        self.sync()
+        if record:
+            self.times.append(time.perf_counter() - t)
+
+    def eval_rates(self, num_windows: int) -> tuple[float, float]:
+        """(standard scored tokens/s, sliding scored tokens/s) on synthetic validation tokens."""
+        n = num_windows * self.eval_seq_len
+        val = torch.randint(0, self.vocab, (n + 1,), generator=torch.Generator().manual_seed(2))
+        luts = ByteLUTs(torch.ones(self.vocab, dtype=torch.int16), torch.zeros(self.vocab, dtype=torch.bool),
+                        torch.zeros(self.vocab, dtype=torch.bool))
+        luts = ByteLUTs(*(t.to(self.rt.device) for t in (luts.base_bytes, luts.has_leading_space, luts.is_boundary)))
+        common = dict(rank=0, world_size=1, device=self.rt.device, dtype=self.rt.dtype)
+        self.sync()
+        t = time.perf_counter()
+        eval_standard(self.model, val, luts, seq_len=self.eval_seq_len, batch_tokens=self.spec.batch_seqs *
+                      self.eval_seq_len, **common)
+        self.sync()
+        std = n / (time.perf_counter() - t)
+        t = time.perf_counter()
+        eval_sliding(self.model, val, luts, seq_len=self.eval_seq_len, stride=self.stride,
+                     batch_seqs=self.spec.batch_seqs, **common)
+        self.sync()
+        sliding = n / (time.perf_counter() - t)
+        return std, sliding
+
+    def export(self) -> tuple[float, int]:
+        quant = build(self.cfg, "quant")
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            report = quant.export(state, Path(d) / quant.artifact_name)
+            return time.perf_counter() - t, report.total_bytes
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    benches = [Bench(args.overrides, device=device, batch_tokens=args.batch_tokens)]
+    if args.compare is not None:
+        benches.append(Bench(args.compare.split(), device=device, batch_tokens=benches[0].batch_tokens))
+    for b in benches:  # warm-up (and compilation on CUDA)
+        for _ in range(args.warmup):
+            b.step(record=False)
+    for _ in range(args.steps):  # alternate so both configs see the same machine state
+        for b in benches:
+            b.step()
+    results = []
+    for b in benches:
+        step_s = statistics.median(b.times)
+        full_step_s = step_s * (b.schedule.train_batch_tokens / args.gpus) / b.batch_tokens
+        std_rate, sliding_rate = b.eval_rates(args.eval_windows)
+        export_s, artifact_bytes = b.export()
+        results.append({
+            "overrides": b.label,
+            "device": str(device), "params": sum(p.numel() for p in b.model.parameters()),
+            "measured_batch_tokens": b.batch_tokens, "batch_scale": b.batch_tokens / b.schedule.train_batch_tokens,
+            "step_ms": 1000 * step_s, "train_tokens_per_s": b.batch_tokens / step_s,
+            "projected_step_ms": 1000 * full_step_s, "gpus": args.gpus,
+            "projected_steps_in_cap": (int(b.schedule.max_wallclock_seconds / full_step_s)
+                                       if b.schedule.max_wallclock_seconds > 0 else "no cap"),
+            "eval_standard_tokens_per_s": std_rate, "eval_sliding_tokens_per_s": sliding_rate,
+            "projected_full_val_standard_s": FINEWEB_VAL_TARGETS / std_rate / args.gpus,
+            "projected_full_val_sliding_s": FINEWEB_VAL_TARGETS / sliding_rate / args.gpus,
+            "eval_seq_len": b.eval_seq_len, "stride": b.stride,
+            "export_s": export_s, "artifact_model_bytes": artifact_bytes,
+        })
+    return {"results": results, "ratios": ratios(results) if len(results) > 1 else None}
+
+
+def ratios(results: list[dict]) -> dict:
+    a, b = results
+    keys = ("step_ms", "eval_standard_tokens_per_s", "eval_sliding_tokens_per_s", "export_s", "artifact_model_bytes")
+    return {k: b[k] / a[k] if a[k] else float("nan") for k in keys}
+
+
+def format_table(out: dict) -> str:
+    rows = [
+        ("params", "{:,}", "params"), ("device", "{}", "device"), ("measured batch tokens", "{:,}", "measured_batch_tokens"),
+        ("batch scale vs config", "{:.4f}", "batch_scale"), ("train step (median)", "{:.1f} ms", "step_ms"),
+        ("train tokens/s", "{:,.0f}", "train_tokens_per_s"), ("projected step on N GPUs", "{:.1f} ms", "projected_step_ms"),
+        ("N GPUs", "{}", "gpus"), ("projected steps in cap", "{}", "projected_steps_in_cap"),
+        ("eval seq_len / stride", "{}", "eval_seq_len"), ("standard eval tokens/s", "{:,.0f}", "eval_standard_tokens_per_s"),
+        ("sliding eval tokens/s", "{:,.0f}", "eval_sliding_tokens_per_s"),
+        ("full val, standard (N GPUs)", "{:.1f} s", "projected_full_val_standard_s"),
+        ("full val, sliding (N GPUs)", "{:.1f} s", "projected_full_val_sliding_s"),
+        ("export time", "{:.2f} s", "export_s"), ("artifact model bytes", "{:,}", "artifact_model_bytes"),
+    ]
+    res = out["results"]
+    lines = ["config: " + " | ".join(r["overrides"] for r in res)]
+    for label, fmt, key in rows:
+        cells = [fmt.format(r[key]) if key != "eval_seq_len" else f"{r['eval_seq_len']} / {r['stride']}" for r in res]
+        if out["ratios"] and key in out["ratios"]:
+            cells.append(f"x{out['ratios'][key]:.3f}")
+        lines.append(f"{label:<30}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pgolf.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", help="config overrides, as for run.py")
+    p.add_argument("--compare", default=None, help="a second config's overrides, in quotes")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gpus", type=int, default=8, help="GPU count for the projections")
+    p.add_argument("--batch-tokens", type=int, default=None, help="tokens per measured step (default: 1/8 of the "
+                   "config's batch on CUDA, 4 sequences on CPU)")
+    p.add_argument("--eval-windows", type=int, default=64, help="eval_seq_len-long blocks of synthetic val tokens")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    try:
+        out = run(args)
+    except PgolfError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
