@@ -24,7 +24,7 @@ import torch
 from pgolf.build import build, compose
 from pgolf.errors import PgolfError
 from pgolf.evaluate import ByteLUTs, eval_sliding, eval_standard
-from pgolf.train import Runtime, place_model
+from pgolf.trainer import Runtime, place_model
 
 FINEWEB_VAL_TARGETS = 62_021_632
 

@@ -197,7 +197,7 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def train(cfg: DictConfig, *, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one job of a composed config and return its final metrics (the keys of metrics.json)."""
-    from pgolf.train import Job, run_job
+    from pgolf.trainer import Job, run_job
 
     check_config(cfg)
     job = Job(

@@ -95,3 +95,14 @@ def test_sweep_files_compose(tmp_path, sweep, params):
     assert hydra_cfg.returncode == 0 and "mode: MULTIRUN" in hydra_cfg.stdout
     for key in params:
         assert f"{key}:" in hydra_cfg.stdout
+
+
+def test_api_names_survive_importing_every_module():
+    # A submodule named like an API function would replace it on import (pgolf.train once did).
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.walk_packages(pgolf.__path__, "pgolf."):
+        if not mod.name.endswith("__main__"):
+            importlib.import_module(mod.name)
+    assert callable(pgolf.train) and callable(pgolf.compose) and callable(pgolf.build_model)

@@ -1,6 +1,6 @@
 """Reading a Hydra sweep: one `Job` per directory holding `.hydra/overrides.yaml`.
 
-A job is `finished` or `failed` by its metrics.json (written by `pgolf.train.finish` and
+A job is `finished` or `failed` by its metrics.json (written by `pgolf.trainer.finish` and
 `pgolf.cli.run_guarded`); a job with no or an unreadable metrics.json died hard or is still
 running, and counts as `unfinished`.
 """

@@ -17,7 +17,7 @@ from pgolf.errors import PgolfError
 from pgolf.report.jobs import DEFAULT_KEY, Job, natural, override_key
 
 BPB, LOSS = "final/quant_sliding_bpb", "final/quant_sliding_loss_nats"
-SIZE_CAP_BYTES = 16_000_000  # the challenge's cap, as pgolf.train.SIZE_CAP_BYTES (not imported: that pulls in torch)
+SIZE_CAP_BYTES = 16_000_000  # the challenge's cap, as pgolf.trainer.SIZE_CAP_BYTES (not imported: that pulls in torch)
 MIN_GAIN_NATS = 0.005        # challenge README: a record must beat the last one by >= 0.005 nats ...
 ALPHA = 0.01                 # ... at p < 0.01
 TEST = (f"one-sided Welch t-test (scipy.stats.ttest_ind, equal_var=False, alternative='less') of candidate "
