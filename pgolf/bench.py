@@ -74,8 +74,7 @@ class Bench:
         n = num_windows * self.eval_seq_len
         val = torch.randint(0, self.vocab, (n + 1,), generator=torch.Generator().manual_seed(2))
         luts = ByteLUTs(torch.ones(self.vocab, dtype=torch.int16), torch.zeros(self.vocab, dtype=torch.bool),
-                        torch.zeros(self.vocab, dtype=torch.bool))
-        luts = ByteLUTs(*(t.to(self.rt.device) for t in (luts.base_bytes, luts.has_leading_space, luts.is_boundary)))
+                        torch.zeros(self.vocab, dtype=torch.bool)).to(self.rt.device)
         common = dict(rank=0, world_size=1, device=self.rt.device, dtype=self.rt.dtype)
         self.sync()
         t = time.perf_counter()

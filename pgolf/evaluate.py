@@ -57,6 +57,9 @@ class ByteLUTs:
     has_leading_space: Tensor  # (V,) bool
     is_boundary: Tensor  # (V,) bool: control, unknown, unused (and ids past the tokenizer)
 
+    def to(self, device: torch.device | str) -> ByteLUTs:
+        return ByteLUTs(self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device))
+
     def count(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Bytes charged to each target given its previous token (same shapes, int16)."""
         extra = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]

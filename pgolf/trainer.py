@@ -180,8 +180,9 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
                          f"{rt.world_size * grad_accum * sched.train_seq_len}")
     val_tokens = load_validation_tokens(paths.val_pattern, eval_seq_len)
     model = job.model_fn()
-    luts = build_byte_luts(sp, vocab, rt.device)
-    floor = unigram_bpb(paths.train_pattern, val_tokens, build_byte_luts(sp, vocab), vocab)
+    cpu_luts = build_byte_luts(sp, vocab)
+    luts = cpu_luts.to(rt.device)
+    floor = unigram_bpb(paths.train_pattern, val_tokens, cpu_luts, vocab)
     log(f"val_tokens:{val_tokens.numel() - 1} eval_seq_len:{eval_seq_len} stride:{stride} unigram_bpb:{floor:.4f}")
     job.quant.check_names({k: tuple(v.shape) for k, v in model.state_dict().items()})
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import seeded_tokens, seeded_weights
 
 from pgolf.errors import PgolfError
 from pgolf.model import GPT
@@ -31,16 +32,6 @@ BLOCK_KEYS = {
     "attn.proj.weight": (512, 512), "mlp.fc.weight": (1024, 512), "mlp.proj.weight": (512, 1024),
 }
 TOP_KEYS = {"skip_weights": (4, 512), "tok_emb.weight": (1024, 512)}
-
-
-def seeded_weights(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shapes[k], generator=g) * 0.05 for k in sorted(shapes)}
-
-
-def seeded_tokens(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 1024, (2, 128), generator=g), torch.randint(0, 1024, (2, 128), generator=g)
 
 
 def test_state_dict_keys_and_shapes_match_baseline():

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import seeded_tokens, seeded_weights
 
 import pgolf
 import pgolf.layers
@@ -65,16 +66,6 @@ TOP_KEYS = {
     "int6_latek": {},
 }
 MLP_HIDDEN = {"naive_baseline": 512, "smeargate": 768, "10l_int5": 768, "11l_qat_smeargate": 768, "int6_latek": 768}
-
-
-def seeded_weights(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shapes[k], generator=g) * 0.05 for k in sorted(shapes)}
-
-
-def seeded_tokens(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 1024, (2, 128), generator=g), torch.randint(0, 1024, (2, 128), generator=g)
 
 
 _MODELS: dict[str, torch.nn.Module] = {}
