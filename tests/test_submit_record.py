@@ -1,0 +1,262 @@
+"""`python -m pgolf.submit record` on two real smoke runs: the folder it writes, and every refusal,
+each of which must name the run, the value and the fix, and write nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from runs import FAST, tree
+
+import pgolf
+from pgolf.errors import PgolfError
+from pgolf.submit import bundle
+from pgolf.submit.__main__ import main
+from pgolf.submit.record import Run, check_runs, read_run
+
+SEEDS = (1, 2)
+ID = ["--name", "Smoke pair", "--author", "Ada L", "--github-id", "adal"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, fast_cache) -> list[Path]:
+    """Two finished 2-step smoke runs that differ only by seed (and run_id)."""
+    root = tmp_path_factory.mktemp("runs")
+    for seed in SEEDS:
+        cfg = pgolf.compose([*FAST, "schedule.iterations=2", "schedule.warmup_steps=0", "logger=none", fast_cache,
+                             f"seed={seed}"])
+        pgolf.train(cfg, run_dir=root / f"seed{seed}")
+    return [root / f"seed{s}" for s in SEEDS]
+
+
+def metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def copy_run(src: Path, dst: Path, *, metrics_update: dict | None = None, config_update: dict | None = None) -> Path:
+    """A copy of a run dir with some metrics.json keys and dotted config.yaml keys replaced."""
+    shutil.copytree(src, dst)
+    if metrics_update is not None:
+        m = json.loads((dst / "metrics.json").read_text())
+        (dst / "metrics.json").write_text(json.dumps({**m, **metrics_update}))
+    if config_update is not None:
+        c = yaml.safe_load((dst / "config.yaml").read_text())
+        for dotted, value in config_update.items():
+            *groups, key = dotted.split(".")
+            node = c
+            for g in groups:
+                node = node[g]
+            node[key] = value
+        (dst / "config.yaml").write_text(yaml.safe_dump(c, sort_keys=False))
+    return dst
+
+
+def snapshot(*roots: Path) -> dict:
+    """Every file and folder under the roots (files with size and mtime): to assert nothing was written."""
+    return {str(r): (tree(r), sorted(str(p) for p in r.rglob("*") if p.is_dir())) for r in roots}
+
+
+def test_record_folder_holds_the_runs_figures(runs, tmp_path, capsys):
+    out = tmp_path / "records/track_10min_16mb/2026-03-21_SmokePair"
+    rc = main(["record", *map(str, runs), *ID, "--blurb", "Two seeds of the smoke config.", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "submission.json", "train_gpt.py",
+                                                     "train_seed1.log", "train_seed2.log"]
+    ms = [metrics(r) for r in runs]
+    bpbs = [m["final/quant_sliding_bpb"] for m in ms]
+    losses = [m["final/quant_sliding_loss_nats"] for m in ms]
+    code = (out / "train_gpt.py").stat().st_size
+    sub = json.loads((out / "submission.json").read_text())
+
+    assert list(sub)[:8] == ["name", "author", "github_id", "blurb", "date", "track", "val_loss", "val_bpb"]
+    assert (sub["name"], sub["author"], sub["github_id"]) == ("Smoke pair", "Ada L", "adal")
+    assert sub["blurb"] == "Two seeds of the smoke config."
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", sub["date"])
+    assert sub["track"] == "10min_16mb" and "non_record_reason" not in sub
+    assert sub["val_bpb"] == pytest.approx(statistics.fmean(bpbs), abs=1e-8)
+    assert sub["val_loss"] == pytest.approx(statistics.fmean(losses), abs=1e-8)
+    assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(bpbs), abs=1e-8)
+    assert sub["val_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-8)
+    assert bpbs[0] != bpbs[1]  # the seeds really differ, so mean and std are not trivially right
+    assert sub["bytes_code"] == code
+    assert sub["bytes_total"] == max(m["artifact/model_bytes"] for m in ms) + code
+    assert sub["seeds"] == list(SEEDS)
+    for seed, m in zip(SEEDS, ms):
+        assert sub["seed_results"][str(seed)] == {
+            "val_loss": round(m["final/quant_sliding_loss_nats"], 8), "val_bpb": round(m["final/quant_sliding_bpb"], 8),
+            "bytes_total": m["artifact/model_bytes"] + code, "bytes_model": m["artifact/model_bytes"],
+            "steps": m["train/steps"], "train_time_seconds": round(m["train/time_s"], 3),
+            "step_avg_ms": round(1000 * m["train/time_s"] / m["train/steps"], 2)}
+    assert sub["model_params"] == ms[0]["model/params"] and sub["train_steps"] == 2
+    assert sub["train_time_seconds"] == round(max(m["train/time_s"] for m in ms), 3)
+    assert sub["hardware"] == ms[0]["hardware"]
+    assert (sub["eval_method"], sub["eval_stride"], sub["quantization"], sub["compression"]) == (
+        "sliding_window", 64, "int8", "zlib-9")
+
+    # The logs are the runs' own; the script is the real bundle of the first run's config.
+    for seed, run in zip(SEEDS, runs):
+        assert (out / f"train_seed{seed}.log").read_bytes() == (run / "train.log").read_bytes()
+    source = (out / "train_gpt.py").read_text()
+    compile(source, "train_gpt.py", "exec")
+    assert bundle.write_bundle(runs[0], tmp_path / "again.py").read_text() == source
+
+    readme = (out / "README.md").read_text()
+    for needle in [f"**val_bpb {statistics.fmean(bpbs):.8f}**", f"std {statistics.stdev(bpbs):.8f}",
+                   f"| {statistics.stdev(bpbs):.8f} | {statistics.stdev(losses):.8f} |",
+                   f"**{sub['bytes_total']:,}**", f"bytes_code (train_gpt.py): {code:,}",
+                   "SEED=1 torchrun --standalone --nproc_per_node=8 train_gpt.py",
+                   "SEED=2 torchrun --standalone --nproc_per_node=8 train_gpt.py",
+                   "2 layers x 128 dim, 4 heads / 2 KV heads, MLP 2.0x (hidden 256)",
+                   "quantization: preset int8; compression zlib-9", "sliding-window eval, stride 64",
+                   "```yaml\nseed: 1\n", "Record submission, track `10min_16mb`"]:
+        assert needle in readme, needle
+    for seed, m in zip(SEEDS, ms):
+        assert (f"| {seed} | {m['final/quant_sliding_bpb']:.8f} | {m['final/quant_sliding_loss_nats']:.8f} | 2 |"
+                in readme)
+    assert "Non-record" not in readme
+    assert f"val_bpb {sub['val_bpb']:.5f}" in captured.out
+    assert "warning: hardware is '1xCPU" in captured.err and "warning: 2 seed(s)" in captured.err
+
+
+def test_over_time_runs_become_a_non_record_submission_only_when_allowed(runs, tmp_path, capsys):
+    slow = [copy_run(r, tmp_path / f"slow{s}", metrics_update={"train/time_s": 700.0 + s, "train/steps": 7000})
+            for s, r in zip(SEEDS, runs)]
+    out = tmp_path / "records/track_non_record_16mb/2026-03-21_Slow"
+    before = snapshot(tmp_path)
+    assert main(["record", *map(str, slow), *ID, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {slow[1]}: train/time_s=702.000 exceeds the 10min_16mb track's 600 s (plus one step "
+                   f"of {702.0 / 7000:.3f} s); rerun with schedule.max_wallclock_seconds=600, or pass "
+                   "--allow-non-record to submit it to the unlimited-compute track\n")
+    assert snapshot(tmp_path) == before
+
+    assert main(["record", *map(str, slow), *ID, "--allow-non-record", "--pack", "-o", str(out)]) == 0
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["bytes_code"] == (out / "train_gpt.py").stat().st_size
+    assert sub["track"] == "non-record-unlimited-compute-16mb"
+    assert sub["non_record_reason"] == "unlimited compute: seed 2 trained 702.0 s, over the 10min_16mb track's 600 s"
+    assert sub["blurb"].startswith("Non-record (unlimited compute")
+    assert sub["train_time_seconds"] == 702.0
+    readme = (out / "README.md").read_text()
+    assert "**Non-record submission** (unlimited compute: seed 2 trained 702.0 s" in readme
+    assert f"bytes_code (train_gpt.py, lzma-packed): {sub['bytes_code']:,}" in readme
+
+
+def test_a_capped_run_may_finish_the_step_that_crossed_the_cap(runs):
+    """The baseline checks the cap after each step, so a capped run trains a bit past 600 s."""
+    run = read_run(runs[0])
+
+    def at(time_s: float) -> Run:
+        return Run(run.dir, run.seed, run.config, {**run.metrics, "train/time_s": time_s, "train/steps": 7000}, run.log)
+
+    assert check_runs([at(600.08)], allow_non_record=False) == ("10min_16mb", None)  # step 0.086 s
+    with pytest.raises(PgolfError, match="train/time_s=600.100 exceeds"):
+        check_runs([at(600.1)], allow_non_record=False)
+    assert check_runs([at(590.0)], allow_non_record=True) == (
+        "non-record-16mb", "submitted as non-record (--allow-non-record)")
+
+
+def test_config_falls_back_to_hydra_config(runs, tmp_path):
+    run = shutil.copytree(runs[0], tmp_path / "hydra_run")
+    (run / ".hydra").mkdir()
+    (run / "config.yaml").rename(run / ".hydra/config.yaml")
+    assert read_run(run).config == read_run(runs[0]).config
+
+
+def fixed_size_bundle(run_dir: Path, out: Path, *, pack: bool = False) -> Path:
+    out.write_bytes(b"#" * 1000)
+    return out
+
+
+# Each case: (name, a function (runs, tmp_path) -> (run dirs, extra args, expected error line)).
+def over_cap(runs, tmp):
+    big = copy_run(runs[1], tmp / "big", metrics_update={"artifact/model_bytes": 15_999_001})
+    return [runs[0], big], [], (f"{big} (seed 2): total bytes 16,000,001 = model 15,999,001 + code 1,000 exceeds the "
+                                "16,000,000-byte cap by 1; shrink the model (fewer parameters, a smaller quant preset) "
+                                "or pass --pack")
+
+
+def over_cap_non_record(runs, tmp):
+    dirs, _, line = over_cap(runs, tmp)
+    return dirs, ["--allow-non-record"], line
+
+
+def config_differs(runs, tmp):
+    other = copy_run(runs[1], tmp / "other", config_update={
+        "optimizer.matrix_lr": 0.05, "data.cache_dir": "/elsewhere", "run_id": "x", "logger._target_": "y"})
+    return [runs[0], other], ["--allow-non-record"], (
+        f"{other} differs from {runs[0]} beyond the seed: optimizer.matrix_lr: 0.04 in {runs[0]} vs 0.05; a "
+        "submission's seeds must share one config, so rerun them with the same overrides")
+
+
+def no_metrics(runs, tmp):
+    run = shutil.copytree(runs[1], tmp / "nometrics")
+    (run / "metrics.json").unlink()
+    return [runs[0], run], ["--allow-non-record"], (
+        f"{run}: the run is unfinished (no metrics.json); wait for it to finish or leave it out")
+
+
+def still_running(runs, tmp):
+    run = copy_run(runs[1], tmp / "running", metrics_update={"status": "running"})
+    return [runs[0], run], [], (f"{run}: the run is unfinished (metrics.json has status 'running'); wait for it to "
+                                "finish or leave it out")
+
+
+def failed(runs, tmp):
+    run = tmp / "failed"
+    shutil.copytree(runs[1], run)
+    (run / "metrics.json").write_text(json.dumps({"status": "failed", "error": "train loss is nan at step 3"}))
+    return [runs[0], run], [], f"{run}: the run failed (train loss is nan at step 3); rerun it or leave it out"
+
+
+def duplicate_seed(runs, tmp):
+    twin = shutil.copytree(runs[0], tmp / "twin")
+    return [runs[0], runs[1], twin], [], (f"seed 1 appears twice ({runs[0]} and {twin}); each seed counts once, "
+                                          "drop one of them")
+
+
+def output_not_empty(runs, tmp):
+    out = tmp / "records/track_10min_16mb/2026-03-21_SmokePair"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    return runs, [], f"-o {out} exists and is not empty; give a new folder or remove it"
+
+
+def record_into_non_record_track(runs, tmp):
+    return runs, ["-o", str(tmp / "records/track_non_record_16mb/x")], (
+        f"-o {tmp / 'records/track_non_record_16mb/x'} is under records/track_non_record_16mb but this is a record "
+        "submission; use records/track_10min_16mb/x, or pass --allow-non-record")
+
+
+@pytest.mark.parametrize("case", [over_cap, over_cap_non_record, config_differs, no_metrics, still_running, failed,
+                                  duplicate_seed, output_not_empty, record_into_non_record_track],
+                         ids=lambda f: f.__name__)
+def test_refusals_name_the_run_value_and_fix_and_write_nothing(case, runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bundle, "write_bundle", fixed_size_bundle)  # every case is refused; none ships a script
+    dirs, extra, line = case(runs, tmp_path)
+    track = "track_non_record_16mb" if "--allow-non-record" in extra else "track_10min_16mb"
+    out = ["-o", str(tmp_path / f"records/{track}/2026-03-21_SmokePair")] if "-o" not in extra else []
+    before = snapshot(tmp_path, runs[0].parent)
+    assert main(["record", *map(str, dirs), *ID, *out, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {line}\n" and captured.out == ""
+    assert snapshot(tmp_path, runs[0].parent) == before
+
+
+def test_bundle_command_writes_the_script_and_refuses_a_dir_without_config(runs, tmp_path, capsys):
+    assert main(["bundle", str(runs[0]), "-o", str(tmp_path)]) == 0
+    script = tmp_path / "train_gpt.py"
+    assert capsys.readouterr().out == f"wrote {script} ({script.stat().st_size:,} bytes)\n"
+    assert script.read_text() == bundle.write_bundle(runs[0], tmp_path / "again.py").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["bundle", str(empty), "-o", str(tmp_path / "x.py")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {empty}: no config.yaml") and err.count("\n") == 1
+    assert not (tmp_path / "x.py").exists()
