@@ -130,6 +130,8 @@ def check_runs(runs: list[Run], *, allow_non_record: bool) -> tuple[str, str | N
     """
     seen: dict[int, Path] = {}
     for r in runs:
+        if r.seed in seen and seen[r.seed].resolve() == r.dir.resolve():
+            raise PgolfError(f"{r.dir} is given twice; give each run once")
         if r.seed in seen:
             raise PgolfError(f"seed {r.seed} appears twice ({seen[r.seed]} and {r.dir}); each seed counts once, "
                              "drop one of them")
