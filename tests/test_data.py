@@ -19,7 +19,7 @@ import sentencepiece as spm
 import torch
 
 import pgolf.data.download as dl
-import pgolf.data.spec as spec_mod
+import pgolf.data.prepare as prepare_mod
 from pgolf.data import (
     DataSpec,
     DistributedTokenLoader,
@@ -389,8 +389,8 @@ def test_dataspec_missing_dataset(tmp_path, monkeypatch):
 
 def test_dataspec_stdlib_builds_once(tmp_path, monkeypatch):
     calls = []
-    real_prepare = spec_mod.prepare
-    monkeypatch.setattr(spec_mod, "prepare", lambda **kw: calls.append(kw) or real_prepare(**kw))
+    real_prepare = prepare_mod.prepare
+    monkeypatch.setattr(prepare_mod, "prepare", lambda **kw: calls.append(kw) or real_prepare(**kw))
     monkeypatch.setenv("PGOLF_CACHE", str(tmp_path / "cache"))
     spec = DataSpec(name="stdlib", source="stdlib", vocab_size=512, num_val_docs=2, max_docs=8, shard_tokens=5000)
     results = []

@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.data.prepare import STDLIB_SHUFFLE_SEED, prepare
 from pgolf.errors import PgolfError
 
 BUILT_SOURCES = ("stdlib",)
@@ -75,6 +74,8 @@ class DataSpec:
         with open(out.parent / f".{out.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (out / "manifest.json").is_file():
+                from pgolf.data.prepare import prepare  # building needs tqdm; reading built shards does not
+
                 print(f"pgolf.data: building {self.source} data into {out} (one-off)", flush=True)
                 prepare(
                     source=self.source, path=None, vocab_size=self.vocab_size, out=str(out),
@@ -88,6 +89,8 @@ class DataSpec:
         )
 
     def _check_manifest(self, out: Path) -> None:
+        from pgolf.data.prepare import STDLIB_SHUFFLE_SEED
+
         # A cache built with other settings must not be reused silently.
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
         want = {
