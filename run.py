@@ -31,5 +31,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    precheck_argv(sys.argv[1:])
+    sys.argv += precheck_argv(sys.argv[1:])
     main()

@@ -197,13 +197,18 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def train(cfg: DictConfig, *, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one job of a composed config and return its final metrics (the keys of metrics.json)."""
+    from pgolf.submit.bundle import render
     from pgolf.trainer import Job, run_job
 
     check_config(cfg)
+    config = to_container(cfg)
     job = Job(
         seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
         model_fn=lambda: build(cfg, "model"), optimizers_fn=build(cfg, "optimizer"), schedule=build(cfg, "schedule"),
         eval_spec=build(cfg, "eval"), quant=build(cfg, "quant"), data=build(cfg, "data"), logger=build(cfg, "logger"),
-        config=to_container(cfg), config_yaml=to_yaml(cfg),
+        config=config, config_yaml=to_yaml(cfg),
+        # The counted code is the script a submission would hold: this run's bundled train_gpt.py.
+        code_bytes=len(render(config).encode("utf-8")),
+        checkpoint=build(cfg, "checkpoint") if "checkpoint" in cfg else None, resume=cfg.get("resume"),
     )
     return run_job(job, Path(run_dir) if run_dir is not None else Path("outputs") / str(cfg.run_id))

@@ -15,7 +15,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.build import build, compose, train
+from pgolf.build import build, compose, to_container, train
+from pgolf.checkpoint import check_same_config, resume_source
 from pgolf.errors import PgolfError
 
 # Command-line arguments that are Hydra's own, not config overrides.
@@ -49,10 +50,11 @@ def swept_keys(argv: list[str], sweeper_params: dict) -> set[str]:
     return keys
 
 
-def precheck_argv(argv: list[str]) -> None:
-    """Compose and check a single run's overrides before Hydra starts (multirun jobs check themselves)."""
+def precheck_argv(argv: list[str]) -> list[str]:
+    """Compose and check a single run's overrides before Hydra starts (multirun jobs check themselves).
+    Returns arguments to add: `resume=DIR` continues in DIR, so Hydra's run dir becomes DIR."""
     if any(a in HYDRA_FLAGS or a.split("=")[0] in HYDRA_FLAGS for a in argv):
-        return
+        return []
     overrides, config_dir, config_name = [], None, "config"
     it = iter(argv)
     for a in it:
@@ -78,8 +80,19 @@ def precheck_argv(argv: list[str]) -> None:
         data = build(cfg, "data")
         if data.source is None:  # pre-built shards: check they exist (built sources are made in the job)
             data.ensure()
+        if cfg.get("resume"):
+            check_resume(cfg.resume, to_container(cfg))
+            if not any(a.startswith("hydra.run.dir=") for a in argv):
+                return [f"hydra.run.dir={cfg.resume}"]
     except PgolfError as exc:
         fail(str(exc))
+    return []
+
+
+def check_resume(resume: str, config: dict) -> None:
+    """`resume=DIR` must hold a checkpoint made with this config (checked before anything is written)."""
+    ckpt = resume_source(resume, Path(resume))
+    check_same_config(ckpt, json.loads((ckpt / "meta.json").read_text())["config"], config)
 
 
 @dataclass(frozen=True, kw_only=True)

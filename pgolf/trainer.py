@@ -13,7 +13,9 @@ import copy
 import json
 import math
 import os
+import platform
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pgolf.checkpoint import (CHECKPOINT_DIR, Checkpointing, Preemption, load_checkpoint, resume_source, rng_state,
+                              save_checkpoint, set_rng_state)
 from pgolf.data import DistributedTokenLoader, load_validation_tokens
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
@@ -33,7 +37,6 @@ from pgolf.runlog import RunLog, describe_environment
 from pgolf.schedule import SWA
 
 SIZE_CAP_BYTES = 16_000_000
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -54,6 +57,9 @@ class Job:
     logger: Any
     config: dict
     config_yaml: str
+    code_bytes: int
+    checkpoint: Any = None
+    resume: str | None = None
 
 
 @dataclass
@@ -111,24 +117,39 @@ def place_model(model: nn.Module, rt: Runtime) -> nn.Module:
     return model
 
 
-def code_bytes(config_yaml: str) -> int:
-    """Counted code: UTF-8 bytes of every .py under pgolf/, run.py, and the composed config."""
-    files = sorted(PACKAGE_DIR.rglob("*.py")) + [p for p in [PACKAGE_DIR.parent / "run.py"] if p.exists()]
-    return sum(len(f.read_text(encoding="utf-8").encode("utf-8")) for f in files) + len(config_yaml.encode("utf-8"))
-
-
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write then rename, so no reader ever sees half a file; a full disk names the path."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise PgolfError(f"could not write {path}: {e.strerror or e}; free disk space or pick another run "
+                         "directory") from None
 
 
-def all_ranks_true(flag: bool, rt: Runtime) -> bool:
+def check_disk(run_dir: Path, n_params: int) -> None:
+    """Fail before training, not after it, when the run's files cannot fit: final_model.pt, the
+    artifact and a checkpoint with its swap copy, each at most 4 bytes per parameter."""
+    need, free = 4 * 4 * n_params, shutil.disk_usage(run_dir).free
+    if free < need:
+        raise PgolfError(f"{run_dir} has {free / 1e6:.1f} MB free but this run writes up to {need / 1e6:.1f} MB "
+                         "(final_model.pt, artifact, checkpoints); free space or pick another hydra.run.dir")
+
+
+def hardware(rt: Runtime) -> str:
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU {platform.machine()}"
+    return f"{rt.world_size}x{name}"
+
+
+def any_rank(flags: list[bool], rt: Runtime) -> list[bool]:
+    """Each flag is true if it is true on any rank: one all-reduce for all stop decisions."""
     if not rt.distributed:
-        return flag
-    t = torch.tensor(int(flag), device=rt.device)
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=rt.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def unigram_bpb(train_pattern: str, val_tokens: torch.Tensor, luts, vocab_size: int) -> float:
@@ -151,6 +172,8 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         if not os.access(run_dir, os.W_OK):
             raise PgolfError(f"run directory {run_dir} is not writable; pick another hydra.run.dir")
     log = RunLog(run_dir, master=rt.master)
+    if rt.master:
+        write_atomic(run_dir / "config.yaml", job.config_yaml.encode())
     log(job.config_yaml, console=False)
     log(describe_environment(rt.device), console=False)
     log(f"run_dir:{run_dir}")
@@ -193,6 +216,8 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
                       broadcast_buffers=False) if rt.distributed else compiled
     opt = job.optimizers_fn(base_model)
     n_params = sum(p.numel() for p in base_model.parameters())
+    if rt.master:
+        check_disk(run_dir, n_params)
     log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{grad_accum} device:{rt.device} "
         f"dtype:{rt.dtype} compile:{rt.compile}")
     if not rt.master:  # only rank 0 talks to W&B
@@ -239,52 +264,88 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         opt.zero_grad()
         loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device)
 
-    # -------------------------------- training loop --------------------------------
+    # -------------------------------- resume --------------------------------
     swa = SWA()
     train_ms, step, stop_after = 0.0, 0, None
+    saving = job.checkpoint or Checkpointing()
+    source = resume_source(job.resume, run_dir)
+    if source is not None:
+        state = load_checkpoint(source, rank=rt.rank, world_size=rt.world_size, config=job.config)
+        base_model.load_state_dict(state["model"], strict=True)
+        swa.load_state_dict(state["swa"])
+        opt.load_state_dict(state["rank_state"]["optimizer"])
+        loader.load_state_dict(state["rank_state"]["loader"])
+        set_rng_state(state["rank_state"]["rng"])
+        step, train_ms = state["step"], state["train_ms"]
+        log(f"resumed:{source} step:{step} train_time:{train_ms:.0f}ms")
+    saved_at = (step, train_ms)
+    preemption = Preemption()
+    barrier = dist.barrier if rt.distributed else (lambda: None)
+
+    def checkpoint_now() -> Path:
+        rank_state = {"optimizer": opt.state_dict(), "loader": loader.state_dict(), "rng": rng_state()}
+        model_state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()} if rt.master else None
+        return save_checkpoint(run_dir, rank=rt.rank, world_size=rt.world_size, barrier=barrier, write=write_atomic,
+                               step=step, train_ms=train_ms, config=job.config, model_state=model_state,
+                               swa_state=swa.state_dict() if rt.master else None, rank_state=rank_state)
+
+    # -------------------------------- training loop --------------------------------
     pre_loss = pre_bpb = float("nan")
     qat_on = None
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    while True:
-        last = step == sched.iterations or (stop_after is not None and step >= stop_after)
-        if last or (spec.val_loss_every > 0 and step % spec.val_loss_every == 0):
-            sync()
-            train_ms += 1000.0 * (time.perf_counter() - t0)
-            pre_loss, pre_bpb = evaluate("standard")
-            log(f"step:{step}/{sched.iterations} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            job.logger.log({"val/loss": pre_loss, "val/bpb": pre_bpb}, step=step)
-            sync()
-            t0 = time.perf_counter()
-        if last:
-            if stop_after is not None and step < sched.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{sched.iterations}")
-            break
+    with preemption:  # SIGTERM/SIGUSR1 -> checkpoint at the next step boundary, then exit
+        while True:
+            last = step == sched.iterations or (stop_after is not None and step >= stop_after)
+            if last or (spec.val_loss_every > 0 and step % spec.val_loss_every == 0):
+                sync()
+                train_ms += 1000.0 * (time.perf_counter() - t0)
+                pre_loss, pre_bpb = evaluate("standard")
+                log(f"step:{step}/{sched.iterations} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+                job.logger.log({"val/loss": pre_loss, "val/bpb": pre_bpb}, step=step)
+                sync()
+                t0 = time.perf_counter()
+            if last:
+                if stop_after is not None and step < sched.iterations:
+                    log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{sched.iterations}")
+                break
 
-        scale = sched.lr_mul(step, train_ms + 1000.0 * (time.perf_counter() - t0))
-        if has_qat and sched.qat_active(scale) != qat_on:
-            qat_on = sched.qat_active(scale)
-            base_model.set_qat(qat_on)
-            log(f"qat:{'on' if qat_on else 'off'} step:{step} lr_scale:{scale:.4f}")
-        train_loss = train_step(step, scale)
-        step += 1
-        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        if sched.swa_due(step, scale):
-            swa.add(base_model)
-        if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
-            loss_value = train_loss.item()
-            if not math.isfinite(loss_value):
-                raise PgolfError(f"train loss is {loss_value} at step {step}; lower the learning rates or "
-                                 "check the data (the last checkpoint, if any, is kept)")
-            log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
-                f"step_avg:{approx_ms / step:.2f}ms")
-            job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/step_ms": approx_ms / step},
-                           step=step)
-        capped = sched.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * sched.max_wallclock_seconds
-        if stop_after is None and all_ranks_true(capped, rt):
-            stop_after = step
+            scale = sched.lr_mul(step, train_ms + 1000.0 * (time.perf_counter() - t0))
+            if has_qat and sched.qat_active(scale) != qat_on:
+                qat_on = sched.qat_active(scale)
+                base_model.set_qat(qat_on)
+                log(f"qat:{'on' if qat_on else 'off'} step:{step} lr_scale:{scale:.4f}")
+            train_loss = train_step(step, scale)
+            step += 1
+            approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            if sched.swa_due(step, scale):
+                swa.add(base_model)
+            capped = sched.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * sched.max_wallclock_seconds
+            capped, save_now, preempted = any_rank(
+                [capped, saving.due(step, approx_ms, *saved_at), preemption.signum is not None], rt)
+            if save_now or preempted:  # saving time, like eval time, is not train time
+                check_finite(train_loss.item(), step, base_model)
+                sync()
+                train_ms += 1000.0 * (time.perf_counter() - t0)
+                where = checkpoint_now()
+                saved_at = (step, train_ms)
+                log(f"checkpoint:{where} step:{step} train_time:{train_ms:.0f}ms")
+                if preempted:
+                    log(f"preempted: stopping at step {step}; continue with resume={run_dir}")
+                    job.logger.finish(exit_code=1)
+                    preemption.chain()
+                t0 = time.perf_counter()
+            if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
+                loss_value = train_loss.item()
+                check_finite(loss_value, step)
+                log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
+                    f"step_avg:{approx_ms / step:.2f}ms")
+                job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/step_ms": approx_ms / step},
+                               step=step)
+            if stop_after is None and capped:
+                stop_after = step
 
     peak_mib = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
     log(f"peak memory allocated: {peak_mib} MiB")
@@ -296,6 +357,17 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
     return finish(job, rt, run_dir, log, base_model, evaluate, dict(
         pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=n_params, steps=step, train_ms=train_ms, peak_mib=peak_mib,
         unigram_bpb=floor, swa_count=swa.count))
+
+
+def check_finite(loss: float, step: int, model: nn.Module | None = None) -> None:
+    """Stop on a non-finite loss (and, before a checkpoint, non-finite weights): a checkpoint is only
+    ever written from a good state, so the last one stays usable."""
+    if not math.isfinite(loss):
+        raise PgolfError(f"train loss is {loss} at step {step}; lower the learning rates or check the data "
+                         "(the last checkpoint, if any, is kept)")
+    if model is not None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise PgolfError(f"weights are not finite after step {step}; lower the learning rates "
+                         "(the last checkpoint, if any, is kept)")
 
 
 def ranks_identical(model: nn.Module, rt: Runtime) -> bool:
@@ -315,7 +387,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     log(f"ranks_identical:{identical} world_size:{rt.world_size}")
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
     artifact = run_dir / job.quant.artifact_name
-    ncode = code_bytes(job.config_yaml)
+    ncode = job.code_bytes
     if rt.master:
         import io
 
@@ -359,6 +431,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         "memory/peak_mib": t["peak_mib"],
         "world_size": rt.world_size,
         "train/ranks_identical": identical,
+        "hardware": hardware(rt),
         "status": "finished",
     }
     log(f"final_prequant val_loss:{t['pre_loss']:.8f} val_bpb:{t['pre_bpb']:.8f} "
@@ -370,5 +443,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         write_atomic(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
         job.logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=t["steps"])
         job.logger.summary(metrics)
+        for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):  # the run is complete
+            shutil.rmtree(run_dir / name, ignore_errors=True)
     job.logger.finish()
     return metrics

@@ -7,37 +7,17 @@ through the real run.py, torchrun, Hydra's multirun and W&B offline.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-FAST = ["experiment=smoke", "schedule.iterations=8", "schedule.train_log_every=4", "data.num_val_docs=5"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return f"data.cache_dir={tmp_path_factory.mktemp('cache') / 'stdlib_val5'}"
-
-
-def run(args: list[str], cwd: Path, torchrun: int = 0) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
-        if torchrun else [sys.executable]
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    return subprocess.run([*launcher, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
-
-
-def metrics(job_dir: Path) -> dict:
-    return json.loads((job_dir / "metrics.json").read_text())
-
+from runs import FAST, metrics
+from runs import run_py as run
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_agree(tmp_path, cache):
-    r = run([*FAST, cache, "logger=none", "hydra.run.dir=run"], tmp_path, torchrun=2)
+def test_torchrun_two_ranks_agree(tmp_path, fast_cache):
+    r = run([*FAST, fast_cache, "logger=none", "hydra.run.dir=run"], tmp_path, torchrun=2)
     assert r.returncode == 0, r.stderr[-2000:]
     m = metrics(tmp_path / "run")
     assert m["status"] == "finished" and m["world_size"] == 2 and m["train/ranks_identical"] is True
@@ -47,8 +27,8 @@ def test_torchrun_two_ranks_agree(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_multirun_sweep_report_and_wandb_groups(tmp_path, cache):
-    r = run(["-m", *FAST, cache, "seed=1,2", "optimizer.muon_weight_decay=0,0.04", "hydra.sweep.dir=sweep"], tmp_path)
+def test_multirun_sweep_report_and_wandb_groups(tmp_path, fast_cache):
+    r = run(["-m", *FAST, fast_cache, "seed=1,2", "optimizer.muon_weight_decay=0,0.04", "hydra.sweep.dir=sweep"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert len(jobs) == 4 and all(metrics(j)["status"] == "finished" for j in jobs)
@@ -74,8 +54,8 @@ def test_multirun_sweep_report_and_wandb_groups(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_a_failing_job_does_not_stop_the_sweep(tmp_path, cache):
-    r = run(["-m", *FAST, cache, "logger=none", "model.num_heads=4,3", "hydra.sweep.dir=sweep"], tmp_path)
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, fast_cache):
+    r = run(["-m", *FAST, fast_cache, "logger=none", "model.num_heads=4,3", "hydra.sweep.dir=sweep"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     ok, bad = metrics(tmp_path / "sweep" / "0"), metrics(tmp_path / "sweep" / "1")
     assert ok["status"] == "finished"
@@ -86,8 +66,8 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_multirun_jobs_launch_their_own_workers(tmp_path, cache):
-    r = run(["-m", *FAST, cache, "logger=none", "seed=1,2", "distributed.nproc_per_node=2", "hydra.sweep.dir=sweep"],
+def test_multirun_jobs_launch_their_own_workers(tmp_path, fast_cache):
+    r = run(["-m", *FAST, fast_cache, "logger=none", "seed=1,2", "distributed.nproc_per_node=2", "hydra.sweep.dir=sweep"],
             tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     for job in ("0", "1"):
@@ -96,8 +76,8 @@ def test_multirun_jobs_launch_their_own_workers(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher(tmp_path, cache):
-    r = run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *FAST, cache, "logger=none",
+def test_submitit_local_launcher(tmp_path, fast_cache):
+    r = run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *FAST, fast_cache, "logger=none",
              "seed=1,2", "hydra.sweep.dir=sweep"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     for job in ("0", "1"):

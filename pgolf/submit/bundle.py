@@ -1,0 +1,241 @@
+"""One standalone `train_gpt.py` from a run: what a record submission must contain.
+
+The challenge counts the bytes of one script, so a package cannot be submitted as it is.
+The bundler reads the run's modules in dependency order, drops the imports between them
+(one namespace), keeps only the top-level definitions that the entry point and the run's
+`_target_`s reach, strips docstrings, and writes the run's resolved config as the script's
+defaults (each overridable by an environment variable, see pgolf.submit.entry). The result
+imports only the standard library, torch, numpy, sentencepiece and zstandard.
+
+`pack=True` writes the same code as lzma + base85 inside a two-line stub that `exec`s it,
+as later records do to cut code bytes.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import builtins
+import lzma
+import pprint
+from pathlib import Path
+
+import yaml
+
+from pgolf.errors import PgolfError
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+# Dependency order: a module comes after every module whose names it uses at import time.
+MODULES = (
+    "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "layers",
+    "techniques", "model", "optim", "schedule", "evaluate", "data/shards", "data/loader", "data/spec", "runlog",
+    "checkpoint", "trainer", "submit/entry",
+)
+ENTRY = "submit/entry"
+# Groups a bundled script does not use: it logs to its run dir only, and torchrun starts the workers.
+DROPPED_GROUPS = ("logger", "distributed")
+ALLOWED_IMPORTS = {"torch", "numpy", "sentencepiece", "zstandard", "__future__"}
+
+
+def _module_name(rel: str) -> str:
+    return "pgolf." + rel.replace("/", ".")
+
+
+class _StripPackage(ast.NodeTransformer):
+    """Inside functions: drop imports of bundled pgolf modules (their names are global in the
+    bundle); an import of a module left out becomes a raise, reached only by an unused path."""
+
+    def __init__(self, defined: set[str], unbundled: set[str]):
+        self.defined, self.unbundled = defined, unbundled
+
+    def visit_ImportFrom(self, node: ast.ImportFrom):
+        if not (node.module or "").startswith("pgolf"):
+            return node
+        if all(a.name in self.defined and a.asname is None for a in node.names):
+            return None
+        self.unbundled |= {a.asname or a.name for a in node.names}
+        msg = f"{node.module} is not part of this bundled script"
+        return ast.parse(f"raise PgolfError({msg!r})").body[0]
+
+    def _strip_docstring(self, node):
+        self.generic_visit(node)
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            body = body[1:]
+        node.body = body or [ast.Pass()]
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _strip_docstring
+
+
+def _defines(stmt: ast.stmt) -> set[str]:
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {stmt.name}
+    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in stmt.names}
+    if isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return set()
+
+
+def _uses(stmt: ast.stmt) -> set[str]:
+    return {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+
+
+def _statements() -> tuple[list[tuple[str, ast.stmt]], set[str]]:
+    """Every top-level statement of the bundled modules, with pgolf imports removed, and the
+    names whose import from a left-out module became a raise."""
+    parsed = {rel: ast.parse((PACKAGE_DIR / f"{rel}.py").read_text(encoding="utf-8")) for rel in MODULES}
+    defined = {name for tree in parsed.values() for stmt in tree.body for name in _defines(stmt)
+               if not isinstance(stmt, (ast.Import, ast.ImportFrom))}
+    out, owner, unbundled = [], {}, set()
+    for rel, tree in parsed.items():
+        body = tree.body[1:] if ast.get_docstring(tree) is not None else tree.body
+        for stmt in body:
+            if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
+                continue
+            if isinstance(stmt, ast.ImportFrom) and (stmt.module or "").startswith("pgolf"):
+                missing = [a.name for a in stmt.names if a.name not in defined]
+                assert not missing, f"{rel}: {missing} from {stmt.module} are not in the bundled modules"
+                continue
+            if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                root = (stmt.module if isinstance(stmt, ast.ImportFrom) else stmt.names[0].name).split(".")[0]
+                assert root in ALLOWED_IMPORTS or root in _stdlib(), f"{rel} imports {root}"
+            else:
+                for name in _defines(stmt):  # one namespace: a name may be defined once
+                    assert owner.setdefault(name, rel) == rel or rel == ENTRY, f"{name} in {owner[name]} and {rel}"
+            if isinstance(stmt, (ast.Import, ast.ImportFrom)):  # one statement per name: unused names go
+                for alias in stmt.names:
+                    one = ast.ImportFrom(stmt.module, [alias], 0) if isinstance(stmt, ast.ImportFrom) else ast.Import([alias])
+                    out.append((rel, ast.fix_missing_locations(one)))
+                continue
+            out.append((rel, ast.fix_missing_locations(_StripPackage(defined, unbundled).visit(stmt))))
+    return out, unbundled
+
+
+def _stdlib() -> set[str]:
+    import sys
+
+    return set(sys.stdlib_module_names)
+
+
+def _prune(statements: list[tuple[str, ast.stmt]], roots: set[str]) -> list[ast.stmt]:
+    """Keep the statements that define a name reachable from `roots` (and those defining nothing)."""
+    by_name: dict[str, list[int]] = {}
+    for i, (_, stmt) in enumerate(statements):
+        for name in _defines(stmt):
+            by_name.setdefault(name, []).append(i)
+    keep = {i for i, (rel, stmt) in enumerate(statements) if rel == ENTRY or not _defines(stmt)}
+    todo = set().union(*(_uses(statements[i][1]) for i in keep)) | roots
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for i in by_name.get(name, []):
+            if i not in keep:
+                keep.add(i)
+                todo |= _uses(statements[i][1])
+    kept, plain, named = [], {}, {}
+    for i, (_, stmt) in enumerate(statements):
+        if i not in keep:
+            continue
+        if isinstance(stmt, ast.ImportFrom):  # the same import in several modules: once, merged per module
+            named.setdefault(stmt.module, {})[ast.unparse(stmt)] = stmt.names[0]
+        elif isinstance(stmt, ast.Import):
+            plain[ast.unparse(stmt)] = stmt
+        else:
+            kept.append(stmt)
+    imports = [plain[k] for k in sorted(plain)] + [
+        ast.ImportFrom(module, [named[module][k] for k in sorted(named[module])], 0) for module in sorted(named)]
+    return imports + kept
+
+
+def bundle_config(config: dict) -> dict:
+    """The defaults a bundled script carries: the run's config, data as pre-built shards."""
+    from pgolf.data import DataSpec
+
+    out = {k: v for k, v in config.items() if k not in DROPPED_GROUPS}
+    out.update(run_id=None, resume=None)
+    spec = DataSpec(**{k: v for k, v in config["data"].items() if not k.startswith("_")})
+    data_path, tokenizer_path = spec.data_path, spec.tokenizer_path
+    if spec.source is not None:  # a built source: point at where it was built
+        data_path, tokenizer_path = str(spec.build_dir()), str(spec.build_dir() / "tokenizer.model")
+    out["data"] = {"_target_": config["data"]["_target_"], "name": spec.name, "data_path": data_path,
+                   "tokenizer_path": tokenizer_path, "train_files": spec.train_files, "val_files": spec.val_files}
+    out.setdefault("checkpoint", {"_target_": "pgolf.checkpoint.Checkpointing"})
+    return out
+
+
+def render(config: dict, *, header: str = "") -> str:
+    """The source of a standalone train_gpt.py for a resolved run config (a plain dict)."""
+    config = bundle_config(config)
+    targets = sorted({node["_target_"] for node in config.values() if isinstance(node, dict) and "_target_" in node})
+    names = {t: t.rsplit(".", 1)[1] for t in targets}
+    everything, unbundled = _statements()
+    statements = _prune(everything, set(names.values()))
+    undefined = _undefined_globals(statements) - unbundled
+    assert not undefined, f"bundle refers to undefined names {sorted(undefined)}"
+    # The entry's placeholders get the run's values; the config stays one key per line.
+    values = {"CONFIG": pprint.pformat(config, width=110, sort_dicts=False),
+              "TARGETS": "{" + ", ".join(f"{t!r}: {n}" for t, n in names.items()) + "}"}
+
+    def text(stmt: ast.stmt) -> str:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id in values:
+            return f"{stmt.target.id} = {values[stmt.target.id]}"
+        return ast.unparse(stmt) + ("\n" if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)) else "")
+
+    code = "\n".join(text(stmt) for stmt in statements)
+    doc = header or "train_gpt.py bundled by pgolf."
+    return f'"""{doc}"""\nfrom __future__ import annotations\n{code}\n\nif __name__ == "__main__":\n    cli()\n'
+
+
+def _undefined_globals(statements: list[ast.stmt]) -> set[str]:
+    """Names read anywhere that no statement, builtin, parameter or local binding defines (a
+    coarse check that the pruning kept everything; locals are any name stored anywhere)."""
+    module = ast.Module(body=statements, type_ignores=[])
+    bound = set(dir(builtins)) | {"__file__", "__name__"}
+    for node in ast.walk(module):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return {n.id for n in ast.walk(module) if isinstance(n, ast.Name) and n.id not in bound}
+
+
+def pack_source(source: str) -> str:
+    """A two-line stub that decompresses and runs `source` (lzma, base85: no quotes or backslashes)."""
+    blob = base64.b85encode(lzma.compress(source.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
+    return f'import lzma,base64\nexec(lzma.decompress(base64.b85decode("{blob}")))\n'
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """A run's resolved config (config.yaml, written by every run at its start)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise PgolfError(f"{run_dir}: no config.yaml; is it a pgolf run directory (outputs/<run_id>)?")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def write_bundle(run_dir: Path, out: Path, *, pack: bool = False) -> Path:
+    """Write the standalone script of a run to `out` (atomically); its size is the code bytes."""
+    from pgolf.trainer import write_atomic
+
+    config = read_run_config(run_dir)
+    header = (f"Parameter Golf training script bundled by pgolf from run {config.get('run_id')}.\n"
+              "Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (env vars override the defaults, "
+              "e.g. SEED=42 DATA_PATH=... MAX_WALLCLOCK_SECONDS=600)")
+    source = render(config, header=header)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, (pack_source(source) if pack else source).encode("utf-8"))
+    return out

@@ -1,0 +1,113 @@
+"""The `main()` of a bundled `train_gpt.py`.
+
+The bundler (pgolf.submit.bundle) replaces `CONFIG` with a run's resolved config and
+`TARGETS` with the callables its `_target_`s name. As in the records' scripts, every value
+can be overridden by an environment variable: `SEED`, `ITERATIONS`, `DATA_PATH`,
+`MAX_WALLCLOCK_SECONDS`, ... A group key is set by `GROUP_KEY` (`EVAL_STRIDE`, `MODEL_NUM_LAYERS`)
+or, when its name has an underscore or is one of the records' one-word names, by its bare
+upper-cased name (`NUM_LAYERS`, `VOCAB_SIZE` sets every group's `vocab_size`); one-word keys
+such as `name` or `level` need the group prefix so that unrelated environment variables
+cannot change a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pgolf.errors import PgolfError
+from pgolf.runlog import NullLogger
+from pgolf.trainer import Job, run_job
+
+CONFIG: dict = {}
+TARGETS: dict = {}
+ONE_WORD_NAMES = ("iterations", "beta1", "beta2")  # upstream's env vars without an underscore
+
+
+def parse_env(name: str, text: str, like: Any) -> Any:
+    """An environment variable's text as the type of the value it replaces."""
+    try:
+        if isinstance(like, bool):
+            if text.lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            return text.lower() in ("1", "true")
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            return float(text)
+        if isinstance(like, (list, dict)):
+            return json.loads(text)
+    except ValueError:
+        raise PgolfError(f"{name}={text!r} is not a {type(like).__name__}; e.g. {name}={json.dumps(like)}") from None
+    if like is None and text.lower() in ("", "none", "null"):
+        return None
+    if like is None:
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+    return text
+
+
+def apply_env(config: dict, environ: dict) -> list[str]:
+    """Override `config` in place from `environ`; returns the `NAME=value` pairs applied."""
+    applied = []
+    for key, value in config.items():
+        if not isinstance(value, dict) and key.upper() in environ:
+            config[key] = parse_env(key.upper(), environ[key.upper()], value)
+            applied.append(f"{key.upper()}={environ[key.upper()]}")
+    for group, node in config.items():
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            bare = ("_" in key or key in ONE_WORD_NAMES) and not key.startswith("_")
+            for name in (f"{group}_{key}".upper(), *([key.upper()] if bare else [])):
+                if not key.startswith("_") and name in environ:
+                    node[key] = parse_env(name, environ[name], value)
+                    applied.append(f"{name}={environ[name]}")
+                    break
+    return applied
+
+
+def make(node: dict) -> Any:
+    """Instantiate a group as Hydra would: `_target_(**keys)`, or a partial with `_partial_`."""
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    target = TARGETS.get(node["_target_"])
+    if target is None:  # inside the package (not bundled): import it
+        module, name = node["_target_"].rsplit(".", 1)
+        target = getattr(importlib.import_module(module), name)
+    return functools.partial(target, **kwargs) if node.get("_partial_") else target(**kwargs)
+
+
+def main() -> dict:
+    config = copy.deepcopy(CONFIG)
+    applied = apply_env(config, dict(os.environ))
+    # All torchrun workers of one job share TORCHELASTIC_RUN_ID, hence one run directory.
+    config["run_id"] = os.environ.get("RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or str(uuid.uuid4())
+    run_dir = Path(os.environ.get("RUN_DIR") or Path("logs") / config["run_id"])
+    if applied and int(os.environ.get("RANK", 0)) == 0:
+        print("env overrides: " + " ".join(applied), flush=True)
+    job = Job(
+        seed=config["seed"], run_id=config["run_id"], device=config["device"], dtype=config["dtype"],
+        compile=config["compile"], model_fn=lambda: make(config["model"]), optimizers_fn=make(config["optimizer"]),
+        schedule=make(config["schedule"]), eval_spec=make(config["eval"]), quant=make(config["quant"]),
+        data=make(config["data"]), logger=NullLogger(), config=config, config_yaml=json.dumps(config, indent=1),
+        code_bytes=Path(__file__).stat().st_size, checkpoint=make(config["checkpoint"]), resume=config.get("resume"),
+    )
+    return run_job(job, run_dir)
+
+
+def cli() -> None:
+    try:
+        main()
+    except PgolfError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
