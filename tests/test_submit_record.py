@@ -1,12 +1,17 @@
-"""`python -m pgolf.submit record` on two real smoke runs: the folder it writes, and every refusal,
-each of which must name the run, the value and the fix, and write nothing."""
+"""`python -m pgolf.submit` on three real smoke runs: the record folder it writes, every refusal
+(each must name the run, the value and the fix, and write nothing), and the bundled
+train_gpt.py, which must reproduce the runs' metrics with no pgolf importable."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import re
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,16 +24,17 @@ from pgolf.submit import bundle
 from pgolf.submit.__main__ import main
 from pgolf.submit.record import Run, check_runs, read_run
 
-SEEDS = (1, 2)
+SEEDS = (1, 2, 3)
+STEPS = 10
 ID = ["--name", "Smoke pair", "--author", "Ada L", "--github-id", "adal"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, fast_cache) -> list[Path]:
-    """Two finished 2-step smoke runs that differ only by seed (and run_id)."""
+    """Three finished short smoke runs that differ only by seed (and run_id)."""
     root = tmp_path_factory.mktemp("runs")
     for seed in SEEDS:
-        cfg = pgolf.compose([*FAST, "schedule.iterations=2", "schedule.warmup_steps=0", "logger=none", fast_cache,
+        cfg = pgolf.compose([*FAST, f"schedule.iterations={STEPS}", "logger=none", fast_cache,
                              f"seed={seed}"])
         pgolf.train(cfg, run_dir=root / f"seed{seed}")
     return [root / f"seed{s}" for s in SEEDS]
@@ -67,7 +73,7 @@ def test_record_folder_holds_the_runs_figures(runs, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "submission.json", "train_gpt.py",
-                                                     "train_seed1.log", "train_seed2.log"]
+                                                     *(f"train_seed{seed}.log" for seed in SEEDS)]
     ms = [metrics(r) for r in runs]
     bpbs = [m["final/quant_sliding_bpb"] for m in ms]
     losses = [m["final/quant_sliding_loss_nats"] for m in ms]
@@ -93,7 +99,7 @@ def test_record_folder_holds_the_runs_figures(runs, tmp_path, capsys):
             "bytes_total": m["artifact/model_bytes"] + code, "bytes_model": m["artifact/model_bytes"],
             "steps": m["train/steps"], "train_time_seconds": round(m["train/time_s"], 3),
             "step_avg_ms": round(1000 * m["train/time_s"] / m["train/steps"], 2)}
-    assert sub["model_params"] == ms[0]["model/params"] and sub["train_steps"] == 2
+    assert sub["model_params"] == ms[0]["model/params"] and sub["train_steps"] == STEPS
     assert sub["train_time_seconds"] == round(max(m["train/time_s"] for m in ms), 3)
     assert sub["hardware"] == ms[0]["hardware"]
     assert (sub["eval_method"], sub["eval_stride"], sub["quantization"], sub["compression"]) == (
@@ -117,11 +123,11 @@ def test_record_folder_holds_the_runs_figures(runs, tmp_path, capsys):
                    "```yaml\nseed: 1\n", "Record submission, track `10min_16mb`"]:
         assert needle in readme, needle
     for seed, m in zip(SEEDS, ms):
-        assert (f"| {seed} | {m['final/quant_sliding_bpb']:.8f} | {m['final/quant_sliding_loss_nats']:.8f} | 2 |"
+        assert (f"| {seed} | {m['final/quant_sliding_bpb']:.8f} | {m['final/quant_sliding_loss_nats']:.8f} | {STEPS} |"
                 in readme)
     assert "Non-record" not in readme
     assert f"val_bpb {sub['val_bpb']:.5f}" in captured.out
-    assert "warning: hardware is '1xCPU" in captured.err and "warning: 2 seed(s)" in captured.err
+    assert "warning: hardware is '1xCPU" in captured.err and "seed(s)" not in captured.err
 
 
 def test_over_time_runs_become_a_non_record_submission_only_when_allowed(runs, tmp_path, capsys):
@@ -131,8 +137,8 @@ def test_over_time_runs_become_a_non_record_submission_only_when_allowed(runs, t
     before = snapshot(tmp_path)
     assert main(["record", *map(str, slow), *ID, "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: {slow[1]}: train/time_s=702.000 exceeds the 10min_16mb track's 600 s (plus one step "
-                   f"of {702.0 / 7000:.3f} s); rerun with schedule.max_wallclock_seconds=600, or pass "
+    assert err == (f"error: {slow[2]}: train/time_s=703.000 exceeds the 10min_16mb track's 600 s (plus one step "
+                   f"of {703.0 / 7000:.3f} s); rerun with schedule.max_wallclock_seconds=600, or pass "
                    "--allow-non-record to submit it to the unlimited-compute track\n")
     assert snapshot(tmp_path) == before
 
@@ -140,11 +146,11 @@ def test_over_time_runs_become_a_non_record_submission_only_when_allowed(runs, t
     sub = json.loads((out / "submission.json").read_text())
     assert sub["bytes_code"] == (out / "train_gpt.py").stat().st_size
     assert sub["track"] == "non-record-unlimited-compute-16mb"
-    assert sub["non_record_reason"] == "unlimited compute: seed 2 trained 702.0 s, over the 10min_16mb track's 600 s"
+    assert sub["non_record_reason"] == "unlimited compute: seed 3 trained 703.0 s, over the 10min_16mb track's 600 s"
     assert sub["blurb"].startswith("Non-record (unlimited compute")
-    assert sub["train_time_seconds"] == 702.0
+    assert sub["train_time_seconds"] == 703.0
     readme = (out / "README.md").read_text()
-    assert "**Non-record submission** (unlimited compute: seed 2 trained 702.0 s" in readme
+    assert "**Non-record submission** (unlimited compute: seed 3 trained 703.0 s" in readme
     assert f"bytes_code (train_gpt.py, lzma-packed): {sub['bytes_code']:,}" in readme
 
 
@@ -260,3 +266,49 @@ def test_bundle_command_writes_the_script_and_refuses_a_dir_without_config(runs,
     err = capsys.readouterr().err
     assert err.startswith(f"error: {empty}: no config.yaml") and err.count("\n") == 1
     assert not (tmp_path / "x.py").exists()
+
+
+FINAL = ("final/quant_sliding_bpb", "final/quant_sliding_loss_nats", "final/quant_bpb", "final/quant_loss_nats",
+         "final/prequant_bpb", "final/prequant_loss_nats", "final/prequant_sliding_bpb")
+# Runs a script as `python train_gpt.py` would, with every pgolf import made to fail.
+NO_PGOLF = "import runpy, sys; sys.modules['pgolf'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def run_script(script: Path, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_PGOLF, str(script)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **env})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
+def test_the_bundle_reproduces_the_run_of_its_seed(runs, tmp_path, pack):
+    index = 1 if pack else 0  # the script's SEED picks the run; its default is the first run's seed
+    script = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py", pack=pack)
+    r = run_script(script, tmp_path, {"SEED": str(SEEDS[index]), "RUN_DIR": str(tmp_path / "run")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = metrics(tmp_path / "run"), metrics(runs[index])
+    assert got["train/steps"] == want["train/steps"] == STEPS
+    for key in FINAL:
+        assert abs(got[key] - want[key]) <= 1e-6, key
+    assert got["artifact/model_bytes"] == want["artifact/model_bytes"]
+    assert got["artifact/code_bytes"] == script.stat().st_size
+    assert f"env overrides: SEED={SEEDS[index]}" in r.stdout
+
+
+def test_the_bundle_imports_only_the_allowed_packages(runs, tmp_path):
+    source = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py").read_text()
+    roots = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
+             for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert roots - set(sys.stdlib_module_names) == {"torch", "numpy", "sentencepiece"} | (
+        {"zstandard"} if "zstandard" in roots else set())
+    assert "pgolf.data.prepare is not part of this bundled script" in source  # the one unused path
+    packed = bundle.write_bundle(runs[0], tmp_path / "packed.py", pack=True).read_text()
+    assert packed.count("\n") == 2 and len(packed) < len(source) / 2.5
+
+
+def test_the_bundle_rejects_a_bad_environment_value(runs, tmp_path):
+    script = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py")
+    r = run_script(script, tmp_path, {"ITERATIONS": "ten"})
+    assert r.returncode == 2
+    assert r.stderr == f"error: ITERATIONS='ten' is not a int; e.g. ITERATIONS={STEPS}\n"
+    assert not (tmp_path / "logs").exists()

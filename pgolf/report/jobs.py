@@ -51,7 +51,7 @@ def _read_yaml(path: Path):
         raise PgolfError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
 
 
-def _read_metrics(path: Path) -> tuple[str, str, dict]:
+def read_metrics(path: Path) -> tuple[str, str, dict]:
     try:
         m = json.loads(path.read_text())
     except FileNotFoundError:
@@ -73,7 +73,7 @@ def read_job(job_dir: Path, sweep: Path | None = None) -> Job:
     config = (_read_yaml(config_path) if config_path.exists() else None) or {}
     seeds = [o.split("=", 1)[1].strip() for o in overrides if override_key(o) == "seed" and "=" in o]
     seed = seeds[-1] if seeds else (str(config["seed"]) if "seed" in config else None)
-    status, error, metrics = _read_metrics(job_dir / "metrics.json")
+    status, error, metrics = read_metrics(job_dir / "metrics.json")
     kept = sorted(o.strip() for o in overrides if override_key(o) != "seed")
     return Job(job_dir, sweep or job_dir, kept, seed, status, error, metrics, config)
 

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import stats
 
 from pgolf.errors import PgolfError
+from pgolf.runlog import flatten
 from pgolf.report.jobs import DEFAULT_KEY, Job, natural, override_key
 
 BPB, LOSS = "final/quant_sliding_bpb", "final/quant_sliding_loss_nats"
@@ -100,14 +101,6 @@ def _lookup(config: dict, dotted: str):
     return config
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    out = {}
-    for key, val in d.items():
-        out.update(_flatten(val, f"{prefix}{key}.") if isinstance(val, dict) else {f"{prefix}{key}": val})
-    return out
-
-
 def _field_value(job: Job, key: str) -> float | str | None:
     """A field's value in a group: its override if given, else the composed config's default."""
     raw = next((o.split("=", 1)[1] for o in job.overrides if override_key(o) == key and "=" in o), None)
@@ -155,7 +148,7 @@ def summarize(jobs: list[Job], *, metric: str = BPB, baseline: str | None = None
         seeds = [str(s) for s in rows[-1]["seeds"]]
         if len(set(seeds)) < len(seeds):
             warns.append(f"group {key}: a seed repeats ({', '.join(sorted(seeds))}); repeats are not independent")
-        flat = [(j, _flatten({k: v for k, v in j.config.items() if k != "seed"})) for j in g if j.config]
+        flat = [(j, flatten({k: v for k, v in j.config.items() if k != "seed"})) for j in g if j.config]
         differ = sorted({k for _, f in flat[1:] for k in set(f) | set(flat[0][1]) if f.get(k) != flat[0][1].get(k)})
         if differ:
             warns.append(f"group {key}: configs differ beyond seed ({', '.join(differ[:5])}"

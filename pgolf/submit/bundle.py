@@ -219,11 +219,19 @@ def pack_source(source: str) -> str:
 
 
 def read_run_config(run_dir: Path) -> dict:
-    """A run's resolved config (config.yaml, written by every run at its start)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise PgolfError(f"{run_dir}: no config.yaml; is it a pgolf run directory (outputs/<run_id>)?")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    """The run's resolved config.yaml (every run writes it), else Hydra's composed .hydra/config.yaml."""
+    run_dir = Path(run_dir)
+    for rel in ("config.yaml", ".hydra/config.yaml"):
+        path = run_dir / rel
+        if path.is_file():
+            try:
+                config = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError) as exc:
+                raise PgolfError(f"{run_dir}: cannot read {rel}: {str(exc).splitlines()[0]}") from None
+            if not isinstance(config, dict):
+                raise PgolfError(f"{run_dir}: {rel} is not a mapping of config groups")
+            return config
+    raise PgolfError(f"{run_dir}: no config.yaml or .hydra/config.yaml; give a pgolf run directory (outputs/<run_id>)")
 
 
 def write_bundle(run_dir: Path, out: Path, *, pack: bool = False) -> Path:

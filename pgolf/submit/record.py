@@ -31,8 +31,10 @@ from pathlib import Path
 import yaml
 
 from pgolf.errors import PgolfError
-from pgolf.report.jobs import _read_metrics
-from pgolf.report.summary import BPB, LOSS, SIZE_CAP_BYTES, _flatten
+from pgolf.submit.bundle import read_run_config as read_config
+from pgolf.report.jobs import read_metrics
+from pgolf.report.summary import BPB, LOSS, SIZE_CAP_BYTES
+from pgolf.runlog import flatten
 
 TRACK_S = 600.0  # the 10min_16mb track's training wall-clock
 RECORD_TRACK, NON_RECORD_DIR, RECORD_DIR = "10min_16mb", "track_non_record_16mb", "track_10min_16mb"
@@ -73,27 +75,12 @@ class Run:
         return self.time_s / steps if steps > 0 else 0.0
 
 
-def read_config(run_dir: Path) -> dict:
-    """The run's resolved config.yaml, else Hydra's composed .hydra/config.yaml."""
-    for rel in ("config.yaml", ".hydra/config.yaml"):
-        path = run_dir / rel
-        if path.is_file():
-            try:
-                config = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError) as exc:
-                raise PgolfError(f"{run_dir}: cannot read {rel}: {str(exc).splitlines()[0]}") from None
-            if not isinstance(config, dict):
-                raise PgolfError(f"{run_dir}: {rel} is not a mapping of config groups")
-            return config
-    raise PgolfError(f"{run_dir}: no config.yaml or .hydra/config.yaml; give a pgolf run directory (outputs/<run_id>)")
-
-
 def read_run(run_dir: str | Path) -> Run:
     """One finished run: its seed, config, metrics and train.log (PgolfError if it is not submittable)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PgolfError(f"{run_dir} is not a directory; give run directories such as outputs/<run_id>")
-    status, error, metrics = _read_metrics(run_dir / "metrics.json")
+    status, error, metrics = read_metrics(run_dir / "metrics.json")
     if status == "failed":
         raise PgolfError(f"{run_dir}: the run failed ({error or 'no error recorded'}); rerun it or leave it out")
     if status != "finished":
@@ -116,7 +103,7 @@ def read_run(run_dir: str | Path) -> Run:
 
 def config_differences(a: dict, b: dict) -> list[tuple[str, object, object]]:
     """(key, value in a, value in b) for every flattened key that differs, ignoring IGNORED_KEYS."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten(a), flatten(b)
     keys = sorted(k for k in set(fa) | set(fb) if not any(k == p or (p.endswith(".") and k.startswith(p))
                                                            for p in IGNORED_KEYS))
     return [(k, fa.get(k, _ABSENT), fb.get(k, _ABSENT)) for k in keys if fa.get(k, _ABSENT) != fb.get(k, _ABSENT)]
