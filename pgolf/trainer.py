@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,6 +402,10 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     nmodel = artifact.stat().st_size
     log(f"artifact:{artifact.name} model_bytes:{nmodel} code_bytes:{ncode} total_bytes:{nmodel + ncode} "
         f"cap:{SIZE_CAP_BYTES} over_cap:{nmodel + ncode > SIZE_CAP_BYTES}")
+    if nmodel + ncode > SIZE_CAP_BYTES and rt.master:  # the score is still worth having; a record is not
+        print(f"warning: artifact {artifact} + code = {nmodel + ncode:,} bytes exceeds the {SIZE_CAP_BYTES:,}-byte cap "
+              f"by {nmodel + ncode - SIZE_CAP_BYTES:,}; this run cannot be submitted (use a smaller quant preset or "
+              "fewer parameters)", file=sys.stderr, flush=True)
     t_eval = time.perf_counter()
     pre_sliding = evaluate("sliding")
     base_model.load_state_dict(load_artifact(artifact), strict=True)

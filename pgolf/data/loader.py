@@ -125,6 +125,6 @@ def load_validation_tokens(pattern: str, seq_len: int) -> torch.Tensor:
     if usable <= 0:
         raise PgolfError(
             f"validation split {pattern} has {tokens.numel()} tokens, fewer than seq_len+1={seq_len + 1}; "
-            "lower eval seq_len"
+            f"set eval.seq_len (default schedule.train_seq_len) to at most {tokens.numel() - 1}"
         )
     return tokens[: usable + 1]
