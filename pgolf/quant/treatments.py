@@ -9,6 +9,7 @@ exactly what the artifact will hold.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +96,33 @@ INT8 = Treatment(kind="int")
 # torch.compile cannot drop (see `fp16_round`).
 
 
+def _round_to_float32(v: float) -> float:
+    # Nearest float32 (ties to even) of a positive double, in plain Python so that
+    # torch.compile folds it (numpy scalars would be traced as tensors).
+    if v == 0.0:
+        return 0.0
+    m, e = math.frexp(v)  # v = m * 2**e, 0.5 <= m < 1
+    return math.ldexp(round(m * (1 << 24)), e - 24)
+
+
+def clip_quantile(x: Tensor, q: float = CLIP_Q) -> Tensor:
+    """`torch.quantile(x, q, dim=-1)` bit for bit, from a top-k instead of a full sort.
+
+    q near 1 needs only the top few values of each row (the top 2 for rows under ~600k), so
+    this is ~15x faster on the exporter's matrices and in every QAT forward. It repeats
+    ATen's arithmetic: rank = float32(q) * (n-1) rounded to float32, the order statistics
+    either side of it, `lerp` by the fractional part, and NaN for a row holding a NaN.
+    """
+    n = x.size(-1)
+    rank = _round_to_float32(_round_to_float32(q) * (n - 1))  # exact product, one rounding
+    below, above = int(rank), math.ceil(rank)
+    k = n - below  # the k largest reach down to the lower order statistic
+    top = torch.topk(x, k, dim=-1).values  # (..., k), descending; NaN counts as largest
+    lo, hi = top[..., k - 1:k], top[..., n - 1 - above:n - above]
+    out = lo.lerp(hi, torch.full_like(lo, rank - below))
+    return torch.where(top[..., :1].isnan(), top[..., :1], out).squeeze(-1)
+
+
 def _codes(x: Tensor, *, bits: int, clip: str, fp16: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
     """x: float32 (..., n) -> (codes as float32 (..., n), stored scale values as float32 (...))."""
     r = (1 << (bits - 1)) - 1
@@ -102,7 +130,7 @@ def _codes(x: Tensor, *, bits: int, clip: str, fp16: Callable[[Tensor], Tensor])
         # Baseline quantize_float_tensor, with R generalized as the int6 records do
         # (2026-03-19_WarmdownQuantization, _MixedQuant_Int6Int8, _smeargate_orthoinit_muonwd,
         # PR #192): clip at the percentile, scale >= 1/R, round with the fp32 scale, store fp16.
-        c = torch.quantile(x.abs(), CLIP_Q, dim=-1)
+        c = clip_quantile(x.abs())
         xc = torch.maximum(torch.minimum(x, c[..., None]), -c[..., None])
         s = (c / float(r)).clamp_min(1.0 / float(r))
         return torch.clamp(torch.round(xc / s[..., None]), -r, r), fp16(s)
@@ -175,7 +203,7 @@ def _quantize_per_tensor(t32: Tensor, *, bits: int, clip: str) -> tuple[Tensor, 
     r = (1 << (bits - 1)) - 1
     if clip == "percentile":
         # Baseline: fp32 0-dim scale, symmetric [-R, R], 1.0 when the clip is zero.
-        c = float(torch.quantile(t32.abs().flatten(), CLIP_Q).item()) if t32.numel() else 0.0
+        c = float(clip_quantile(t32.abs().flatten()).item()) if t32.numel() else 0.0
         s = torch.tensor(c / float(r) if c > 0 else 1.0, dtype=torch.float32)
         q = torch.clamp(torch.round(torch.clamp(t32, -c, c) / s), -r, r)
         return q.to(torch.int8).contiguous(), s
