@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -34,8 +35,8 @@ def interrupted(tmp_path_factory, fast_cache):
     """`python run.py` killed with SIGTERM after step 5: it checkpoints and exits 143."""
     run_dir = tmp_path_factory.mktemp("interrupted")
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *JOB, fast_cache, f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={
-                                **__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -161,3 +162,29 @@ def test_a_failed_write_names_the_path_and_leaves_no_temp_file(tmp_path, monkeyp
     with pytest.raises(PgolfError, match=f"could not write {tmp_path}/metrics.json: No space left on device"):
         write_atomic(tmp_path / "metrics.json", b"{}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_equals_a_straight_run(tmp_path, fast_cache):
+    """torchrun forwards SIGTERM to its workers: both save their own optimizer state and exit;
+    a 2-process resume then ends where a straight 2-process run ends."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"),
+              *JOB, fast_cache]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*launch, f"hydra.run.dir={tmp_path / 'a'}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step:5/30 train_loss"):
+            proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    ckpt = find_checkpoint(tmp_path / "a")
+    assert ckpt is not None and sorted(p.name for p in ckpt.glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    r = subprocess.run([*launch, f"resume={tmp_path / 'a'}"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([*launch, f"hydra.run.dir={tmp_path / 'b'}"], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(tmp_path / "a")["train/ranks_identical"] is True
