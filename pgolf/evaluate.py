@@ -164,9 +164,11 @@ def eval_sliding(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, str
     """Sliding-window eval (records of 2026-03-19 on): each target sees >= seq_len - stride context.
 
     `model.hidden` gives (B, T, D); the vocabulary projection and cross-entropy run only on
-    the scored positions. Windows are split contiguously by rank, batched `batch_seqs` at a
-    time with a fixed batch shape (the last batch padded and masked) so compiled models
-    see one shape.
+    the scored positions: the last `stride` of every window, plus the rest of the first
+    window (the records project all T positions of every window, ~T/stride times more).
+    Windows are split contiguously by rank, batched `batch_seqs` at a time with a fixed batch
+    shape (the last batch padded and masked) so compiled models see one shape. Offsets are
+    host-side lists, so the loop never waits on the device.
     """
     n = val_tokens.numel() - 1
     if n < 1:
@@ -176,28 +178,31 @@ def eval_sliding(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, str
     lo, hi = len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size
     tokens = val_tokens.to(device=device, dtype=torch.int64)
     pos = torch.arange(seq_len, device=device)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    tail = max(seq_len - stride, 0)  # every window but the first scores positions [tail, seq_len) at most
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
+
+    def score(h: Tensor, x: Tensor, y: Tensor, keep: Tensor) -> None:  # h (B, S, D); x, y, keep (B, S)
+        with _autocast(device, dtype):
+            logits = model.logits(h)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        sums[0] += (nll.view_as(y).to(torch.float64) * keep).sum()
+        sums[1] += keep.sum()
+        sums[2] += (luts.count(x, y).to(torch.float64) * keep).sum()
+
     model.eval()
     for b in range(lo, hi, batch_seqs):
-        ws = torch.tensor(starts[b:min(b + batch_seqs, hi)], device=device)
-        off = torch.tensor(offsets[b:min(b + batch_seqs, hi)], device=device)
-        real = ws.numel()
-        if real < batch_seqs:  # pad to a fixed shape; padded rows score nothing
-            ws = torch.cat([ws, ws[-1:].expand(batch_seqs - real)])
-            off = torch.cat([off, torch.full((batch_seqs - real,), seq_len, device=device)])
-        idx = ws[:, None] + pos[None, :]  # (B, T)
+        ws, off = starts[b:min(b + batch_seqs, hi)], offsets[b:min(b + batch_seqs, hi)]
+        pad = batch_seqs - len(ws)  # padded rows repeat the last window and score nothing
+        idx = torch.tensor(ws + ws[-1:] * pad, device=device)[:, None] + pos  # (B, T)
+        keep = pos >= torch.tensor(off + [seq_len] * pad, device=device)[:, None]  # (B, T)
         x, y = tokens[idx], tokens[idx + 1]
-        # Uniform middle windows score a fixed tail; only first/last/padded rows need a mask.
-        first = int(off.min())
         with _autocast(device, dtype):
-            h = model.hidden(x)[:, first:]  # (B, T - first, D)
-            logits = model.logits(h)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y[:, first:].reshape(-1),
-                              reduction="none").view(y.size(0), -1)
-        mask = pos[None, first:] >= off[:, None]  # (B, T - first)
-        sums[0] += (nll.to(torch.float64) * mask).sum()
-        sums[1] += mask.sum()
-        sums[2] += (luts.count(x[:, first:], y[:, first:]).to(torch.float64) * mask).sum()
+            h = model.hidden(x)  # (B, T, D)
+        score(h[:, tail:], x[:, tail:], y[:, tail:], keep[:, tail:])
+        early = [i for i, o in enumerate(off) if o < tail]  # the first window only
+        if early:
+            first = min(off)
+            score(h[early, first:tail], x[early, first:tail], y[early, first:tail], keep[early, first:tail])
     model.train()
     _all_reduce(sums)
     return bpb(*sums.tolist())

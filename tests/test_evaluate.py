@@ -159,3 +159,55 @@ def test_eval_spec_defaults_resolve_to_train_seq_len():
     assert EvalSpec(stride=None).resolve(1024) == (1024, 1024)
     assert EvalSpec().resolve(2048) == (2048, 64)
     assert EvalSpec(seq_len=512, stride=64).resolve(1024) == (512, 64)
+
+
+def naive_sliding(model, val, luts, seq_len, stride):
+    """One window at a time, full logits, the scored suffix summed: the definition, slowly."""
+    n = val.numel() - 1
+    seq_len = min(seq_len, n)
+    loss = tokens = nbytes = 0.0
+    for ws, off in zip(*sliding_windows(n, seq_len, stride)):
+        x, y = val[ws:ws + seq_len][None], val[ws + 1:ws + seq_len + 1][None]
+        nll = F.cross_entropy(model.logits(model.hidden(x))[0], y[0], reduction="none")
+        loss += nll[off:].double().sum().item()
+        tokens += seq_len - off
+        nbytes += luts.count(x[0, off:], y[0, off:]).double().sum().item()
+    return loss / tokens, loss / tokens / math.log(2) * tokens / nbytes
+
+
+@pytest.mark.parametrize("n,seq_len,stride,batch_seqs", [(200, 32, 8, 4), (201, 32, 8, 5), (203, 32, 5, 64),
+                                                         (20, 32, 8, 2), (12, 32, 16, 3), (96, 32, 32, 2)])
+def test_sliding_equals_one_window_at_a_time(sp, n, seq_len, stride, batch_seqs):
+    from pgolf.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=300, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.eval()
+    val = torch.randint(4, 300, (n + 1,), generator=torch.Generator().manual_seed(3))
+    luts = build_byte_luts(sp, vocab_size=300)
+    want = naive_sliding(model, val, luts, seq_len, stride)
+    got = eval_sliding(model, val, luts, seq_len=seq_len, stride=stride, batch_seqs=batch_seqs, **CPU)
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_sliding_projects_only_scored_positions_and_shards_by_rank(sp, monkeypatch):
+    import pgolf.evaluate as ev
+
+    model = Bigram(300)
+    projected = []
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: projected.append(h.shape[:-1].numel()) or logits(h))
+    val = torch.randint(4, 300, (1001,), generator=torch.Generator().manual_seed(4))
+    luts = build_byte_luts(sp, vocab_size=300)
+    whole = eval_sliding(model, val, luts, seq_len=128, stride=16, batch_seqs=8, **CPU)
+    # 1000 targets, each scored once; only the last batch's padding adds rows (<= 7 windows x 16).
+    assert 1000 <= sum(projected) <= 1000 + 7 * 16
+    sums = []
+    monkeypatch.setattr(ev, "_all_reduce", lambda t: sums.append(t.clone()))
+    for rank in range(3):
+        eval_sliding(model, val, luts, seq_len=128, stride=16, batch_seqs=8, **dict(CPU, rank=rank, world_size=3))
+    total = torch.stack(sums).sum(0)
+    assert total[1].item() == 1000 and ev.bpb(*total.tolist()) == pytest.approx(whole, rel=1e-12)
