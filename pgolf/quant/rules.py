@@ -37,6 +37,9 @@ class QuantRules:
     3. the first rule whose pattern matches, else `default`;
     4. an `int` result on a tensor that is not 2-D becomes `vector` when that is set.
     Treatments may be given as spec strings ("int6:rowmax"); they are parsed on creation.
+    `quant_format` is the artifact's `__quant_format__` tag; None writes the baseline's (or
+    pgolf's grouped tag when a rule groups). A preset whose record writes its own tag uses
+    it, so that for the same codes the artifact is the record's, byte for byte.
     """
 
     rules: tuple[tuple[str, Treatment], ...] = ()
@@ -47,6 +50,7 @@ class QuantRules:
     control_small: Treatment = FP32
     control_large: Treatment | None = None
     vector: Treatment | None = None
+    quant_format: str | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -239,7 +243,8 @@ PRESETS: dict[str, QuantRules] = {
     ),
     # PR #192 (baudrillardsgh0st, 11L int6 QAT, 1.1502) exporter: int6 percentile everywhere,
     # tok_emb fp16. Its QAT rounds with a rowmax scale instead (see fake_quantize notes).
-    "int6_pr192": QuantRules(name="int6_pr192", rules=(("tok_emb.weight", FP16),), default=_INT6),
+    "int6_pr192": QuantRules(name="int6_pr192", rules=(("tok_emb.weight", FP16),), default=_INT6,
+                             quant_format="int6_in_int8_per_row_v1"),
     # No quantization: every float tensor stored fp32 (lossless for fp32 and bf16 models).
     "none": QuantRules(name="none", default=FP32, small=FP32),
 }

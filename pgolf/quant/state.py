@@ -15,11 +15,13 @@ import torch
 from torch import Tensor
 
 from pgolf.errors import PgolfError
-from pgolf.quant.rules import QuantRules, get_rules
+from pgolf.quant.rules import PRESETS, QuantRules, get_rules
 from pgolf.quant.treatments import Treatment, dequantize_tensor, quantize_tensor
 
 BASELINE_FORMAT = "int8_clean_per_row_v1"
 GROUPED_FORMAT = "pgolf_per_row_group_v1"  # PR #99's loader reads it; the baseline's does not
+# Every tag an artifact may carry: the two above and the records' own (see QuantRules.quant_format).
+KNOWN_FORMATS = (BASELINE_FORMAT, GROUPED_FORMAT, *sorted({r.quant_format for r in PRESETS.values() if r.quant_format}))
 
 
 def _nbytes(t: Tensor) -> int:
@@ -102,7 +104,7 @@ def quantize_state_dict(
         table[name] = {"treatment": label, "numel": int(t.numel()), "payload_bytes": payload}
     grouped = any(m.get("scheme") == "per_row_group" for m in qmeta.values())
     obj: dict[str, Any] = {
-        "__quant_format__": GROUPED_FORMAT if grouped else BASELINE_FORMAT,
+        "__quant_format__": rules.quant_format or (GROUPED_FORMAT if grouped else BASELINE_FORMAT),
         "quantized": quantized,
         "scales": scales,
         "dtypes": dtypes,
@@ -119,9 +121,9 @@ def quantize_state_dict(
 def dequantize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
     """Quantized object -> state dict with every tensor back in its original dtype."""
     fmt = obj.get("__quant_format__") if isinstance(obj, Mapping) else None
-    if fmt not in (BASELINE_FORMAT, GROUPED_FORMAT):
-        raise PgolfError(f"quantized object has format {fmt!r}; expected {BASELINE_FORMAT!r} or "
-                         f"{GROUPED_FORMAT!r} from pgolf.quant.export")
+    if fmt not in KNOWN_FORMATS:
+        raise PgolfError(f"quantized object has format {fmt!r}; expected one of {', '.join(KNOWN_FORMATS)} "
+                         "from pgolf.quant.export")
     qmeta = obj.get("qmeta", {})
     orig_dtypes = obj.get("passthrough_orig_dtypes", {})
     out: dict[str, Tensor] = {}
