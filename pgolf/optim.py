@@ -128,7 +128,9 @@ class Optimizers:
         groups = model.optimizer_groups()
         params = lambda role: [p for _, p in groups[role]]  # noqa: E731
         device = next(model.parameters()).device
-        fused = device.type == "cuda"
+        # Fused Adam as the baseline (fused=True). On CPU too: there it is the baseline's exact update and
+        # about 2x faster than the default foreach path.
+        fused = device.type in ("cuda", "cpu")
         adam = dict(betas=(beta1, beta2), eps=adam_eps, fused=fused)
         # AdamW with weight_decay=0 is exactly Adam; the 2026-03-20 records decay with AdamW.
         adam_cls = torch.optim.AdamW if adam_weight_decay > 0 else torch.optim.Adam
