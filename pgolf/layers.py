@@ -33,7 +33,8 @@ class CastedLinear(nn.Linear):
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    # Recomputed per call (cheap, and compile folds it) instead of the baseline's Python-side cache.
+    # Computed once per forward and shared by the layers (compile folds it), instead of the
+    # baseline's Python-side cache, which is state that torch.compile must guard.
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return freqs.cos()[None, None], freqs.sin()[None, None]  # (1, 1, T, D/2)

@@ -40,16 +40,15 @@ class CausalSelfAttention(nn.Module):
         self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.c_v(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = F.rms_norm(q, (q.size(-1),))
         k = F.rms_norm(k, (k.size(-1),))
-        cos, sin = rotary_tables(T, self.head_dim, self.rope_base, x.device)
-        q = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype))
-        k = apply_rotary(k, cos.to(q.dtype), sin.to(q.dtype))
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
@@ -80,10 +79,10 @@ class Block(nn.Module):
         # Row 0 weighs the residual stream, row 1 the embedding x0 (value residual).
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         mix = self.resid_mix.to(dtype=x.dtype)
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
-        x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * self.attn(F.rms_norm(x, (x.size(-1),)))
+        x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * self.attn(F.rms_norm(x, (x.size(-1),)), cos, sin)
         x = x + self.mlp_scale.to(dtype=x.dtype)[None, None, :] * self.mlp(F.rms_norm(x, (x.size(-1),)))
         return x
 
@@ -178,15 +177,18 @@ class GPT(nn.Module):
         if self.smear_variant == "post_norm":
             x = self.smear(x)
         x0 = x
+        # RoPE tables once per forward, shared by every layer (all layers have the same head_dim).
+        attn = self.blocks[0].attn
+        cos, sin = rotary_tables(input_ids.size(1), attn.head_dim, attn.rope_base, x.device)  # (1, 1, T, hd/2)
         skips: list[Tensor] = []
         # First half stores skips; second half adds them back in reverse order.
         for i in range(self.num_encoder_layers):
-            x = self.blocks[i](x, x0)
+            x = self.blocks[i](x, x0, cos, sin)
             skips.append(x)
         for i in range(self.num_decoder_layers):
             if skips:
                 x = x + self.skip_weights[i].to(dtype=x.dtype)[None, None, :] * skips.pop()
-            x = self.blocks[self.num_encoder_layers + i](x, x0)
+            x = self.blocks[self.num_encoder_layers + i](x, x0, cos, sin)
         return F.rms_norm(x, (x.size(-1),))
 
     def logits(self, h: Tensor) -> Tensor:
