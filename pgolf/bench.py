@@ -5,8 +5,11 @@ after warm-up), standard and sliding eval throughput, and export time and bytes,
 projects them onto the challenge: steps inside the wall-clock cap on N GPUs and the time
 to score the full FineWeb validation split (62,021,632 targets). On CPU the batch is scaled
 down (the scale is printed); projections assume time proportional to tokens.
-`--compare "OVERRIDES"` benchmarks a second config in the same process, alternating steps,
-and prints ratios.
+`--compare "OVERRIDES"` benchmarks a second config in the same process, alternating steps
+and evals, and prints ratios. The config's `device`, `dtype` and `compile` apply as in
+training (e.g. `compile=true` times the inductor-compiled step on CPU).
+`--reference CHECKOUT` instead times pgolf against the records' own scripts
+(see pgolf.bench_reference).
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from pgolf.build import build, compose
+from pgolf.build import build, compose, to_container
 from pgolf.errors import PgolfError
 from pgolf.evaluate import ByteLUTs, eval_sliding, eval_standard
-from pgolf.trainer import Runtime, place_model
+from pgolf.trainer import place_model, setup_runtime
 
 FINEWEB_VAL_TARGETS = 62_021_632
 
@@ -32,17 +36,19 @@ FINEWEB_VAL_TARGETS = 62_021_632
 class Bench:
     """One config's model, optimizers and synthetic batch, ready to time."""
 
-    def __init__(self, overrides: list[str], *, device: torch.device, batch_tokens: int | None):
+    def __init__(self, overrides: list[str], *, batch_tokens: int | None):
         self.label = " ".join(overrides) or "(defaults)"
         self.cfg = compose(overrides + ["logger=none"])
         self.schedule, self.spec = build(self.cfg, "schedule"), build(self.cfg, "eval")
         self.seq_len = self.schedule.train_seq_len
         self.eval_seq_len, self.stride = self.spec.resolve(self.seq_len)
-        cuda = device.type == "cuda"
-        self.rt = Runtime(device, torch.bfloat16 if cuda else torch.float32, cuda, 0, 1, 0, False)
+        # Device, dtype and compile resolved exactly as a training job resolves them.
+        top = to_container(self.cfg)
+        self.rt = setup_runtime(SimpleNamespace(device=top["device"], dtype=top["dtype"], compile=top["compile"]))
+        device, cuda = self.rt.device, self.rt.device.type == "cuda"
         torch.manual_seed(0)
         self.model = place_model(build(self.cfg, "model"), self.rt)
-        self.step_model = torch.compile(self.model, dynamic=False, fullgraph=True) if cuda else self.model
+        self.step_model = torch.compile(self.model, dynamic=False, fullgraph=True) if self.rt.compile else self.model
         self.opt = build(self.cfg, "optimizer")(self.model)
         self.vocab = self.model.tok_emb.num_embeddings
         # One GPU of 8 takes train_batch_tokens / 8 per step; on CPU a few sequences stand in.
@@ -53,6 +59,7 @@ class Bench:
         self.x = torch.randint(0, self.vocab, (self.batch_tokens // self.seq_len, self.seq_len), generator=g).to(device)
         self.y = torch.randint(0, self.vocab, self.x.shape, generator=g).to(device)
         self.times: list[float] = []
+        self.eval_times: list[tuple[float, float]] = []
 
     def sync(self) -> None:
         if self.rt.device.type == "cuda":
@@ -70,7 +77,7 @@ class Bench:
             self.times.append(time.perf_counter() - t)
 
     def eval_rates(self, num_windows: int) -> tuple[float, float]:
-        """(standard scored tokens/s, sliding scored tokens/s) on synthetic validation tokens."""
+        """(standard scored tokens/s, sliding scored tokens/s) on synthetic validation tokens; also recorded."""
         n = num_windows * self.eval_seq_len
         val = torch.randint(0, self.vocab, (n + 1,), generator=torch.Generator().manual_seed(2))
         luts = ByteLUTs(torch.ones(self.vocab, dtype=torch.int16), torch.zeros(self.vocab, dtype=torch.bool),
@@ -87,6 +94,7 @@ class Bench:
                      batch_seqs=self.spec.batch_seqs, **common)
         self.sync()
         sliding = n / (time.perf_counter() - t)
+        self.eval_times.append((std, sliding))
         return std, sliding
 
     def export(self) -> tuple[float, int]:
@@ -99,25 +107,28 @@ class Bench:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    benches = [Bench(args.overrides, device=device, batch_tokens=args.batch_tokens)]
+    benches = [Bench(args.overrides, batch_tokens=args.batch_tokens)]
     if args.compare is not None:
-        benches.append(Bench(args.compare.split(), device=device, batch_tokens=benches[0].batch_tokens))
-    for b in benches:  # warm-up (and compilation on CUDA)
+        benches.append(Bench(args.compare.split(), batch_tokens=benches[0].batch_tokens))
+    for b in benches:  # warm-up (and compilation)
         for _ in range(args.warmup):
             b.step(record=False)
     for _ in range(args.steps):  # alternate so both configs see the same machine state
         for b in benches:
             b.step()
+    for _ in range(args.eval_rounds):
+        for b in benches:
+            b.eval_rates(args.eval_windows)
     results = []
     for b in benches:
         step_s = statistics.median(b.times)
         full_step_s = step_s * (b.schedule.train_batch_tokens / args.gpus) / b.batch_tokens
-        std_rate, sliding_rate = b.eval_rates(args.eval_windows)
+        std_rate, sliding_rate = (statistics.median(r) for r in zip(*b.eval_times))
         export_s, artifact_bytes = b.export()
         results.append({
             "overrides": b.label,
-            "device": str(device), "params": sum(p.numel() for p in b.model.parameters()),
+            "device": str(b.rt.device), "compiled": b.rt.compile,
+            "params": sum(p.numel() for p in b.model.parameters()),
             "measured_batch_tokens": b.batch_tokens, "batch_scale": b.batch_tokens / b.schedule.train_batch_tokens,
             "step_ms": 1000 * step_s, "train_tokens_per_s": b.batch_tokens / step_s,
             "projected_step_ms": 1000 * full_step_s, "gpus": args.gpus,
@@ -140,7 +151,8 @@ def ratios(results: list[dict]) -> dict:
 
 def format_table(out: dict) -> str:
     rows = [
-        ("params", "{:,}", "params"), ("device", "{}", "device"), ("measured batch tokens", "{:,}", "measured_batch_tokens"),
+        ("params", "{:,}", "params"), ("device", "{}", "device"), ("compiled step", "{}", "compiled"),
+        ("measured batch tokens", "{:,}", "measured_batch_tokens"),
         ("batch scale vs config", "{:.4f}", "batch_scale"), ("train step (median)", "{:.1f} ms", "step_ms"),
         ("train tokens/s", "{:,.0f}", "train_tokens_per_s"), ("projected step on N GPUs", "{:.1f} ms", "projected_step_ms"),
         ("N GPUs", "{}", "gpus"), ("projected steps in cap", "{}", "projected_steps_in_cap"),
@@ -170,8 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-tokens", type=int, default=None, help="tokens per measured step (default: 1/8 of the "
                    "config's batch on CUDA, 4 sequences on CPU)")
     p.add_argument("--eval-windows", type=int, default=64, help="eval_seq_len-long blocks of synthetic val tokens")
+    p.add_argument("--eval-rounds", type=int, default=3, help="evals of each config (alternated; medians)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's); 1 gives stable "
+                   "figures on a shared machine")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--reference", metavar="CHECKOUT", default=None, help="time pgolf against the records' scripts "
+                   "of an openai/parameter-golf checkout instead (python -m pgolf.bench_reference, default options)")
     args = p.parse_args(argv)
+    if args.reference:
+        from pgolf.bench_reference import main as reference_main
+
+        return reference_main([args.reference] + (["--json", args.json] if args.json else []))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         out = run(args)
     except PgolfError as exc:
