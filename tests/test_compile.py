@@ -1,28 +1,56 @@
-"""Every technique compiles with fullgraph=True (no graph breaks), and QAT's switch survives compile.
+"""Every model preset and technique compiles with fullgraph=True: no graph breaks, no recompiles.
+
+Two tiers, so that the check covers everything and stays cheap on a CPU:
+- every preset (each conf/model and conf/experiment option) and each technique variant is
+  traced by dynamo with fullgraph=True (any graph break raises) in training mode with QAT on,
+  in eval mode, and through `hidden` (the sliding eval's entry);
+- every preset then compiles a training step (forward and backward) with inductor on one
+  canonical tiny shape, and must match eager. Presets with the same techniques have the same
+  graph there and share inductor's cache, so only distinct graphs pay for a real compile.
 
 Records shipped a late-QAT switch held as a Python attribute that torch.compile constant-folded,
-so QAT never turned on. pgolf's switch is a buffer; these tests compile the model first and
-flip the switch afterwards.
+so QAT never turned on. pgolf's switch is a buffer: the inductor test flips it after compiling
+and requires the change to show without a recompile.
 """
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 
+import pgolf
 from pgolf.model import GPT
 
-SMALL = dict(vocab_size=128, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=3.0)
+CONF = Path(__file__).resolve().parent.parent / "conf"
+PRESETS = [f"model={p.stem}" for p in sorted((CONF / "model").glob("*.yaml"))] + [
+    f"experiment={p.stem}" for p in sorted((CONF / "experiment").glob("*.yaml"))]
+# One shape for every preset: the graph then depends on the techniques only.
+TINY = dict(vocab_size=128, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_hidden=128, bigram_dim=32)
+# Technique combinations no preset uses.
 VARIANTS = {
-    "baseline": {},
-    "smeargate_65": dict(smear_gate="pre_norm", bigram_buckets=256, bigram_dim=32, bigram_hash="mul", ortho_init=True,
-                         qat_bits=6, qat_clip="percentile"),
-    "int5_0320": dict(smear_gate="post_norm", bigram_buckets=256, bigram_dim=32, bigram_hash="xor",
-                      bigram_init="zeros", bigram_scale_init=0.05, ortho_init=True, ortho_min_dim=64,
-                      ortho_proj_scale=True),
-    "qat_smear_192": dict(smear_gate="token", ortho_init=True, qat_bits=6, qat_clip="rowmax_floor"),
     "untied": dict(tie_embeddings=False),
+    "qat_rowmax_bigram_mul_post_norm": dict(qat_bits=5, qat_clip="rowmax", bigram_buckets=64, smear_gate="post_norm"),
+    "qat_percentile_token_smear_xor": dict(qat_bits=6, smear_gate="token", bigram_buckets=64, bigram_hash="xor"),
 }
+
+
+def tiny_model(preset: str | None = None, **options) -> GPT:
+    """The preset's model (its technique options) at the canonical tiny shape, random weights."""
+    kwargs = {}
+    if preset is not None:
+        kwargs = {k: v for k, v in pgolf.compose([preset]).model.items() if k != "_target_"}
+    kwargs.update(TINY, **options)
+    if kwargs.get("bigram_buckets"):
+        kwargs["bigram_buckets"] = 64
+    torch.manual_seed(0)
+    model = GPT(**kwargs)
+    with torch.no_grad():  # no zero-init matrices: QAT must have something to round
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
 
 
 def batch(seed: int = 0):
@@ -30,53 +58,58 @@ def batch(seed: int = 0):
     return torch.randint(0, 128, (2, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_fullgraph_compile_has_no_graph_breaks(name):
+@pytest.mark.parametrize("name", PRESETS + sorted(VARIANTS))
+def test_traces_without_graph_breaks(name):
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = GPT(**SMALL, **VARIANTS[name])
+    model = tiny_model(name) if name in PRESETS else tiny_model(**VARIANTS[name])
     model.set_qat(True)
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
     x, y = batch()
-    loss = compiled(x, y)  # fullgraph=True raises on any graph break
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")  # a break raises
+    loss = compiled(x, y)
     loss.backward()
     assert torch.allclose(loss, model(x, y), atol=1e-5)
+    model.eval()
     with torch.no_grad():
-        h = torch.compile(model.hidden, fullgraph=True, backend="aot_eager")(x)
-    assert h.shape == (2, 32, 64)
+        assert torch.allclose(compiled(x, y), model(x, y), atol=1e-5)
+        h = torch.compile(model.hidden, fullgraph=True, dynamic=False, backend="eager")(x)
+    assert h.shape == (2, 32, TINY["model_dim"])
 
 
 @pytest.mark.slow
-def test_qat_switch_takes_effect_after_inductor_compile():
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_trains_under_inductor(preset):
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = GPT(**SMALL, qat_bits=6, qat_clip="percentile")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.train()
+    model = tiny_model(preset)
+    eager = copy.deepcopy(model)
+    has_qat = bool(model.blocks[0].attn.c_q.qat_bits)
+    model.set_qat(True)
+    eager.set_qat(True)
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     x, y = batch(1)
-    off = compiled(x, y).item()
-    assert off == pytest.approx(model(x, y).item(), abs=1e-4)
-    model.set_qat(True)  # flipped after compilation
-    on = compiled(x, y).item()
-    assert on == pytest.approx(model(x, y).item(), abs=1e-4)
-    assert abs(on - off) > 1e-3, "QAT switch had no effect in the compiled model"
+    loss, want = compiled(x, y), eager(x, y)
+    loss.backward()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-4)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), name
+    if not has_qat:
+        return
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model.set_qat(False)  # flipped after compilation
+        eager.set_qat(False)
+        off = compiled(x, y).item()
+        assert off == pytest.approx(eager(x, y).item(), abs=1e-4)
+        assert abs(off - loss.item()) > 1e-3, "QAT switch had no effect in the compiled model"
     model.eval()  # eval scores the float weights, as the records do
     assert model(x, y).item() == pytest.approx(off, abs=1e-5)
 
 
 def test_qat_gradient_is_straight_through():
-    torch.manual_seed(0)
-    model = GPT(**SMALL, qat_bits=6)
-    x, y = batch(2)
-    model.set_qat(False)
-    model(x, y).backward()
-    lin = model.blocks[0].attn.c_q
     from pgolf.quant import fake_quantize
 
-    w = lin.weight.detach().clone().requires_grad_(True)
+    torch.manual_seed(0)
+    w = torch.randn(64, 96).requires_grad_(True)
     q = fake_quantize(w, bits=6, clip="percentile")
     q.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))  # d fake_quant / d w = identity
+    assert not torch.equal(q, w)
