@@ -130,7 +130,7 @@ def train_step(baseline: ModuleType, *, num_layers: int, model_dim: int, num_hea
     med = alternate({"pgolf": pgolf_step(ours, opt), "pgolf_bf16_ns": pgolf_step(ours_bf16, opt_bf16),
                      "baseline": baseline_step}, rounds)
     same = all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours_bf16.state_dict().items())
-    return {"shape": f"{num_layers}x{model_dim}, seq {seq_len} x {batch_seqs}", "pgolf_ms": 1000 * med["pgolf"],
+    return {"shape": f"{num_layers}x{model_dim}, {batch_seqs} x {seq_len} tok", "pgolf_ms": 1000 * med["pgolf"],
             "pgolf_bf16_ns_ms": 1000 * med["pgolf_bf16_ns"], "baseline_ms": 1000 * med["baseline"],
             "ratio": med["pgolf"] / med["baseline"], "ratio_bf16_ns": med["pgolf_bf16_ns"] / med["baseline"],
             "bf16_ns_weights_identical": same, "steps": rounds + 1}
@@ -173,7 +173,7 @@ def sliding(record: ModuleType, *, num_layers: int, model_dim: int, num_heads: i
                 luts.has_leading_space, luts.is_boundary, stride=stride, batch_seqs=batch_seqs)
 
     med = alternate({"pgolf": run_ours, "record": run_theirs}, rounds)
-    return {"shape": f"{num_layers}x{model_dim}, seq {seq_len}, stride {stride}, batch {batch_seqs}",
+    return {"shape": f"{num_layers}x{model_dim}, T {seq_len}/{stride}, B {batch_seqs}",
             "val_targets": num_targets, "pgolf_s": med["pgolf"], "record_s": med["record"],
             "ratio": med["pgolf"] / med["record"], "pgolf_bpb": out["pgolf"][1], "record_bpb": out["record"][1]}
 
