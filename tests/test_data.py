@@ -197,7 +197,7 @@ def test_validation_errors(tmp_path):
     with pytest.raises(PgolfError, match="validation split .*fineweb_val_\\*.bin: no file matches"):
         load_validation_tokens(pattern, 4)
     make_shards(tmp_path, [4], prefix="fineweb_val_")
-    msg = f"validation split {pattern} has 4 tokens, fewer than seq_len\\+1=5; lower eval seq_len"
+    msg = f"validation split {pattern} has 4 tokens, fewer than seq_len\\+1=5; set eval.seq_len \\(default schedule.train_seq_len\\) to at most 3"
     with pytest.raises(PgolfError, match=msg.replace("*", "\\*")):
         load_validation_tokens(pattern, 4)
 

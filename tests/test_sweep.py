@@ -23,7 +23,7 @@ def test_torchrun_two_ranks_agree(tmp_path, fast_cache):
     assert m["status"] == "finished" and m["world_size"] == 2 and m["train/ranks_identical"] is True
     assert m["final/quant_sliding_bpb"] > 0 and m["train/steps"] == 8
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
-        "final_model.int8.ptz", "final_model.pt", "metrics.json", "run.log", "train.log"]
+        "config.yaml", "final_model.int8.ptz", "final_model.pt", "metrics.json", "run.log", "train.log"]
 
 
 @pytest.mark.slow
