@@ -312,3 +312,16 @@ def test_the_bundle_rejects_a_bad_environment_value(runs, tmp_path):
     assert r.returncode == 2
     assert r.stderr == f"error: ITERATIONS='ten' is not a int; e.g. ITERATIONS={STEPS}\n"
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_the_bundle_runs_under_torchrun(runs, tmp_path):
+    script = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py", pack=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "ITERATIONS": "4", "WARMUP_STEPS": "0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir,) = (tmp_path / "logs").iterdir()  # logs/<run_id>, one directory shared by both ranks
+    m = metrics(run_dir)
+    assert (m["world_size"], m["train/steps"], m["train/ranks_identical"]) == (2, 4, True)
+    assert m["artifact/code_bytes"] == script.stat().st_size
