@@ -188,3 +188,15 @@ def load_checkpoint(ckpt: Path, *, rank: int, world_size: int, config: dict) -> 
     rank_file = ckpt / f"rank{rank}.pt"
     weights = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
     return {**meta, **weights, "rank_state": torch.load(rank_file, map_location="cpu", weights_only=True)}
+
+
+def restore_checkpoint(ckpt: Path, *, rank: int, world_size: int, config: dict, model, optimizers, swa, loader
+                       ) -> tuple[int, float]:
+    """Load a checkpoint into the run's objects; returns (step, train_ms) to continue from."""
+    state = load_checkpoint(ckpt, rank=rank, world_size=world_size, config=config)
+    model.load_state_dict(state["model"], strict=True)
+    swa.load_state_dict(state["swa"])
+    optimizers.load_state_dict(state["rank_state"]["optimizer"])
+    loader.load_state_dict(state["rank_state"]["loader"])
+    set_rng_state(state["rank_state"]["rng"])
+    return state["step"], state["train_ms"]

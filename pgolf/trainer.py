@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pgolf.checkpoint import (CHECKPOINT_DIR, Checkpointing, Preemption, load_checkpoint, resume_source, rng_state,
-                              save_checkpoint, set_rng_state)
+from pgolf.checkpoint import (CHECKPOINT_DIR, Checkpointing, Preemption, restore_checkpoint, resume_source,
+                              rng_state, save_checkpoint)
 from pgolf.data import DistributedTokenLoader, load_validation_tokens
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
@@ -271,13 +271,8 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
     saving = job.checkpoint or Checkpointing()
     source = resume_source(job.resume, run_dir)
     if source is not None:
-        state = load_checkpoint(source, rank=rt.rank, world_size=rt.world_size, config=job.config)
-        base_model.load_state_dict(state["model"], strict=True)
-        swa.load_state_dict(state["swa"])
-        opt.load_state_dict(state["rank_state"]["optimizer"])
-        loader.load_state_dict(state["rank_state"]["loader"])
-        set_rng_state(state["rank_state"]["rng"])
-        step, train_ms = state["step"], state["train_ms"]
+        step, train_ms = restore_checkpoint(source, rank=rt.rank, world_size=rt.world_size, config=job.config,
+                                            model=base_model, optimizers=opt, swa=swa, loader=loader)
         log(f"resumed:{source} step:{step} train_time:{train_ms:.0f}ms")
     saved_at = (step, train_ms)
     preemption = Preemption()
