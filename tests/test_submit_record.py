@@ -90,7 +90,7 @@ def test_record_folder_holds_the_runs_figures(runs, tmp_path, capsys):
     assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(bpbs), abs=1e-8)
     assert sub["val_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-8)
     assert bpbs[0] != bpbs[1]  # the seeds really differ, so mean and std are not trivially right
-    assert sub["bytes_code"] == code
+    assert sub["bytes_code"] == code == ms[0]["artifact/code_bytes"]  # a run counts the bytes of its bundle
     assert sub["bytes_total"] == max(m["artifact/model_bytes"] for m in ms) + code
     assert sub["seeds"] == list(SEEDS)
     for seed, m in zip(SEEDS, ms):

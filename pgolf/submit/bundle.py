@@ -170,9 +170,10 @@ def bundle_config(config: dict) -> dict:
     return out
 
 
-def render(config: dict, *, header: str = "") -> str:
-    """The source of a standalone train_gpt.py for a resolved run config (a plain dict)."""
-    config = bundle_config(config)
+def render(config: dict) -> str:
+    """The source of a standalone train_gpt.py for a resolved run config (a plain dict); a run's
+    counted code bytes are the length of this text."""
+    config_run_id, config = config.get("run_id"), bundle_config(config)
     targets = sorted({node["_target_"] for node in config.values() if isinstance(node, dict) and "_target_" in node})
     names = {t: t.rsplit(".", 1)[1] for t in targets}
     everything, unbundled = _statements()
@@ -189,7 +190,9 @@ def render(config: dict, *, header: str = "") -> str:
         return ast.unparse(stmt) + ("\n" if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)) else "")
 
     code = "\n".join(text(stmt) for stmt in statements)
-    doc = header or "train_gpt.py bundled by pgolf."
+    doc = (f"Parameter Golf training script bundled by pgolf from run {config_run_id}.\n"
+           "Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (env vars override the defaults, "
+           "e.g. SEED=42 DATA_PATH=... MAX_WALLCLOCK_SECONDS=600)")
     return f'"""{doc}"""\nfrom __future__ import annotations\n{code}\n\nif __name__ == "__main__":\n    cli()\n'
 
 
@@ -239,10 +242,7 @@ def write_bundle(run_dir: Path, out: Path, *, pack: bool = False) -> Path:
     from pgolf.trainer import write_atomic
 
     config = read_run_config(run_dir)
-    header = (f"Parameter Golf training script bundled by pgolf from run {config.get('run_id')}.\n"
-              "Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (env vars override the defaults, "
-              "e.g. SEED=42 DATA_PATH=... MAX_WALLCLOCK_SECONDS=600)")
-    source = render(config, header=header)
+    source = render(config)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, (pack_source(source) if pack else source).encode("utf-8"))
