@@ -15,6 +15,7 @@ training (e.g. `compile=true` times the inductor-compiled step on CPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -31,6 +32,19 @@ from pgolf.evaluate import ByteLUTs, eval_sliding, eval_standard
 from pgolf.trainer import place_model, setup_runtime
 
 FINEWEB_VAL_TARGETS = 62_021_632
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """torch's CPU thread count set to `n` for the block (None leaves it), then restored:
+    a benchmark called in-process must not slow down whatever runs after it."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Bench:
@@ -193,10 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         from pgolf.bench_reference import main as reference_main
 
         return reference_main([args.reference] + (["--json", args.json] if args.json else []))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        out = run(args)
+        with cpu_threads(args.threads):
+            out = run(args)
     except PgolfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

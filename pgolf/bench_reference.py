@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from pgolf.bench import cpu_threads
 from pgolf.build import build, compose, to_container
 from pgolf.errors import PgolfError
 from pgolf.evaluate import ByteLUTs, eval_sliding
@@ -224,7 +225,6 @@ def export(record: ModuleType, *, num_layers: int, rounds: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
     checkout = Path(args.checkout)
     baseline, record = load_script(checkout, BASELINE), load_script(checkout, RECORD_192)
     t = time.perf_counter()
@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     try:
-        out = run(args)
+        with cpu_threads(args.threads):
+            out = run(args)
     except PgolfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

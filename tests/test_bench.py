@@ -40,6 +40,16 @@ def test_reference_needs_a_checkout(tmp_path, capsys):
     assert len(err) == 1 and "train_gpt.py not found" in err[0]
 
 
+def test_threads_option_is_restored(tmp_path):
+    """An in-process benchmark (--threads 1, the reference's default) must not leave torch on one thread."""
+    before = torch.get_num_threads()
+    target = 1 if before > 1 else 2
+    assert main(["--reference", str(tmp_path)]) == 2  # fails after entering its one-thread block
+    assert main(["experiment=smoke", "--threads", str(target), "--steps", "1", "--warmup", "0", "--eval-windows", "2",
+                 "--eval-rounds", "1"]) == 0
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.slow
 def test_reference_comparison_runs_on_identical_inputs(tmp_path):
     """Live against the records' scripts: same weights, same codes, the same artifact bytes."""
