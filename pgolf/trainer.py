@@ -72,10 +72,18 @@ class Runtime:
     world_size: int
     local_rank: int
     distributed: bool
+    owns_group: bool = False  # this run opened the process group, so it closes it
 
     @property
     def master(self) -> bool:
         return self.rank == 0
+
+    def close(self) -> None:
+        """Close the process group this run opened, as the baseline does at its end: left open,
+        gloo's threads race interpreter exit and can abort a worker that finished
+        ("terminate called without an active exception")."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def setup_runtime(job: Job) -> Runtime:
@@ -93,12 +101,13 @@ def setup_runtime(job: Job) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if distributed and not dist.is_initialized():
+    owns_group = distributed and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
                                 **({"device_id": device} if kind == "cuda" else {}))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(job.dtype, torch.bfloat16 if kind == "cuda" else torch.float32)
     compiled = (kind == "cuda") if job.compile == "auto" else bool(job.compile)
-    return Runtime(device, dtype, compiled, rank, world_size, local_rank, distributed)
+    return Runtime(device, dtype, compiled, rank, world_size, local_rank, distributed, owns_group)
 
 
 def place_model(model: nn.Module, rt: Runtime) -> nn.Module:
@@ -331,6 +340,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
                 if preempted:
                     log(f"preempted: stopping at step {step}; continue with resume={run_dir}")
                     job.logger.finish(exit_code=1)
+                    rt.close()
                     preemption.chain()
                 t0 = time.perf_counter()
             if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
@@ -350,9 +360,11 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         base_model.load_state_dict(swa.average(base_model.state_dict()), strict=True)
         pre_loss, pre_bpb = evaluate("standard")
         log(f"swa val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
-    return finish(job, rt, run_dir, log, base_model, evaluate, dict(
+    metrics = finish(job, rt, run_dir, log, base_model, evaluate, dict(
         pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=n_params, steps=step, train_ms=train_ms, peak_mib=peak_mib,
         unigram_bpb=floor, swa_count=swa.count))
+    rt.close()
+    return metrics
 
 
 def check_finite(loss: float, step: int, model: nn.Module | None = None) -> None:
