@@ -414,7 +414,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
               f"by {nmodel + ncode - SIZE_CAP_BYTES:,}; this run cannot be submitted (use a smaller quant preset or "
               "fewer parameters)", file=sys.stderr, flush=True)
     t_eval = time.perf_counter()
-    pre_sliding = evaluate("sliding")
+    pre_sliding = evaluate("sliding") if job.eval_spec.prequant_sliding else None
     base_model.load_state_dict(load_artifact(artifact), strict=True)
     quant_loss, quant_bpb = evaluate("standard")
     quant_sliding = evaluate("sliding")
@@ -426,9 +426,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         "final/quant_loss_nats": quant_loss,
         "final/prequant_bpb": t["pre_bpb"],
         "final/prequant_loss_nats": t["pre_loss"],
-        "final/prequant_sliding_bpb": pre_sliding[1],
-        "final/prequant_sliding_loss_nats": pre_sliding[0],
-        "final/quant_gap_bpb": quant_sliding[1] - pre_sliding[1],
+        "final/quant_gap_bpb": quant_bpb - t["pre_bpb"],
         "data/unigram_bpb": t["unigram_bpb"],
         "artifact/model_bytes": nmodel,
         "artifact/code_bytes": ncode,
@@ -446,8 +444,11 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         "hardware": hardware(rt),
         "status": "finished",
     }
-    log(f"final_prequant val_loss:{t['pre_loss']:.8f} val_bpb:{t['pre_bpb']:.8f} "
-        f"sliding_bpb:{pre_sliding[1]:.8f}")
+    if pre_sliding is not None:
+        metrics.update({"final/prequant_sliding_bpb": pre_sliding[1], "final/prequant_sliding_loss_nats": pre_sliding[0],
+                        "final/quant_sliding_gap_bpb": quant_sliding[1] - pre_sliding[1]})
+    log(f"final_prequant val_loss:{t['pre_loss']:.8f} val_bpb:{t['pre_bpb']:.8f}"
+        + (f" sliding_bpb:{pre_sliding[1]:.8f}" if pre_sliding is not None else ""))
     log(f"final_roundtrip val_loss:{quant_loss:.8f} val_bpb:{quant_bpb:.8f}")
     log(f"final_quant_sliding val_loss:{quant_sliding[0]:.8f} val_bpb:{quant_sliding[1]:.8f} "
         f"(unigram baseline {t['unigram_bpb']:.4f})")

@@ -89,6 +89,7 @@ TABLE = [
     # The baseline has no sliding eval: stride null = non-overlapping windows = its standard eval.
     ("eval.stride",                         None,       64,         64,         64,         64),
     ("eval.batch_seqs",                     NA,         32,         32,         32,         32),
+    ("eval.prequant_sliding",               False,      False,      False,      False,      False),
     ("quant.preset",                        "int8",     "int6",     "int5mlp",  "int6_pr192", "late_k"),
     ("quant.compressor",                    "zlib",     "zstd",     "zstd",     "zstd",     "zstd"),
     ("quant.level",                         9,          22,         22,         22,         22),

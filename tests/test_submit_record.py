@@ -31,11 +31,12 @@ ID = ["--name", "Smoke pair", "--author", "Ada L", "--github-id", "adal"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, fast_cache) -> list[Path]:
-    """Three finished short smoke runs that differ only by seed (and run_id)."""
+    """Three finished short smoke runs that differ only by seed (and run_id); with the optional
+    pre-quant sliding eval, so that the bundle must carry it too."""
     root = tmp_path_factory.mktemp("runs")
     for seed in SEEDS:
         cfg = pgolf.compose([*FAST, f"schedule.iterations={STEPS}", "logger=none", fast_cache,
-                             f"seed={seed}"])
+                             "eval.prequant_sliding=true", f"seed={seed}"])
         pgolf.train(cfg, run_dir=root / f"seed{seed}")
     return [root / f"seed{s}" for s in SEEDS]
 
@@ -269,7 +270,7 @@ def test_bundle_command_writes_the_script_and_refuses_a_dir_without_config(runs,
 
 
 FINAL = ("final/quant_sliding_bpb", "final/quant_sliding_loss_nats", "final/quant_bpb", "final/quant_loss_nats",
-         "final/prequant_bpb", "final/prequant_loss_nats", "final/prequant_sliding_bpb")
+         "final/prequant_bpb", "final/prequant_loss_nats", "final/prequant_sliding_bpb", "final/quant_sliding_gap_bpb")
 # Runs a script as `python train_gpt.py` would, with every pgolf import made to fail.
 NO_PGOLF = "import runpy, sys; sys.modules['pgolf'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 

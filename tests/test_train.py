@@ -35,11 +35,12 @@ def test_smoke_run_metrics_are_finite_and_written(smoke_run):
     run_dir, metrics = smoke_run
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
-    for key in ("final/quant_sliding_bpb", "final/quant_bpb", "final/prequant_bpb", "final/prequant_sliding_bpb",
-                "final/quant_sliding_loss_nats"):
+    for key in ("final/quant_sliding_bpb", "final/quant_bpb", "final/prequant_bpb", "final/quant_sliding_loss_nats"):
         assert math.isfinite(metrics[key]) and metrics[key] > 0
     assert metrics["status"] == "finished" and metrics["train/steps"] == 300
-    assert abs(metrics["final/quant_bpb"] - metrics["final/prequant_bpb"]) < 0.05
+    assert metrics["final/quant_gap_bpb"] == metrics["final/quant_bpb"] - metrics["final/prequant_bpb"]
+    assert abs(metrics["final/quant_gap_bpb"]) < 0.05
+    assert "final/prequant_sliding_bpb" not in metrics  # an extra sliding eval only on request (eval.prequant_sliding)
     # Clearly below the unigram floor of the same data.
     assert metrics["final/quant_sliding_bpb"] < metrics["data/unigram_bpb"] - 0.5
 
