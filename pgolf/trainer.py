@@ -112,7 +112,7 @@ def setup_runtime(job: Job) -> Runtime:
 
 def place_model(model: nn.Module, rt: Runtime) -> nn.Module:
     """Move to the device; in bf16 runs keep linear weights and small/control params in fp32 (baseline)."""
-    from pgolf.layers import CastedLinear
+    from pgolf.model.linear import CastedLinear
     from pgolf.model import CONTROL_TENSOR_NAME_PATTERNS
 
     model = model.to(rt.device)

@@ -35,7 +35,7 @@ import torch
 from golden import seeded_tokens, seeded_weights
 
 import pgolf
-import pgolf.layers
+import pgolf.model.linear
 from pgolf.build import build
 
 RECORDS = ("naive_baseline", "smeargate", "10l_int5", "11l_qat_smeargate", "int6_latek")
@@ -159,7 +159,7 @@ def test_qat_train_loss(record):
 @pytest.mark.parametrize("record", QAT_RECORDS)
 def test_qat_gap_is_only_the_qat_math(record, monkeypatch):
     model = small_model(record)
-    monkeypatch.setattr(pgolf.layers, "fake_quantize", RECORD_QAT[record])
+    monkeypatch.setattr(pgolf.model.linear, "fake_quantize", RECORD_QAT[record])
     if record == "smeargate":  # #65 fake-quantizes every CastedLinear, the bigram projection too
         assert model.bigram_hash.proj.qat_bits == 6
     assert abs(train_loss(model) - GOLDEN_TRAIN[record]) < 1e-5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pgolf.model import GPT
-from pgolf.techniques import BigramHash, SigmoidSmear, shift_right, token_smear
+from pgolf.model.embeddings import BigramHash, SigmoidSmear, shift_right, token_smear
 
 SMALL = dict(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
 

@@ -27,8 +27,9 @@ from pgolf.errors import PgolfError
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Dependency order: a module comes after every module whose names it uses at import time.
 MODULES = (
-    "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "layers",
-    "techniques", "model", "optim", "schedule", "evaluate", "data/shards", "data/loader", "data/spec", "runlog",
+    "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "model/linear",
+    "model/rotary", "model/attention", "model/mlp", "model/block", "model/residual", "model/recurrence",
+    "model/embeddings", "model/gpt", "optim", "schedule", "evaluate", "data/shards", "data/loader", "data/spec", "runlog",
     "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"

@@ -1,4 +1,4 @@
-"""Layers shared by the model and the record techniques: the casted linear and RoPE."""
+"""The casted linear layer every block matrix uses (and the late-QAT switch it carries)."""
 
 from __future__ import annotations
 
@@ -30,17 +30,3 @@ class CastedLinear(nn.Linear):
             # Switch on a tensor so the compiled graph keeps both paths; where() keeps q(w) exact.
             w = torch.where(self.qat_enabled > 0, fake_quantize(w, bits=self.qat_bits, clip=self.qat_clip), w)
         return F.linear(x, w.to(x.dtype))
-
-
-def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    # Computed once per forward and shared by the layers (compile folds it), instead of the
-    # baseline's Python-side cache, which is state that torch.compile must guard.
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return freqs.cos()[None, None], freqs.sin()[None, None]  # (1, 1, T, D/2)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)

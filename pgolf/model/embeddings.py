@@ -1,4 +1,5 @@
-"""Record techniques that change the embedding path or the init: SmearGate, BigramHash, OrthoInit.
+"""The embedding path and the inits: SmearGate variants, BigramHash, value embeddings,
+OrthoInit, the overtone embedding init and the phase-transition resid_mix init.
 
 Each one keeps the parameter names of the record that introduced it, so a record's
 checkpoint loads into pgolf with `strict=True`:
@@ -9,6 +10,11 @@ checkpoint loads into pgolf with `strict=True`:
 - SmearGate `token`, PR #192: x_t + lam * sigmoid(w . x_t) * x_{t-1}, top-level `smear_gate.weight`
   (1, dim; a plain nn.Linear, so it stays bf16 on GPU and gets no QAT) and `smear_lambda` (1,),
   both zero-init, so it starts as the identity.
+- SmearGate `window`, 2026-04-16 #1667 (input-dependent, modded-nanogpt style): on the raw
+  embedding, x_t + lam * sigmoid(w . x_t[:gate_window]) * x_{t-1}; `smear_gate.weight` (1, 12)
+  CastedLinear and `smear_lambda` (1,), both zero-init. The previous-token term is masked where
+  the current token is BOS (2026-04-27 #1855's fix of the cross-document leak) unless
+  `smear_bos_mask=false`, which reproduces #1667's unmasked number.
 - BigramHash `mul` (#65): `bigram_hash.table`, (prev*92821 + cur) % buckets, prev=0 at t=0.
 - BigramHash `xor` (2026-03-20 records): `bigram.embed`, (36313*cur ^ 27191*prev) % (buckets-1),
   first position mapped to buckets-1, optional `bigram.scale`.
@@ -20,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from pgolf.errors import PgolfError
-from pgolf.layers import CastedLinear
+from pgolf.model.linear import CastedLinear
 
-SMEAR_VARIANTS = ("none", "pre_norm", "post_norm", "token")
+SMEAR_VARIANTS = ("none", "pre_norm", "post_norm", "token", "window")
 # Attribute (and so state_dict prefix) of each variant, as in its record.
 SMEAR_ATTR = {"pre_norm": "smeargate", "post_norm": "smear"}
 BIGRAM_ATTR = {"mul": "bigram_hash", "xor": "bigram"}
@@ -57,6 +63,37 @@ def token_smear(x: Tensor, gate: nn.Linear, lam: Tensor) -> Tensor:
     """PR #192's token-dependent gate: x_t + lam * sigmoid(w . x_t) * x_{t-1}; (B, T, D) -> (B, T, D)."""
     g = lam.to(dtype=x.dtype) * torch.sigmoid(gate(x))  # (B, T, 1)
     return x + g * shift_right(x)
+
+
+def window_smear(x: Tensor, gate: nn.Module, lam: Tensor, window: int, keep_prev: Tensor | None) -> Tensor:
+    """#1667's SmearGate on the raw embedding x (B, T, D): for t >= 1,
+    x_t + lam * sigmoid(gate(x_t[:window])) * x_{t-1} * keep_prev_t, where keep_prev (B, T-1, 1)
+    is 0 where token t is BOS (#1855) or None (unmasked, #1667)."""
+    g = lam.to(dtype=x.dtype) * torch.sigmoid(gate(x[:, 1:, :window].contiguous()))  # (B, T-1, 1)
+    prev = x[:, :-1] if keep_prev is None else x[:, :-1] * keep_prev
+    return torch.cat([x[:, :1], x[:, 1:] + g * prev], dim=1)
+
+
+class ValueEmbedding(nn.Module):
+    """Value embeddings (#374, in the 2026-03-22 #414 to 2026-04-04 records): one shared table
+    `embed` (V, ve_dim) ~ N(0, 0.01^2), projected by `proj` (zero-init; absent when ve_dim equals
+    kv_dim) and scaled by `scale` (init 0.1). Each VE layer adds it, times its own
+    `ve_layer_scales.{k}` (init 1), to the attention values: (B, T) -> (B, T, kv_dim)."""
+
+    def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, ve_dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = CastedLinear(ve_dim, kv_dim) if ve_dim != kv_dim else None
+        if self.proj is not None:
+            self.proj._zero_init = True
+        self.scale = nn.Parameter(torch.tensor(0.1, dtype=torch.float32))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids)
+        if self.proj is not None:
+            h = self.proj(h)
+        return h * self.scale.to(dtype=h.dtype)
 
 
 class BigramHash(nn.Module):
@@ -128,3 +165,23 @@ def orthogonal_init_(model: nn.Module, *, min_dim: int, proj_scale: float) -> No
         nn.init.orthogonal_(module.weight, gain=1.0)
         if name.endswith(".proj") or ".proj." in name:
             module.weight.mul_(proj_scale)
+
+
+@torch.no_grad()
+def overtone_init_(weight: Tensor) -> None:
+    """Overtone init (2026-03-19_SlidingWindow_FP16Emb_10L_MuonWD_OvertoneInit): keep the
+    embedding's singular vectors, reshape its spectrum to a power law, S_k = S_1 / sqrt(k)."""
+    U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+    target = S[0] * (1.0 / torch.arange(1, S.shape[0] + 1, dtype=S.dtype)) ** 0.5
+    weight.copy_((U * target[None, :]) @ Vh)
+
+
+@torch.no_grad()
+def phase_resid_mix_init_(blocks) -> None:
+    """Phase-transition resid_mix init (same record): layer i of L weighs the stream by
+    p = sigmoid(3 (i/(L-1) - 1/2)) and x0 by 1-p, so early layers lean on the embedding."""
+    n = len(blocks)
+    for i, block in enumerate(blocks):
+        phase = torch.sigmoid(torch.tensor(3.0 * (i / max(n - 1, 1) - 0.5)))
+        block.resid_mix[0].fill_(float(phase))
+        block.resid_mix[1].fill_(float(1 - phase))

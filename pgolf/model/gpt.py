@@ -1,0 +1,407 @@
+"""The GPT of the Parameter Golf baseline, composed from parts chosen once from config.
+
+The module tree and state_dict keys are those of the records' scripts (`tok_emb.weight`,
+`skip_weights`, `blocks.{i}.attn.c_q.weight`, `skip_gates`, `parallel_post_lambdas`,
+`smear_lambda`, `ve_shared.*`, ...), so a checkpoint loads with `strict=True` in either
+direction (banked checkpoints through pgolf.model.banks). Every technique is off by default;
+`__init__` wires its part (attention.py, mlp.py, block.py, residual.py, recurrence.py,
+embeddings.py) and `hidden` runs whatever was wired, the same for training, every eval and
+adapters attached from outside.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.errors import PgolfError
+from pgolf.model.attention import ATTN_GATES
+from pgolf.model.block import Block
+from pgolf.model.embeddings import (BIGRAM_ATTR, SMEAR_ATTR, SMEAR_VARIANTS, BigramHash, SigmoidSmear, ValueEmbedding,
+                                    orthogonal_init_, overtone_init_, phase_resid_mix_init_, token_smear, window_smear)
+from pgolf.model.linear import CastedLinear
+from pgolf.model.mlp import MLP_ACTIVATIONS
+from pgolf.model.recurrence import layer_schedule, num_skips
+from pgolf.model.residual import PARALLEL_FINAL_LANES, PARALLEL_RESIDUALS, STEPS, TWO_LANE, fork, merge_lanes
+from pgolf.model.rotary import rotary_tables
+
+log = logging.getLogger("pgolf.model")
+
+# Small tensors that steer the residual stream. The records keep them in fp32, train them
+# with Adam at scalar_lr, and never quantize them (names as in 2026-04-27 #1855).
+CONTROL_TENSOR_NAME_PATTERNS = (
+    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
+    "q_gain", "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
+    "lane_merge", "attn_gate_proj", "attn_gate_w", "ve_layer_scales", "ve_shared.scale",
+)
+
+
+def _smear_sigmoid(gpt: "GPT", x: Tensor, ids: Tensor) -> Tensor:
+    return getattr(gpt, SMEAR_ATTR[gpt.smear_variant])(x)
+
+
+def _smear_token(gpt: "GPT", x: Tensor, ids: Tensor) -> Tensor:
+    return token_smear(x, gpt.smear_gate, gpt.smear_lambda)
+
+
+def _smear_window(gpt: "GPT", x: Tensor, ids: Tensor) -> Tensor:
+    keep = (ids[:, 1:] != gpt.bos_id).to(x.dtype).unsqueeze(-1) if gpt.smear_bos_mask else None
+    return window_smear(x, gpt.smear_gate, gpt.smear_lambda, gpt.gate_window, keep)
+
+
+# variant -> (stage relative to the embedding RMSNorm, part)
+SMEAR_PARTS = {"pre_norm": ("pre", _smear_sigmoid), "post_norm": ("post", _smear_sigmoid),
+               "token": ("pre", _smear_token), "window": ("pre", _smear_window)}
+
+
+class GPT(nn.Module):
+    """The baseline GPT (U-Net skips, tied embeddings, tanh logit softcap) plus the record parts.
+
+    Keyword arguments mirror the records' environment variables lower-cased. Per-layer options
+    take physical layer indices (`xsa_last_n`, `parallel_start_layer`, `ve_layers`, LN scale).
+    Looping runs `num_loops` extra passes over [loop_start, loop_end]; a model is built with
+    looping on (what eval and a loaded checkpoint need) and the trainer turns it off until
+    `enable_looping_at` of the wall-clock budget (`set_looping`).
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 1024,
+        num_layers: int = 9,
+        model_dim: int = 512,
+        num_heads: int = 8,
+        num_kv_heads: int = 4,
+        mlp_mult: float = 2.0,
+        mlp_hidden: int | None = None,
+        mlp_activation: str = "relu2",
+        negative_slope: float = 0.5,
+        tie_embeddings: bool = True,
+        tied_embed_init_std: float = 0.005,
+        logit_softcap: float = 30.0,
+        rope_base: float = 10000.0,
+        rope_dims: int = 0,
+        rope_train_seq_len: int = 0,
+        qk_gain_init: float = 1.5,
+        ln_scale: bool = False,
+        xsa_last_n: int = 0,
+        skip_gates_enabled: bool = False,
+        attn_out_gate_enabled: bool = False,
+        attn_out_gate_src: str = "proj",
+        gated_attn_enabled: bool = False,
+        gated_attn_init_std: float = 0.01,
+        sparse_attn_gate_enabled: bool = False,
+        sparse_attn_gate_init_std: float = 0.0,
+        sparse_attn_gate_scale: float = 1.0,
+        gate_window: int = 12,
+        parallel_start_layer: int = 0,
+        parallel_residual: str = "routed_2x2",
+        parallel_final_lane: str = "mean",
+        num_loops: int = 0,
+        loop_start: int = 0,
+        loop_end: int = 0,
+        enable_looping_at: float = 0.0,
+        loop_phase2_at: float = 0.0,
+        ve_enabled: bool = False,
+        ve_dim: int = 128,
+        ve_layers: list[int] | None = None,
+        smear_gate: str = "none",
+        smear_bos_mask: bool = True,
+        bos_id: int = 1,
+        bigram_buckets: int = 0,
+        bigram_dim: int = 128,
+        bigram_hash: str = "mul",
+        bigram_init: str = "normal",
+        bigram_scale_init: float | None = None,
+        ortho_init: bool = False,
+        ortho_min_dim: int = 0,
+        ortho_proj_scale: bool = False,
+        overtone_init: bool = False,
+        phase_resid_mix_init: bool = False,
+        qat_bits: int = 0,
+        qat_clip: str = "percentile",
+    ):
+        super().__init__()
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        check_model_args(**args)
+        hidden = mlp_hidden if mlp_hidden is not None else int(mlp_mult * model_dim)
+        qat = {"qat_bits": qat_bits, "qat_clip": qat_clip}
+        head_dim = model_dim // num_heads
+        self.tie_embeddings = tie_embeddings
+        self.logit_softcap = logit_softcap
+        self.rope_base, self.rope_train_seq_len = rope_base, rope_train_seq_len
+        self.rope_dims = rope_dims or head_dim
+        self.tok_emb = nn.Embedding(vocab_size, model_dim)
+        # Embedding-path parts live under their records' attribute names (see embeddings.py).
+        self.bigram_attr = BIGRAM_ATTR.get(bigram_hash, "bigram") if bigram_buckets else None
+        if self.bigram_attr:
+            setattr(self, self.bigram_attr, BigramHash(model_dim, buckets=bigram_buckets, dim=bigram_dim,
+                                                       hash=bigram_hash, init=bigram_init, scale_init=bigram_scale_init,
+                                                       qat=qat))
+        self.smear_variant, self.smear_bos_mask, self.bos_id, self.gate_window = smear_gate, smear_bos_mask, bos_id, gate_window
+        self.smear_stage, self.smear_part = SMEAR_PARTS.get(smear_gate, (None, None))
+        if smear_gate in SMEAR_ATTR:
+            setattr(self, SMEAR_ATTR[smear_gate], SigmoidSmear(model_dim, pre_norm=smear_gate == "pre_norm"))
+        elif smear_gate in ("token", "window"):
+            # PR #192: a plain nn.Linear on all dims; #1667: a CastedLinear on the first gate_window dims.
+            self.smear_gate = nn.Linear(model_dim, 1, bias=False) if smear_gate == "token" else CastedLinear(gate_window, 1)
+            self.smear_gate._zero_init = True
+            self.smear_lambda = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        if smear_gate == "window" and not smear_bos_mask:
+            log.warning("model.smear_bos_mask=false: SmearGate mixes the previous document's last token into "
+                        "each BOS position (the cross-document leak of #1667); use it only to reproduce that record")
+        # Depth recurrence: one (encoder, decoder) schedule per number of extra passes.
+        loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
+        self.num_loops, self.enable_looping_at, self.loop_phase2_at = num_loops, enable_looping_at, loop_phase2_at
+        self.schedules = [layer_schedule(num_layers, passes=p, **loop) for p in range(num_loops + 1)]
+        self.loop_passes = num_loops
+        self.num_encoder_layers = num_layers // 2
+        self.num_decoder_layers = num_layers - self.num_encoder_layers
+        n_skips = num_skips(num_layers, **loop)
+        self.skip_weights = nn.Parameter(torch.ones(n_skips, model_dim, dtype=torch.float32))
+        # Sigmoid skip gates (#1089 via 2026-04-01 #1218): x <- lerp(w*skip, x, sigmoid(g)), g init 0.
+        self.skip_gates = nn.Parameter(torch.zeros(n_skips, model_dim)) if skip_gates_enabled else None
+        attn_gate = ("attn_out" if attn_out_gate_enabled else "dense" if gated_attn_enabled
+                     else "sparse" if sparse_attn_gate_enabled else "none")
+        attn = dict(attn_gate=attn_gate, gate_window=gate_window, attn_out_gate_src=attn_out_gate_src,
+                    gated_attn_init_std=gated_attn_init_std, sparse_attn_gate_init_std=sparse_attn_gate_init_std,
+                    sparse_attn_gate_scale=sparse_attn_gate_scale)
+        self.blocks = nn.ModuleList(
+            Block(model_dim, num_heads, num_kv_heads, hidden, qk_gain_init, qat, physical_idx=i, ln_scale=ln_scale,
+                  attn=dict(attn, xsa=i >= num_layers - xsa_last_n),
+                  mlp=dict(activation=mlp_activation, negative_slope=negative_slope))
+            for i in range(num_layers)
+        )
+        # Residual routing per physical layer (residual.py); lane scalars for every layer, as the records.
+        self.parallel_residual, self.parallel_final_lane = parallel_residual, parallel_final_lane
+        parallel = [bool(parallel_start_layer) and i >= parallel_start_layer for i in range(num_layers)]
+        self.steps = [STEPS[parallel_residual] if p else STEPS["none"] for p in parallel]
+        self.two_lane = [p and parallel_residual in TWO_LANE for p in parallel]
+        if parallel_start_layer and parallel_residual == "routed_2x2":
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(num_layers, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((num_layers, 2), 1.1))
+        if parallel_start_layer and parallel_residual == "lane_merge":
+            self.lane_merge = nn.Parameter(torch.tensor(0.5))
+        # Value embeddings on the listed physical layers (2026-03-22 #414 / #374).
+        self.ve_slot = {layer: k for k, layer in enumerate(_layer_list(ve_layers))} if ve_enabled else {}
+        self.ve_shared = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if self.ve_slot else None
+        if self.ve_slot:
+            self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot)
+        self.lm_head = None if tie_embeddings else CastedLinear(model_dim, vocab_size)
+        if self.lm_head is not None:
+            self.lm_head._zero_init = True
+        if tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=tied_embed_init_std)
+            if overtone_init:
+                overtone_init_(self.tok_emb.weight)
+        if ortho_init:
+            orthogonal_init_(self, min_dim=ortho_min_dim,
+                             proj_scale=1.0 / math.sqrt(2 * num_layers) if ortho_proj_scale else 1.0)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
+                nn.init.zeros_(module.weight)
+        if phase_resid_mix_init:
+            phase_resid_mix_init_(self.blocks)
+
+    def set_looping(self, passes: int) -> None:
+        """Run `passes` extra passes over the loop span from the next forward on (0 = off).
+
+        A Python int on purpose: the layer sequence changes, so torch.compile recompiles once per
+        distinct value (at most num_loops + 1 graphs), never per step; the switch is logged."""
+        passes = min(max(int(passes), 0), self.num_loops)
+        if passes != self.loop_passes:
+            log.info("depth recurrence: %d extra pass(es) over the loop span from now on (recompiles once): "
+                     "encoder %s decoder %s", passes, *self.schedules[passes])
+            self.loop_passes = passes
+
+    def loop_passes_at(self, frac: float) -> int:
+        """Extra passes due at a fraction `frac` of the training budget: 0 before
+        enable_looping_at, 1 before loop_phase2_at (progressive, 2026-04-06 #1412), else all."""
+        if not self.num_loops or frac < self.enable_looping_at:
+            return 0
+        if self.loop_phase2_at and frac < self.loop_phase2_at:
+            return 1
+        return self.num_loops
+
+    def _skip(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
+        scaled = self.skip_weights[j].to(dtype=x.dtype)[None, None, :] * skip
+        if self.skip_gates is None:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j].to(dtype=x.dtype))[None, None, :])
+
+    def _ve(self, i: int, ve: Tensor | None) -> Tensor | None:
+        if i not in self.ve_slot:
+            return None
+        return ve * self.ve_layer_scales[self.ve_slot[i]].to(dtype=ve.dtype)
+
+    def hidden(self, input_ids: Tensor) -> Tensor:
+        """Final-normed hidden states (B, T, D) for token ids (B, T)."""
+        x = self.tok_emb(input_ids)
+        if self.bigram_attr:
+            x = x + getattr(self, self.bigram_attr)(input_ids)
+        if self.smear_stage == "pre":
+            x = self.smear_part(self, x, input_ids)
+        x = F.rms_norm(x, (x.size(-1),))
+        if self.smear_stage == "post":
+            x = self.smear_part(self, x, input_ids)
+        x0 = x
+        # RoPE tables once per forward, shared by every layer: (1, 1, T, rope_dims/2) each.
+        rope = rotary_tables(input_ids.size(1), self.rope_dims, self.rope_base, x.device, self.rope_train_seq_len)
+        ve = self.ve_shared(input_ids) if self.ve_shared is not None else None  # (B, T, kv_dim)
+        encoder, decoder = self.schedules[self.loop_passes]
+        lanes: tuple[Tensor, ...] = (x,)
+        skips: list[Tensor] = []
+        # U-Net: the encoder stores skips, the decoder adds them back (to lane 0) in reverse order.
+        for i in encoder:
+            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve))
+            skips.append(lanes[0])
+        for j, i in enumerate(decoder):
+            lanes = fork(lanes, self.two_lane[i])
+            if skips:
+                lanes = (self._skip(j, lanes[0], skips.pop()),) + lanes[1:]
+            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve))
+        x = merge_lanes(self, lanes)
+        return F.rms_norm(x, (x.size(-1),))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Softcapped logits for hidden states of any leading shape (..., D) -> (..., V)."""
+        proj = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        return self.logit_softcap * torch.tanh(proj / self.logit_softcap)
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        return self.logits(self.hidden(input_ids))
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        """Mean next-token cross-entropy in nats, computed in fp32 as the baseline does."""
+        h = self.hidden(input_ids).reshape(-1, self.tok_emb.weight.size(1))
+        return F.cross_entropy(self.logits(h).float(), target_ids.reshape(-1), reduction="mean")
+
+    def set_qat(self, enabled: bool) -> None:
+        """Turn fake quantization on or off in every QAT linear (takes effect in compiled graphs)."""
+        for m in self.modules():
+            if isinstance(m, CastedLinear) and m.qat_bits:
+                m.qat_enabled.fill_(float(enabled))
+
+    def optimizer_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Named parameters by optimizer role, following the baseline's split.
+
+        `matrix`: 2-D block weights (Muon). `scalar`: vectors and control tensors (Adam at
+        scalar_lr). `embed`: the token embedding (and the value-embedding table, as #549);
+        `head`: the untied head; `bigram` and `smear` are separate so their records' learning
+        rates can apply.
+        """
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"embed": [], "head": [], "matrix": [], "scalar": [],
+                                                              "bigram": [], "smear": []}
+        for name, p in self.named_parameters():
+            if name in ("tok_emb.weight", "ve_shared.embed.weight"):
+                groups["embed"].append((name, p))
+            elif name.startswith("lm_head."):
+                groups["head"].append((name, p))
+            elif name.split(".")[0] in ("smeargate", "smear", "smear_gate", "smear_lambda"):
+                groups["smear"].append((name, p))
+            elif self.bigram_attr and name.startswith(self.bigram_attr + "."):
+                role = "scalar" if p.ndim < 2 else ("matrix" if ".proj." in name else "bigram")
+                groups[role].append((name, p))
+            elif p.ndim == 2 and not any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
+                groups["matrix"].append((name, p))
+            else:
+                groups["scalar"].append((name, p))
+        return groups
+
+
+def _layer_list(layers: list[int] | str | None) -> list[int]:
+    """`[9, 10]` or the records' env form "9,10" -> [9, 10]."""
+    if isinstance(layers, str):
+        return [int(s) for s in layers.split(",") if s.strip()]
+    return [int(i) for i in layers or ()]
+
+
+def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: int = 512, num_heads: int = 8,
+                     num_kv_heads: int = 4, logit_softcap: float = 30.0, smear_gate: str = "none",
+                     bigram_buckets: int = 0, bigram_hash: str = "mul", bigram_init: str = "normal", qat_bits: int = 0,
+                     qat_clip: str = "percentile", mlp_activation: str = "relu2", negative_slope: float = 0.5,
+                     rope_dims: int = 0, rope_train_seq_len: int = 0, xsa_last_n: int = 0,
+                     attn_out_gate_enabled: bool = False, attn_out_gate_src: str = "proj",
+                     gated_attn_enabled: bool = False, sparse_attn_gate_enabled: bool = False, gate_window: int = 12,
+                     parallel_start_layer: int = 0, parallel_residual: str = "routed_2x2",
+                     parallel_final_lane: str = "mean", num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
+                     enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, ve_enabled: bool = False,
+                     ve_dim: int = 128, ve_layers: list[int] | str | None = None, bos_id: int = 1,
+                     **_: object) -> None:
+    """Reject inconsistent shapes and unknown technique options with one line naming the field
+    and the fix. Allocates nothing, so `pgolf.compose` runs it on every config."""
+    from pgolf.quant.treatments import CLIPS
+
+    for field, value in (("vocab_size", vocab_size), ("num_layers", num_layers), ("model_dim", model_dim),
+                         ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if value <= 0:
+            raise PgolfError(f"model.{field}={value} must be positive")
+    if model_dim % num_heads:
+        raise PgolfError(f"model.model_dim={model_dim} is not divisible by model.num_heads={num_heads}; "
+                         f"pick num_heads among {[h for h in range(1, 33) if model_dim % h == 0]}")
+    if num_heads % num_kv_heads:
+        raise PgolfError(f"model.num_heads={num_heads} is not divisible by model.num_kv_heads={num_kv_heads}; "
+                         f"pick num_kv_heads among {[h for h in range(1, num_heads + 1) if num_heads % h == 0]}")
+    head_dim = model_dim // num_heads
+    if head_dim % 2:
+        raise PgolfError(f"head_dim = model.model_dim/model.num_heads = {head_dim} is odd; RoPE needs an even head_dim")
+    if logit_softcap <= 0:
+        raise PgolfError(f"model.logit_softcap={logit_softcap} must be positive")
+    choices = (("smear_gate", smear_gate, SMEAR_VARIANTS), ("bigram_hash", bigram_hash, tuple(BIGRAM_ATTR)),
+               ("bigram_init", bigram_init, ("normal", "zeros")), ("qat_clip", qat_clip, CLIPS),
+               ("mlp_activation", mlp_activation, MLP_ACTIVATIONS), ("attn_out_gate_src", attn_out_gate_src, ("proj", "q")),
+               ("parallel_residual", parallel_residual, PARALLEL_RESIDUALS),
+               ("parallel_final_lane", parallel_final_lane, PARALLEL_FINAL_LANES))
+    for field, value, allowed in choices:
+        if value not in allowed:
+            raise PgolfError(f"model.{field}={value!r} is not one of {', '.join(allowed)}")
+    if bigram_buckets == 1 or bigram_buckets < 0:
+        raise PgolfError(f"model.bigram_buckets={bigram_buckets} must be 0 (off) or at least 2")
+    if qat_bits and not 4 <= qat_bits <= 8:
+        raise PgolfError(f"model.qat_bits={qat_bits} must be 0 (off) or in 4..8 (the exporter's range)")
+    if rope_dims and not (2 < rope_dims <= head_dim and rope_dims % 2 == 0):
+        raise PgolfError(f"model.rope_dims={rope_dims} must be 0 (all {head_dim} head dims) or an even number in 4..{head_dim}")
+    if rope_train_seq_len < 0:
+        raise PgolfError(f"model.rope_train_seq_len={rope_train_seq_len} must be 0 (no NTK rescale) or the RoPE length")
+    if not 0 <= xsa_last_n:
+        raise PgolfError(f"model.xsa_last_n={xsa_last_n} must be >= 0 (0 = off, >= num_layers = every layer)")
+    if negative_slope < 0:
+        raise PgolfError(f"model.negative_slope={negative_slope} must be >= 0 (0.5 in the records)")
+    gates = [n for n, on in (("attn_out_gate_enabled", attn_out_gate_enabled), ("gated_attn_enabled", gated_attn_enabled),
+                             ("sparse_attn_gate_enabled", sparse_attn_gate_enabled)) if on]
+    if len(gates) > 1:
+        raise PgolfError(f"model.{gates[0]} and model.{gates[1]} are mutually exclusive attention output gates; keep one")
+    if (gates and not gated_attn_enabled or smear_gate == "window") and not 1 <= gate_window <= model_dim:
+        raise PgolfError(f"model.gate_window={gate_window} must be in 1..model_dim={model_dim}")
+    if num_loops < 0:
+        raise PgolfError(f"model.num_loops={num_loops} must be >= 0 (0 = no depth recurrence)")
+    if num_loops and not 0 <= loop_start <= loop_end < num_layers:
+        raise PgolfError(f"model.loop_start={loop_start}, model.loop_end={loop_end} must satisfy "
+                         f"0 <= loop_start <= loop_end < num_layers={num_layers} (physical indices, inclusive)")
+    for field, value in (("enable_looping_at", enable_looping_at), ("loop_phase2_at", loop_phase2_at)):
+        if not 0 <= value <= 1:
+            raise PgolfError(f"model.{field}={value} must be a fraction of the training budget in [0, 1]")
+    if loop_phase2_at and loop_phase2_at < enable_looping_at:
+        raise PgolfError(f"model.loop_phase2_at={loop_phase2_at} must be >= model.enable_looping_at={enable_looping_at}")
+    if not 0 <= parallel_start_layer < num_layers:
+        raise PgolfError(f"model.parallel_start_layer={parallel_start_layer} must be 0 (off) or a physical layer "
+                         f"in 1..{num_layers - 1}")
+    if parallel_start_layer and parallel_residual in TWO_LANE:
+        loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
+        encoder = layer_schedule(num_layers, passes=num_loops, **loop)[0] + layer_schedule(num_layers)[0]
+        if max(encoder, default=-1) >= parallel_start_layer:
+            raise PgolfError(f"model.parallel_start_layer={parallel_start_layer} falls in the U-Net encoder "
+                             f"(layers {sorted(set(encoder))}); the {parallel_residual} lanes start in the decoder: "
+                             f"use at least {max(encoder) + 1}")
+    layers = _layer_list(ve_layers)
+    if ve_enabled and (not layers or any(not 0 <= i < num_layers for i in layers) or len(set(layers)) < len(layers)):
+        raise PgolfError(f"model.ve_layers={ve_layers!r} must list distinct physical layers in 0..{num_layers - 1}, "
+                         "e.g. [9,10]")
+    if ve_enabled and ve_dim <= 0:
+        raise PgolfError(f"model.ve_dim={ve_dim} must be positive")
+    if not 0 <= bos_id < vocab_size:
+        raise PgolfError(f"model.bos_id={bos_id} must be a token id in 0..{vocab_size - 1}")

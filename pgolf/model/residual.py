@@ -1,0 +1,75 @@
+"""How a layer updates the residual stream: sequential (the baseline) or one of the four
+published parallel-residual designs, which the records conflate. Each design is a function
+
+    step(gpt, physical_idx, lanes, x0, rope, ve) -> lanes
+
+over a tuple of lanes: one lane for the single-stream designs, two for the lane designs. A lane
+design forks (lane0 = lane1 = x) at its first layer and `merge_lanes` joins the lanes after the
+last layer. The U-Net skip is added to lane 0 only. Parameters stay where the records keep
+them: top-level `parallel_post_lambdas` (L, 2, 2), `parallel_resid_lambdas` (L, 2), `lane_merge`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+PARALLEL_RESIDUALS = ("gptj", "lane_merge", "routed_2x2")
+PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
+# Designs that carry two lanes from their first layer on.
+TWO_LANE = ("lane_merge", "routed_2x2")
+
+
+def sequential(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve) -> tuple[Tensor, ...]:
+    """The baseline block: attention, then the MLP on its output."""
+    return (gpt.blocks[i](lanes[0], x0, rope, ve),)
+
+
+def gptj(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve) -> tuple[Tensor, ...]:
+    """GPT-J single stream (2026-04-06 #1412, 2026-04-09 #1493): attention and MLP both read x_in,
+    x_out = x_in + attn_scale*Attn(n(x_in)) + mlp_scale*MLP(n'(x_in)). No parameters."""
+    block = gpt.blocks[i]
+    x_in = block.mix(lanes[0], x0)
+    return (x_in + block.attn_branch(x_in, rope, ve) + block.mlp_branch(x_in),)
+
+
+def lane_merge(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve) -> tuple[Tensor, ...]:
+    """Independent lanes (2026-04-04 #1334, 2026-04-08 #1477): attention updates lane 0 (reading
+    mix(lane0, x0)), the MLP updates lane 1 (reading lane 1 only); the lanes never exchange and
+    `merge_lanes` returns m*lane0 + (1-m)*lane1 with the scalar `lane_merge` (init 0.5)."""
+    block = gpt.blocks[i]
+    x_in = block.mix(lanes[0], x0)
+    return x_in + block.attn_branch(x_in, rope, ve), lanes[1] + block.mlp_branch(lanes[1])
+
+
+def routed_2x2(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve) -> tuple[Tensor, ...]:
+    """2x2 routed lanes (#1529/2026-04-10 #1530, all top records): attention reads mix(L0, x0), the
+    MLP reads L1 in parallel; L_j' = r[i,j]*L_j + P[i,0,j]*a + P[i,1,j]*m, r init 1.1, P init 1."""
+    block = gpt.blocks[i]
+    lane0, lane1 = lanes
+    a = block.attn_branch(block.mix(lane0, x0), rope, ve)
+    m = block.mlp_branch(lane1)
+    r = gpt.parallel_resid_lambdas[i].to(dtype=lane0.dtype)
+    post = gpt.parallel_post_lambdas[i].to(dtype=lane0.dtype)
+    return r[0] * lane0 + post[0, 0] * a + post[1, 0] * m, r[1] * lane1 + post[0, 1] * a + post[1, 1] * m
+
+
+def merge_lanes(gpt, lanes: tuple[Tensor, ...]) -> Tensor:
+    """One stream from the lanes: the lane itself, `lane_merge` mixing, or the final-lane rule."""
+    if len(lanes) == 1:
+        return lanes[0]
+    if gpt.parallel_residual == "lane_merge":
+        m = gpt.lane_merge.to(dtype=lanes[0].dtype)
+        return m * lanes[0] + (1 - m) * lanes[1]
+    if gpt.parallel_final_lane == "attn":
+        return lanes[0]
+    if gpt.parallel_final_lane == "mlp":
+        return lanes[1]
+    return 0.5 * (lanes[0] + lanes[1])
+
+
+STEPS = {"none": sequential, "gptj": gptj, "lane_merge": lane_merge, "routed_2x2": routed_2x2}
+
+
+def fork(lanes: tuple[Tensor, ...], two_lanes: bool) -> tuple[Tensor, ...]:
+    """lane0 = lane1 = x at the first layer of a two-lane design."""
+    return (lanes[0], lanes[0]) if two_lanes and len(lanes) == 1 else lanes
