@@ -106,6 +106,7 @@ class GPT(nn.Module):
         loop_end: int = 0,
         enable_looping_at: float = 0.0,
         loop_phase2_at: float = 0.0,
+        num_skip_weights: int | None = None,
         ve_enabled: bool = False,
         ve_dim: int = 128,
         ve_layers: list[int] | None = None,
@@ -161,7 +162,10 @@ class GPT(nn.Module):
         self.loop_passes = num_loops
         self.num_encoder_layers = num_layers // 2
         self.num_decoder_layers = num_layers - self.num_encoder_layers
-        n_skips = num_skips(num_layers, **loop)
+        # U-Net skip rows: min(|enc|, |dec|) of the looped schedule, or as many as a record allocated
+        # (04-04 #1334 sizes them by the unlooped split and leaves the first encoder output unused).
+        n_skips = num_skip_weights if num_skip_weights is not None else num_skips(num_layers, **loop)
+        self.num_skip_weights = n_skips
         self.skip_weights = nn.Parameter(torch.ones(n_skips, model_dim, dtype=torch.float32))
         # Sigmoid skip gates (#1089 via 2026-04-01 #1218): x <- lerp(w*skip, x, sigmoid(g)), g init 0.
         self.skip_gates = nn.Parameter(torch.zeros(n_skips, model_dim)) if skip_gates_enabled else None
@@ -260,9 +264,11 @@ class GPT(nn.Module):
             lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve))
             skips.append(lanes[0])
         for j, i in enumerate(decoder):
-            lanes = fork(lanes, self.two_lane[i])
-            if skips:
+            # 2x2 lanes fork before the skip (it goes to lane 0 only); lane_merge after it (#1477).
+            lanes = fork(lanes, self.two_lane[i] and self.parallel_residual == "routed_2x2")
+            if skips and j < self.num_skip_weights:
                 lanes = (self._skip(j, lanes[0], skips.pop()),) + lanes[1:]
+            lanes = fork(lanes, self.two_lane[i])
             lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve))
         x = merge_lanes(self, lanes)
         return F.rms_norm(x, (x.size(-1),))
@@ -331,6 +337,7 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                      parallel_final_lane: str = "mean", num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
                      enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, ve_enabled: bool = False,
                      ve_dim: int = 128, ve_layers: list[int] | str | None = None, bos_id: int = 1,
+                     num_skip_weights: int | None = None,
                      **_: object) -> None:
     """Reject inconsistent shapes and unknown technique options with one line naming the field
     and the fix. Allocates nothing, so `pgolf.compose` runs it on every config."""
@@ -401,6 +408,8 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
     if ve_enabled and (not layers or any(not 0 <= i < num_layers for i in layers) or len(set(layers)) < len(layers)):
         raise PgolfError(f"model.ve_layers={ve_layers!r} must list distinct physical layers in 0..{num_layers - 1}, "
                          "e.g. [9,10]")
+    if num_skip_weights is not None and not 0 <= num_skip_weights <= num_layers + num_loops * (loop_end - loop_start + 1):
+        raise PgolfError(f"model.num_skip_weights={num_skip_weights} must be null (derived) or a count of U-Net skips")
     if ve_enabled and ve_dim <= 0:
         raise PgolfError(f"model.ve_dim={ve_dim} must be positive")
     if not 0 <= bos_id < vocab_size:

@@ -1,0 +1,164 @@
+"""pgolf against the frontier records' own GPTs (issue 13): names, losses, parameter counts.
+
+tests/goldens/records_frontier.json was computed by the records' own scripts at a small shape
+(see tests/goldens/README.md). For each record, pgolf's GPT is built from options equivalent to
+the record's constructor arguments (`pgolf_kwargs`, the translation a user writes as overrides)
+and must have the record's per-layer state-dict names and shapes, the record's eval-mode loss on
+golden.py's seeded weights and tokens (dense path; NTK lengths; BOS-containing tokens; looping
+off), and, at the real shape, exactly the parameter count the record's log printed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from golden import seeded_tokens, seeded_weights
+from pgolf.model import GPT
+
+GOLDENS = json.loads((Path(__file__).parent / "goldens" / "records_frontier.json").read_text())["records"]
+SHAPE = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
+         "tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "xsa_last_n", "rope_dims", "ln_scale",
+         "skip_gates_enabled", "ve_dim", "num_loops", "loop_start", "loop_end", "gate_window", "attn_out_gate_src",
+         "gated_attn_enabled", "gated_attn_init_std", "sparse_attn_gate_enabled", "sparse_attn_gate_init_std",
+         "sparse_attn_gate_scale", "attn_out_gate_enabled", "parallel_final_lane")
+# 03-31 #1204: one Block per *virtual* layer (own norms/scalars over banked physical matrices), untied
+# MLP copies for the repeated passes, learned two-lane routing, layer-0 attention disabled. Not built.
+NOT_BUILT = {"pr1204_parresid_recur": "03-31's per-virtual-layer blocks with untied repeat MLPs are not a pgolf part yet"}
+# Records up to 03-31 build RoPE for 1024 while training at 2048 (NTK always on past 1024).
+NTK_1024 = {"pr265_xsa3", "pr315_prope_lnscale", "pr414_ve", "pr549_leaky_banks", "pr1204_parresid_recur"}
+RELU2 = {"pr265_xsa3", "pr315_prope_lnscale", "pr414_ve"}
+REL = 1e-6
+
+
+def pgolf_kwargs(name: str, preset: str = "small") -> dict:
+    """pgolf GPT options equivalent to a record's constructor arguments (the overrides a user writes)."""
+    kw, switches = GOLDENS[name][f"ctor_kwargs_{preset}"], GOLDENS[name][f"switches_{preset}"]
+    out = {k: kw[k] for k in SHAPE if k in kw}
+    if kw.get("bigram_vocab_size"):  # 03-20 .. 03-31: xor hash, zero-init table, learned scale 0.05
+        out.update(bigram_buckets=kw["bigram_vocab_size"], bigram_dim=kw["bigram_dim"], bigram_hash="xor",
+                   bigram_init="zeros", bigram_scale_init=0.05, smear_gate="post_norm")
+    if name in NTK_1024:
+        out["rope_train_seq_len"] = 1024
+    else:  # built for train_seq_len; the 04-10+ records pass yarn=False (no rescale at any length)
+        out["rope_train_seq_len"] = 0 if kw.get("rope_yarn") is False else kw["train_seq_len"]
+    if name not in RELU2:
+        out.update(mlp_activation="leaky_relu2", negative_slope=0.5)
+    if kw.get("ve_enabled"):
+        out.update(ve_enabled=True, ve_layers=[int(s) for s in kw["ve_layers"].split(",")])
+    if kw.get("recur_layers"):  # 04-04 #1334: one extra pass over the listed span
+        layers = [int(s) for s in str(kw["recur_layers"]).split(",")]
+        out.update(num_loops=1, loop_start=min(layers), loop_end=max(layers), num_skip_weights=kw["num_layers"] // 2)
+    if kw.get("parallel_residual_start", -1) >= 0:  # 04-06 #1412, 04-09 #1493
+        out.update(parallel_start_layer=kw["parallel_residual_start"], parallel_residual="gptj")
+    elif "parallel_final_lane" in kw:  # 04-10 on: 2x2 routed lanes
+        out.update(parallel_start_layer=kw["parallel_start_layer"], parallel_residual="routed_2x2")
+    elif name in ("pr1334_lanemerge", "pr1477_lanemerge_ttt"):
+        # 04-08 reads PARALLEL_START_LAYER from the environment at construction (7; 5 at the small shape)
+        out.update(parallel_start_layer=switches["parallel_start_layer"], parallel_residual="lane_merge")
+    if kw.get("smear_gate_enabled"):  # 04-16 unmasked (reproduction only), 04-27 BOS-masked
+        out.update(smear_gate="window", smear_bos_mask=name != "pr1667_smeargate_attngate")
+        out["gate_window"] = kw.get("smear_gate_width", kw.get("gate_window", 12))
+    if kw.get("gate_attn_out"):  # 04-16's names for the AttnOutGate
+        out.update(attn_out_gate_enabled=True, attn_out_gate_src=kw["gate_attn_src"], gate_window=kw["gate_width"])
+    return out
+
+
+def record_model(name: str) -> GPT:
+    rec = GOLDENS[name]
+    torch.manual_seed(0)
+    model = GPT(**pgolf_kwargs(name))
+    shapes = {k: tuple(v) for k, v in rec["state_dict_small"].items()}
+    model.load_state_dict(seeded_weights(shapes), strict=True)
+    return model.eval()
+
+
+def loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(model(x, y))
+
+
+def tokens(seed: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1024, (1, T), generator=g), torch.randint(0, 1024, (1, T), generator=g)
+
+
+def bos_tokens() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(2, 1024, (2, 128), generator=g), torch.randint(0, 1024, (2, 128), generator=g)
+    x[0, [0, 37, 90]] = 1
+    x[1, [0, 64, 101]] = 1
+    return x, y
+
+
+BUILT = sorted(set(GOLDENS) - set(NOT_BUILT))
+
+
+@pytest.mark.parametrize("name", sorted(GOLDENS))
+def test_state_dict_names_and_shapes_are_the_records(name):
+    if name in NOT_BUILT:
+        pytest.xfail(NOT_BUILT[name])
+    model = GPT(**pgolf_kwargs(name))
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == GOLDENS[name]["state_dict_small"]
+
+
+@pytest.mark.parametrize("name", BUILT)
+def test_eval_loss_equals_the_records(name):
+    """Dense (B, T) path: for the VarLen records `loss_dense` (their packed `loss` differs only where
+    the 04-16/04-27 SmearGate smears across the packed row boundary, which the dense path has not)."""
+    rec, L = GOLDENS[name], GOLDENS[name]["losses"]
+    model = record_model(name)
+    x, y = seeded_tokens()
+    assert loss(model, x, y) == pytest.approx(L.get("loss_dense", L["loss"]), rel=REL)
+    assert loss(model, *bos_tokens()) == pytest.approx(L["loss_bos_dense"], rel=REL)
+    if "loss_looping_phase1" in L:  # 04-06 #1412 progressive recurrence, first phase
+        model.set_looping(1)
+        assert loss(model, x, y) == pytest.approx(L["loss_looping_phase1"], rel=REL)
+    if "loss_looping_off" in L:
+        model.set_looping(0)
+        assert loss(model, x, y) == pytest.approx(L.get("loss_looping_off_dense", L["loss_looping_off"]), rel=REL)
+        model.set_looping(model.num_loops)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILT)
+def test_ntk_lengths_equal_the_records(name):
+    """T = 1152 (the 03-20..03-31 rescale past 1024) and T = 2112 (past 2048 for 04-01..04-09)."""
+    L = GOLDENS[name]["losses"]
+    model = record_model(name)
+    assert loss(model, *tokens(2, 1152)) == pytest.approx(L.get("loss_ntk_dense", L["loss_ntk"]), rel=REL)
+    if "loss_ntk_T2112" in L:
+        assert loss(model, *tokens(5, 2112)) == pytest.approx(L["loss_ntk_T2112"], rel=REL)
+
+
+def test_unmasked_smeargate_leaks_and_the_mask_stops_it():
+    """04-27's BOS mask: the logits from the second document on do not depend on the first one's
+    tokens; 04-16's unmasked gate (smear_bos_mask=false) lets them through at the BOS."""
+    x, _ = bos_tokens()
+    x_alt = x.clone()
+    x_alt[0, 1:37] = torch.randint(2, 1024, (36,), generator=torch.Generator().manual_seed(4))
+    for name, leaks in (("pr1855_lqer_bossmear", False), ("pr1667_smeargate_attngate", True)):
+        model = record_model(name)
+        with torch.no_grad():
+            a, b = model.forward_logits(x)[0, 37], model.forward_logits(x_alt)[0, 37]
+        # Attention still crosses documents on the dense path, so compare at the BOS with a
+        # one-layer view: the embedding stage alone.
+        with torch.no_grad():
+            e = model.smear_part(model, model.tok_emb(x), x)[0, 37]
+            e_alt = model.smear_part(model, model.tok_emb(x_alt), x_alt)[0, 37]
+        assert bool((e != e_alt).any()) == leaks, name
+        assert not torch.equal(a, b)  # dense attention sees the first document either way
+
+
+@pytest.mark.parametrize("name", sorted(GOLDENS))
+def test_real_shape_parameter_count_equals_the_log(name):
+    if name in NOT_BUILT:
+        pytest.xfail(NOT_BUILT[name])
+    rec = GOLDENS[name]
+    with torch.device("meta"):
+        model = GPT(**pgolf_kwargs(name, "real"))
+    assert sum(p.numel() for p in model.parameters()) == rec["params"]["log"]
