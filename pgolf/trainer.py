@@ -265,6 +265,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         init_model = {k: v.detach().cpu().clone() for k, v in base_model.state_dict().items()}
         init_opt = copy.deepcopy(opt.state_dict())
         base_model.set_qat(has_qat)
+        base_model.set_looping(base_model.loop_passes_at(0.0))
         for i in range(sched.warmup_steps):
             train_step(0, 1.0)
             if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
@@ -317,7 +318,14 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{sched.iterations}")
                 break
 
-            scale = sched.lr_mul(step, train_ms + 1000.0 * (time.perf_counter() - t0))
+            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            scale = sched.lr_mul(step, elapsed_ms)
+            # Depth recurrence switches on at a fraction of the budget (wall clock when capped); one recompile.
+            frac = elapsed_ms / (1000.0 * sched.max_wallclock_seconds) if sched.max_wallclock_seconds > 0 \
+                else step / max(sched.iterations, 1)
+            if base_model.loop_passes_at(frac) != base_model.loop_passes:
+                base_model.set_looping(base_model.loop_passes_at(frac))
+                log(f"looping:{base_model.loop_passes} extra pass(es) step:{step} frac:{frac:.3f}")
             if has_qat and sched.qat_active(scale) != qat_on:
                 qat_on = sched.qat_active(scale)
                 base_model.set_qat(qat_on)
@@ -353,6 +361,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
             if stop_after is None and capped:
                 stop_after = step
 
+    base_model.set_looping(base_model.num_loops)  # evals run the full schedule, as a loaded artifact does
     peak_mib = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
     log(f"peak memory allocated: {peak_mib} MiB")
     if swa.count > 1:  # the 2026-03-20 records apply SWA only with 2+ snapshots

@@ -18,6 +18,7 @@ import torch
 
 from golden import seeded_tokens, seeded_weights
 from pgolf.model import GPT
+from pgolf.model.banks import rebank_state_dict, unbank_state_dict
 
 GOLDENS = json.loads((Path(__file__).parent / "goldens" / "records_frontier.json").read_text())["records"]
 SHAPE = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
@@ -36,7 +37,10 @@ REL = 1e-6
 
 def pgolf_kwargs(name: str, preset: str = "small") -> dict:
     """pgolf GPT options equivalent to a record's constructor arguments (the overrides a user writes)."""
-    kw, switches = GOLDENS[name][f"ctor_kwargs_{preset}"], GOLDENS[name][f"switches_{preset}"]
+    return translate(name, GOLDENS[name][f"ctor_kwargs_{preset}"], GOLDENS[name][f"switches_{preset}"])
+
+
+def translate(name: str, kw: dict, switches: dict) -> dict:
     out = {k: kw[k] for k in SHAPE if k in kw}
     if kw.get("bigram_vocab_size"):  # 03-20 .. 03-31: xor hash, zero-init table, learned scale 0.05
         out.update(bigram_buckets=kw["bigram_vocab_size"], bigram_dim=kw["bigram_dim"], bigram_hash="xor",
@@ -162,3 +166,35 @@ def test_real_shape_parameter_count_equals_the_log(name):
     with torch.device("meta"):
         model = GPT(**pgolf_kwargs(name, "real"))
     assert sum(p.numel() for p in model.parameters()) == rec["params"]["log"]
+
+
+CONVERTER = sorted(n for n in GOLDENS if GOLDENS[n].get("converter"))
+
+
+@pytest.mark.parametrize("name", CONVERTER)
+def test_bank_converter_matches_the_records_own_unbank_and_round_trips(name):
+    """Seeded weights over the record's *banked* state dict, unbanked by pgolf: every per-layer
+    tensor equals the record's own `_unbank_state_dict` output (shape, float64 sum, sampled values);
+    rebanking gives the banked tensors back exactly; the unbanked weights in pgolf's GPT give the
+    record's loss."""
+    conv = GOLDENS[name]["converter"]
+    banked = seeded_weights({k: tuple(v) for k, v in conv["banked_shapes"].items()})
+    flat = unbank_state_dict(banked)
+    dropped = conv.get("dropped_by_export", conv.get("dropped_by_unbank", []))
+    for key in dropped:  # 03-31 exports no layer-0 attention
+        flat.pop(key)
+    assert sorted(flat) == sorted(conv["unbanked_names"])
+    for key, ref in conv["unbanked"].items():
+        t = flat[key]
+        assert list(t.shape) == ref["shape"], key
+        assert float(t.double().sum()) == pytest.approx(float(ref["sum"]), rel=1e-12, abs=1e-12), key
+        for idx, value in ref["samples"].items():
+            assert float(t.reshape(-1)[int(idx)]) == float(value), key
+    if dropped:
+        return
+    back = rebank_state_dict(flat)
+    assert sorted(back) == sorted(banked) and all(torch.equal(back[k], banked[k]) for k in banked)
+    torch.manual_seed(0)
+    model = GPT(**translate(name, conv["ctor_kwargs"], GOLDENS[name]["switches_small"])).eval()
+    model.load_state_dict(flat, strict=True)
+    assert loss(model, *seeded_tokens()) == pytest.approx(conv["loss_seeded_tokens"], rel=REL)
