@@ -34,7 +34,24 @@ VARIANTS = {
     "untied": dict(tie_embeddings=False),
     "qat_rowmax_bigram_mul_post_norm": dict(qat_bits=5, qat_clip="rowmax", bigram_buckets=64, smear_gate="post_norm"),
     "qat_percentile_token_smear_xor": dict(qat_bits=6, smear_gate="token", bigram_buckets=64, bigram_hash="xor"),
+    # The frontier parts (issue 13), one family per variant at the tiny shape.
+    "xsa_partial_rope_ntk_ln_scale_leaky": dict(xsa_last_n=2, rope_dims=8, rope_train_seq_len=16, ln_scale=True,
+                                                mlp_activation="leaky_relu2"),
+    "ve_skip_gates": dict(ve_enabled=True, ve_dim=16, ve_layers=[1], skip_gates_enabled=True),
+    "loop_gptj": dict(num_loops=2, loop_start=0, loop_end=0, parallel_start_layer=1, parallel_residual="gptj"),
+    "loop_2x2_sparse_gate_window_smear": dict(num_loops=1, loop_start=0, loop_end=0, parallel_start_layer=1,
+                                              sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
+                                              smear_gate="window"),
+    "lane_merge_attn_out_gate_q": dict(parallel_start_layer=1, parallel_residual="lane_merge",
+                                       attn_out_gate_enabled=True, attn_out_gate_src="q"),
+    "dense_gate_overtone_phase_init": dict(gated_attn_enabled=True, gated_attn_init_std=0.005, overtone_init=True,
+                                           phase_resid_mix_init=True),
 }
+# Every frontier part at once (the issue's done-when model), on 3 layers so loop, lanes and VE fit.
+ALL_ON = dict(num_layers=3, xsa_last_n=3, rope_dims=8, rope_train_seq_len=16, ln_scale=True,
+              mlp_activation="leaky_relu2", skip_gates_enabled=True, ve_enabled=True, ve_dim=16, ve_layers=[2],
+              num_loops=1, loop_start=1, loop_end=1, parallel_start_layer=2, sparse_attn_gate_enabled=True,
+              smear_gate="window", qat_bits=6)
 
 
 def tiny_model(preset: str | None = None, **options) -> GPT:
@@ -113,3 +130,38 @@ def test_qat_gradient_is_straight_through():
     q.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))  # d fake_quant / d w = identity
     assert not torch.equal(q, w)
+
+
+@pytest.mark.slow
+def test_all_parts_train_under_inductor_and_the_looping_switch_recompiles_once():
+    """The model with every frontier part compiles (inductor), its training step equals eager, and
+    depth recurrence switched after compilation changes the loss with exactly one more graph:
+    flipping it back and forth over later steps compiles nothing new."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = tiny_model(**ALL_ON)
+    eager = copy.deepcopy(model)
+    for m in (model, eager):
+        m.set_qat(True)
+        m.set_looping(0)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=counter)
+    x, y = batch(1)
+    loss, want = compiled(x, y), eager(x, y)
+    loss.backward()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-4)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), name
+    assert counter.frame_count == 1
+    model.set_looping(1)
+    eager.set_looping(1)
+    looped = compiled(x, y).item()
+    assert looped == pytest.approx(eager(x, y).item(), abs=1e-4)
+    assert abs(looped - loss.item()) > 1e-3, "looping had no effect in the compiled model"
+    assert counter.frame_count == 2  # one deliberate recompile
+    for passes in (0, 1, 0, 1):
+        model.set_looping(passes)
+        compiled(x, y)
+    assert counter.frame_count == 2  # no recompile per step
