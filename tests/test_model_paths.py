@@ -8,6 +8,8 @@ the training forward, the standard eval, the sliding eval and an adapter attache
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import sentencepiece as spm
 import torch
@@ -125,3 +127,23 @@ def test_unmasked_window_smear_warns(caplog):
     with caplog.at_level("WARNING", logger="pgolf.model"):
         GPT(**BASE, smear_gate="window", smear_bos_mask=False)
     assert "leak" in caplog.text
+
+
+@pytest.mark.slow
+def test_every_part_at_once_trains_compiled_on_smoke_data(tmp_path, fast_cache):
+    """The issue's done-when run: every frontier part on, inductor-compiled, 5 steps on the smoke
+    data with looping switched on mid-run (one logged recompile), finite losses, and the
+    standard, quantized-roundtrip and sliding evals of the result."""
+    from runs import FAST, metrics, run_py
+
+    all_on = ["model.num_layers=3", "model.xsa_last_n=3", "model.rope_dims=8", "model.ln_scale=true",
+              "model.mlp_activation=leaky_relu2", "model.skip_gates_enabled=true", "model.ve_enabled=true",
+              "model.ve_dim=32", "model.ve_layers=[2]", "model.num_loops=1", "model.loop_start=1", "model.loop_end=1",
+              "model.enable_looping_at=0.5", "model.parallel_start_layer=2", "model.sparse_attn_gate_enabled=true",
+              "model.smear_gate=window"]
+    out = run_py([*FAST, fast_cache, "schedule.iterations=5", "compile=true", "logger=none", *all_on,
+                  f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "looping:1 extra pass(es) step:3" in out.stdout + out.stderr
+    m = metrics(tmp_path / "job")
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
