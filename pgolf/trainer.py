@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pgolf.checkpoint import (CHECKPOINT_DIR, Checkpointing, Preemption, restore_checkpoint, resume_source,
-                              rng_state, save_checkpoint)
+from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemption, fault_point, final_state,
+                              final_state_bytes, restore_checkpoint, resume_source, rng_state, save_checkpoint)
 from pgolf.data import DistributedTokenLoader, load_validation_tokens
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
@@ -175,6 +175,12 @@ def unigram_bpb(train_pattern: str, val_tokens: torch.Tensor, luts, vocab_size: 
 
 
 def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
+    # SIGTERM/SIGUSR1 from here to metrics.json leave a state `resume=` finishes (see stop_preempted)
+    with Preemption() as preemption:
+        return _run_job(job, run_dir, preemption)
+
+
+def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     rt = setup_runtime(job)
     run_dir = run_dir.resolve()
     if rt.master:
@@ -260,6 +266,14 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         return eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
                             batch_seqs=spec.batch_seqs, **common)
 
+    figures = final_state(job.resume, run_dir, job.config)
+    if figures is not None:  # training finished in an earlier attempt: export and evaluate final_model.pt again
+        base_model.load_state_dict(torch.load(run_dir / "final_model.pt", map_location=rt.device, weights_only=True))
+        log(f"resumed:{run_dir / FINAL_STATE} step:{figures['steps']} training done; exporting and evaluating again")
+        metrics = finish(job, rt, run_dir, log, base_model, evaluate, figures, preemption)
+        rt.close()
+        return metrics
+
     # -------------------------------- warmup (prime compile, then restore) --------------------------------
     if sched.warmup_steps > 0:
         init_model = {k: v.detach().cpu().clone() for k, v in base_model.state_dict().items()}
@@ -267,6 +281,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         base_model.set_qat(has_qat)
         for i in range(sched.warmup_steps):
             train_step(0, 1.0)
+            fault_point("warmup")
             if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
                 log(f"warmup_step:{i + 1}/{sched.warmup_steps}")
         base_model.load_state_dict(init_model, strict=True)
@@ -284,7 +299,6 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
                                             model=base_model, optimizers=opt, swa=swa, loader=loader)
         log(f"resumed:{source} step:{step} train_time:{train_ms:.0f}ms")
     saved_at = (step, train_ms)
-    preemption = Preemption()
     barrier = dist.barrier if rt.distributed else (lambda: None)
 
     def checkpoint_now() -> Path:
@@ -293,6 +307,11 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         return save_checkpoint(run_dir, rank=rt.rank, world_size=rt.world_size, barrier=barrier, write=write_atomic,
                                step=step, train_ms=train_ms, config=job.config, model_state=model_state,
                                swa_state=swa.state_dict() if rt.master else None, rank_state=rank_state)
+
+    if any_rank([preemption.signum is not None], rt)[0]:  # signalled before the first step (setup, warm-up)
+        log(f"checkpoint:{checkpoint_now()} step:{step} train_time:{train_ms:.0f}ms")
+        stop_preempted(job, rt, log, preemption, f"stopping at step {step}; resume will train from step {step}",
+                       run_dir)
 
     # -------------------------------- training loop --------------------------------
     pre_loss = pre_bpb = float("nan")
@@ -306,6 +325,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
             if last or (spec.val_loss_every > 0 and step % spec.val_loss_every == 0):
                 sync()
                 train_ms += 1000.0 * (time.perf_counter() - t0)
+                fault_point("val" if not last else "final_val")
                 pre_loss, pre_bpb = evaluate("standard")
                 log(f"step:{step}/{sched.iterations} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} "
                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
@@ -328,8 +348,11 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
             if sched.swa_due(step, scale):
                 swa.add(base_model)
             capped = sched.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * sched.max_wallclock_seconds
+            fault_point(f"step:{step}")
             capped, save_now, preempted = any_rank(
                 [capped, saving.due(step, approx_ms, *saved_at), preemption.signum is not None], rt)
+            # After the last step the run goes on to write final_model.pt and stops there (see finish).
+            preempted = preempted and not capped and step < sched.iterations and stop_after is None
             if save_now or preempted:  # saving time, like eval time, is not train time
                 check_finite(train_loss.item(), step, base_model)
                 sync()
@@ -338,10 +361,8 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
                 saved_at = (step, train_ms)
                 log(f"checkpoint:{where} step:{step} train_time:{train_ms:.0f}ms")
                 if preempted:
-                    log(f"preempted: stopping at step {step}; continue with resume={run_dir}")
-                    job.logger.finish(exit_code=1)
-                    rt.close()
-                    preemption.chain()
+                    stop_preempted(job, rt, log, preemption, f"stopping at step {step}; resume will train from "
+                                   f"step {step}", run_dir)
                 t0 = time.perf_counter()
             if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
                 loss_value = train_loss.item()
@@ -362,9 +383,17 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         log(f"swa val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
     metrics = finish(job, rt, run_dir, log, base_model, evaluate, dict(
         pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=n_params, steps=step, train_ms=train_ms, peak_mib=peak_mib,
-        unigram_bpb=floor, swa_count=swa.count))
+        unigram_bpb=floor, swa_count=swa.count), preemption)
     rt.close()
     return metrics
+
+
+def stop_preempted(job: Job, rt: Runtime, log: RunLog, preemption: Preemption, what: str, run_dir: Path) -> None:
+    """Exit for a SIGTERM/SIGUSR1 once the run's state is on disk; the line says what resume will do."""
+    log(f"preempted: {what}; continue with resume={run_dir} (or rerun in the same hydra.run.dir)")
+    job.logger.finish(exit_code=1)
+    rt.close()
+    preemption.chain()
 
 
 def check_finite(loss: float, step: int, model: nn.Module | None = None) -> None:
@@ -389,23 +418,38 @@ def ranks_identical(model: nn.Module, rt: Runtime) -> bool:
     return all(torch.equal(everyone[0], other) for other in everyone[1:])
 
 
-def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Module, evaluate, t: dict) -> dict:
-    """Export, reload the artifact into the model, score it, and write metrics.json (rank 0)."""
+def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Module, evaluate, t: dict,
+           preemption: Preemption) -> dict:
+    """Export, reload the artifact into the model, score it, and write metrics.json (rank 0).
+
+    final_model.pt and final_state.json come first: a signal from then on stops the run at the
+    next phase boundary, and a resume exports and evaluates again without training."""
     identical = ranks_identical(base_model, rt)
     log(f"ranks_identical:{identical} world_size:{rt.world_size}")
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
     artifact = run_dir / job.quant.artifact_name
     ncode = job.code_bytes
-    if rt.master:
+    if rt.master and not (run_dir / FINAL_STATE).is_file():
         import io
 
         buf = io.BytesIO()
         torch.save(state, buf)
         write_atomic(run_dir / "final_model.pt", buf.getvalue())
+        write_atomic(run_dir / FINAL_STATE, final_state_bytes(job.config, t))
+
+    def stop_if_preempted() -> None:
+        if any_rank([preemption.signum is not None], rt)[0]:
+            stop_preempted(job, rt, log, preemption, f"training is done ({t['steps']} steps, final_model.pt); "
+                           "resume will export and evaluate it again without training", run_dir)
+
+    stop_if_preempted()
+    if rt.master:
+        fault_point("export")
         report = job.quant.export(state, artifact)
         log(report.format_table())
     if rt.distributed:
         dist.barrier()
+    stop_if_preempted()
     nmodel = artifact.stat().st_size
     log(f"artifact:{artifact.name} model_bytes:{nmodel} code_bytes:{ncode} total_bytes:{nmodel + ncode} "
         f"cap:{SIZE_CAP_BYTES} over_cap:{nmodel + ncode > SIZE_CAP_BYTES}")
@@ -415,9 +459,12 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
               "fewer parameters)", file=sys.stderr, flush=True)
     t_eval = time.perf_counter()
     pre_sliding = evaluate("sliding") if job.eval_spec.prequant_sliding else None
+    stop_if_preempted()
     base_model.load_state_dict(load_artifact(artifact), strict=True)
     quant_loss, quant_bpb = evaluate("standard")
-    quant_sliding = evaluate("sliding")
+    stop_if_preempted()
+    fault_point("sliding")
+    quant_sliding = evaluate("sliding")  # a signal from here on: the run completes (metrics.json), exit 0
     eval_s = time.perf_counter() - t_eval
     metrics = {
         "final/quant_sliding_bpb": quant_sliding[1],
@@ -458,5 +505,8 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         job.logger.summary(metrics)
         for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):  # the run is complete
             shutil.rmtree(run_dir / name, ignore_errors=True)
+        (run_dir / FINAL_STATE).unlink(missing_ok=True)
+    if preemption.signum is not None:
+        log("preempted after the final eval: the run is complete (metrics.json)")
     job.logger.finish()
     return metrics
