@@ -106,7 +106,8 @@ class Preemption:
 def fault_point(phase: str) -> None:
     """Test hook: with PGOLF_FAULT_AT=<phase> this process sends itself SIGTERM (or the signal named by
     PGOLF_FAULT_SIGNAL, e.g. KILL) when the run reaches that phase, so tests stop a run at an exact
-    moment: `warmup`, `step:N` (after step N), `val` (a periodic eval), `export`, `sliding` (final)."""
+    moment: `warmup`, `step:N` (after step N), `val:N` (the eval at step N),
+    `export`, `sliding` (the final sliding eval)."""
     if os.environ.get("PGOLF_FAULT_AT") == phase:
         os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("PGOLF_FAULT_SIGNAL", "TERM")))
 

@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 import torch
 
+WANDB_ID_FILE = "wandb_run_id"
+
 
 class RunLog:
     """Prints on rank 0 and appends the same lines to `run_dir/train.log`."""
@@ -122,13 +124,22 @@ class WandbLogger:
 
         mode = self.mode or os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
+        # One W&B run per run dir, however often it is resumed or requeued: its id lives in the run dir
+        # and every attempt resumes it (W&B's `resume="allow"`); history continues at the resumed step.
+        id_file = Path(run_dir) / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        if not id_file.is_file():
+            tmp = id_file.with_name(f".{id_file.name}.tmp{os.getpid()}")
+            tmp.write_text(run_id + "\n")
+            os.replace(tmp, id_file)
         self.run = wandb.init(dir=str(run_dir), mode=mode, config=flatten(config), reinit="finish_previous",
+                              id=run_id, resume="allow",
                               settings=wandb.Settings(console="off", x_disable_stats=True), **self.kwargs)
         # Sweeps compare runs by their headline metric: minimize it, and keep the best value.
         self.run.define_metric(self.summary_metric, summary="min")
         log(f"wandb: mode={mode} run={self.run.id} dir={self.run.dir}")
-        if mode == "offline":
-            log(f"wandb: offline run; upload later with `wandb sync {Path(self.run.dir).parent}`")
+        if mode == "offline":  # every attempt of a resumed run is one offline dir; sync them all, in order
+            log(f"wandb: offline run; upload later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*-{run_id}`")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:

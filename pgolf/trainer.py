@@ -166,12 +166,16 @@ def unigram_bpb(train_pattern: str, val_tokens: torch.Tensor, luts, vocab_size: 
     """bpb of a unigram model fit on the first 10M train tokens (add-one smoothing): the floor to beat."""
     from pgolf.data import TokenStream
 
-    first = TokenStream(train_pattern).tokens[:10_000_000].to(torch.int64)
+    first = TokenStream(train_pattern, vocab_size=vocab_size).tokens[:10_000_000].to(torch.int64)  # checks the shards
     counts = torch.bincount(first, minlength=vocab_size).double() + 1.0
     logp = (counts / counts.sum()).log()
     y, x = val_tokens[1:].to(torch.int64), val_tokens[:-1].to(torch.int64)
     nll = -logp[y].sum().item()
-    return nll / math.log(2.0) / luts.count(x, y).double().sum().item()
+    nbytes = luts.count(x, y).double().sum().item()
+    if nbytes == 0:  # bpb divides by it
+        raise PgolfError(f"the validation split's {y.numel()} targets decode to no bytes (only control tokens such as "
+                         "BOS); bpb is undefined: check that the shards were made with this tokenizer")
+    return nll / math.log(2.0) / nbytes
 
 
 def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
@@ -217,7 +221,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         raise PgolfError(f"schedule.train_batch_tokens={sched.train_batch_tokens} must split into whole sequences of "
                          f"{sched.train_seq_len} over {rt.world_size * grad_accum} micro-batches; use a multiple of "
                          f"{rt.world_size * grad_accum * sched.train_seq_len}")
-    val_tokens = load_validation_tokens(paths.val_pattern, eval_seq_len)
+    val_tokens = load_validation_tokens(paths.val_pattern, eval_seq_len, vocab_size=vocab)
     model = job.model_fn()
     cpu_luts = build_byte_luts(sp, vocab)
     luts = cpu_luts.to(rt.device)
@@ -241,7 +245,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
 
         job.logger = NullLogger()
     job.logger.start(config=job.config, run_dir=run_dir, log=log)
-    loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device)
+    loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device,
+                                    vocab_size=vocab)
     has_qat = any(getattr(m, "qat_bits", 0) for m in base_model.modules())
     autocast = lambda: torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)  # noqa: E731
 
@@ -287,7 +292,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         base_model.load_state_dict(init_model, strict=True)
         opt.load_state_dict(init_opt)
         opt.zero_grad()
-        loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device)
+        loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size,
+                                        device=rt.device, vocab_size=vocab)
 
     # -------------------------------- resume --------------------------------
     swa = SWA()
@@ -325,7 +331,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
             if last or (spec.val_loss_every > 0 and step % spec.val_loss_every == 0):
                 sync()
                 train_ms += 1000.0 * (time.perf_counter() - t0)
-                fault_point("val" if not last else "final_val")
+                fault_point(f"val:{step}")
                 pre_loss, pre_bpb = evaluate("standard")
                 log(f"step:{step}/{sched.iterations} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} "
                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
