@@ -10,6 +10,7 @@ import netrc
 import os
 import platform
 import subprocess
+import uuid
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ class WandbLogger:
         # One W&B run per run dir, however often it is resumed or requeued: its id lives in the run dir
         # and every attempt resumes it (W&B's `resume="allow"`); history continues at the resumed step.
         id_file = Path(run_dir) / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         if not id_file.is_file():
             tmp = id_file.with_name(f".{id_file.name}.tmp{os.getpid()}")
             tmp.write_text(run_id + "\n")

@@ -354,6 +354,13 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
             if sched.swa_due(step, scale):
                 swa.add(base_model)
             capped = sched.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * sched.max_wallclock_seconds
+            if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
+                loss_value = train_loss.item()
+                check_finite(loss_value, step)
+                log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
+                    f"step_avg:{approx_ms / step:.2f}ms")
+                job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/step_ms": approx_ms / step},
+                               step=step)
             fault_point(f"step:{step}")
             capped, save_now, preempted = any_rank(
                 [capped, saving.due(step, approx_ms, *saved_at), preemption.signum is not None], rt)
@@ -370,13 +377,6 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                     stop_preempted(job, rt, log, preemption, f"stopping at step {step}; resume will train from "
                                    f"step {step}", run_dir)
                 t0 = time.perf_counter()
-            if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
-                loss_value = train_loss.item()
-                check_finite(loss_value, step)
-                log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
-                    f"step_avg:{approx_ms / step:.2f}ms")
-                job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/step_ms": approx_ms / step},
-                               step=step)
             if stop_after is None and capped:
                 stop_after = step
 

@@ -19,7 +19,7 @@ from pgolf.errors import PgolfError
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int, where: str) -> None:
     """Every token id must index the model's vocab_size-row embedding and byte tables."""
-    top = int(tokens.max()) if tokens.numel() else -1
+    top = int(tokens.numpy().max()) if tokens.numel() else -1  # (torch has no max for uint16)
     if top >= vocab_size:
         raise PgolfError(f"{where}: token id {top} is not below vocab_size={vocab_size}; these tokens were made with "
                          "another tokenizer: use its data.tokenizer_path and model.vocab_size, or re-create the shards")
