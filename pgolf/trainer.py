@@ -273,8 +273,9 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
 
     figures = final_state(job.resume, run_dir, job.config)
     if figures is not None:  # training finished in an earlier attempt: export and evaluate final_model.pt again
-        base_model.load_state_dict(torch.load(run_dir / "final_model.pt", map_location=rt.device, weights_only=True))
-        log(f"resumed:{run_dir / FINAL_STATE} step:{figures['steps']} training done; exporting and evaluating again")
+        done_dir = Path(job.resume).resolve() if job.resume else run_dir
+        base_model.load_state_dict(torch.load(done_dir / "final_model.pt", map_location=rt.device, weights_only=True))
+        log(f"resumed:{done_dir / FINAL_STATE} step:{figures['steps']} training done; exporting and evaluating again")
         metrics = finish(job, rt, run_dir, log, base_model, evaluate, figures, preemption)
         rt.close()
         return metrics
