@@ -68,9 +68,10 @@ def precheck_argv(argv: list[str]) -> list[str]:
     """Compose and check a single run's overrides before Hydra starts (multirun jobs check themselves),
     and take the lock of an explicitly named run or sweep directory before Hydra writes there.
     Returns arguments to add: `resume=DIR` continues in DIR, so Hydra's run dir becomes DIR."""
-    if any(a in ("-m", "--multirun") for a in argv) and _arg(argv, "hydra.sweep.dir"):
-        try:  # two sweeps given one sweep dir would write the same job dirs
-            hold_dir(_arg(argv, "hydra.sweep.dir"))
+    sweep_dir = _arg(argv, "hydra.sweep.dir")
+    if any(a in ("-m", "--multirun") for a in argv) and sweep_dir and "${" not in sweep_dir:
+        try:  # two sweeps given one sweep dir would write the same job dirs (interpolated ones are made unique)
+            hold_dir(sweep_dir)
         except PgolfError as exc:
             fail(str(exc))
     if any(a in HYDRA_FLAGS or a.split("=")[0] in HYDRA_FLAGS for a in argv):

@@ -98,7 +98,9 @@ def test_two_sweeps_started_together_keep_their_jobs_apart(tmp_path, fast_cache)
     config, metrics and artifact (Hydra's `multirun/<time>` alone put both sweeps in one dir)."""
     import os
 
-    args = [*FAST, fast_cache, "logger=none", "schedule.iterations=2", "eval.stride=null"]
+    # The default sweep dir with the clock stopped: both sweeps see the same second.
+    args = [*FAST, fast_cache, "logger=none", "schedule.iterations=2", "eval.stride=null",
+            "hydra.sweep.dir=multirun/2026-11-30_12-00-00_${pgolf_sweep_tag:}"]
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "run.py"), "-m", *args,
                                f"seed={seeds}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -107,7 +109,7 @@ def test_two_sweeps_started_together_keep_their_jobs_apart(tmp_path, fast_cache)
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
     sweeps = sorted((tmp_path / "multirun").iterdir())
-    assert len(sweeps) == 2
+    assert len(sweeps) == 2 and all(s.name.startswith("2026-11-30_12-00-00_") for s in sweeps)
     jobs = sorted(j for s in sweeps for j in s.iterdir() if j.is_dir())
     assert len(jobs) == 8
     seeds = []
@@ -117,6 +119,6 @@ def test_two_sweeps_started_together_keep_their_jobs_apart(tmp_path, fast_cache)
         m = metrics(j)
         assert m["status"] == "finished" and m["artifact/model_bytes"] == (j / "final_model.int8.ptz").stat().st_size
         log = (j / "train.log").read_text()
-        assert log.count("run_dir:") == 1 and f"\nseed: {seed}\n" in log and not (j / ".lock").exists()
+        assert log.count("run_dir:") == 1 and log.startswith(f"seed: {seed}\n") and not (j / ".lock").exists()
         seeds.append(seed)
     assert sorted(seeds) == list(range(1, 9))
