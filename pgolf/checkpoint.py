@@ -207,6 +207,12 @@ def final_state_bytes(config: dict, figures: dict) -> bytes:
     return (json.dumps({"config": config, "figures": figures}, indent=1) + "\n").encode()
 
 
+def can_resume(resume: str | None, run_dir: Path) -> bool:
+    """Whether this run continues an earlier attempt (a checkpoint or finished training to pick up)."""
+    where = Path(resume).resolve() if resume else run_dir
+    return find_checkpoint(where) is not None or find_final_state(where) is not None
+
+
 def resume_config(run_dir: Path) -> tuple[Path, dict]:
     """What `resume=DIR` continues from and the config it was made with (PgolfError if nothing)."""
     final = find_final_state(run_dir)

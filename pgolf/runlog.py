@@ -69,7 +69,7 @@ class NullLogger:
     def __init__(self, **_: Any):
         pass
 
-    def start(self, *, config: dict, run_dir: Path, log: RunLog) -> None:
+    def start(self, *, config: dict, run_dir: Path, log: RunLog, resuming: bool = False) -> None:
         pass
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -120,16 +120,18 @@ class WandbLogger:
         self.summary_metric = summary_metric
         self.run = None
 
-    def start(self, *, config: dict, run_dir: Path, log: RunLog) -> None:
+    def start(self, *, config: dict, run_dir: Path, log: RunLog, resuming: bool = False) -> None:
         import wandb
 
         mode = self.mode or os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
-        # One W&B run per run dir, however often it is resumed or requeued: its id lives in the run dir
-        # and every attempt resumes it (W&B's `resume="allow"`); history continues at the resumed step.
+        # One W&B run per run, however often it is resumed or requeued: its id lives in the run dir and
+        # every attempt that continues it resumes it (W&B's `resume="allow"`), so history goes on at the
+        # resumed step. A run that starts over in the directory (nothing to resume) is a new W&B run.
         id_file = Path(run_dir) / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-        if not id_file.is_file():
+        keep = resuming and id_file.is_file()
+        run_id = id_file.read_text().strip() if keep else uuid.uuid4().hex[:8]
+        if not keep:
             tmp = id_file.with_name(f".{id_file.name}.tmp{os.getpid()}")
             tmp.write_text(run_id + "\n")
             os.replace(tmp, id_file)

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemption, fault_point, final_state,
-                              final_state_bytes, restore_checkpoint, resume_source, rng_state, save_checkpoint)
+from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemption, can_resume, fault_point,
+                              final_state, final_state_bytes, restore_checkpoint, resume_source, rng_state,
+                              save_checkpoint)
 from pgolf.data import DistributedTokenLoader, load_validation_tokens
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
@@ -244,7 +245,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         from pgolf.runlog import NullLogger
 
         job.logger = NullLogger()
-    job.logger.start(config=job.config, run_dir=run_dir, log=log)
+    job.logger.start(config=job.config, run_dir=run_dir, log=log, resuming=can_resume(job.resume, run_dir))
     loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device,
                                     vocab_size=vocab)
     has_qat = any(getattr(m, "qat_bits", 0) for m in base_model.modules())

@@ -102,3 +102,18 @@ def test_sigkill_during_the_final_eval_resumes_without_training(straight, fast_c
     assert "training done; exporting and evaluating again" in r.stdout and "train_loss" not in r.stdout
     assert figures(run_dir) == figures(straight)
     assert not (run_dir / "final_state.json").exists()
+
+
+def test_only_a_continuing_run_reuses_the_wandb_id(tmp_path, monkeypatch):
+    """A run that resumes keeps the W&B id of its directory; one that starts over there gets a new one."""
+    from pgolf.runlog import RunLog, WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ids = []
+    for resuming in (False, True, False):
+        logger = WandbLogger()
+        logger.start(config={}, run_dir=tmp_path, log=RunLog(None, master=False), resuming=resuming)
+        ids.append(logger.run.id)
+        assert (tmp_path / "wandb_run_id").read_text() == f"{logger.run.id}\n"
+        logger.finish()
+    assert ids[0] == ids[1] != ids[2]
