@@ -43,8 +43,18 @@ def _run_id() -> str:
     return f"{stamp}_{(elastic or uuid.uuid4().hex)[:8]}" if not elastic else f"torchrun_{elastic[:12]}"
 
 
+def _sweep_tag() -> str:
+    # Sweeps started in the same second got the same `multirun/<time>` and wrote the same job dirs;
+    # a random tag after the time keeps them apart (cached, so every job of one sweep agrees).
+    import uuid
+
+    return uuid.uuid4().hex[:6]
+
+
 if not OmegaConf.has_resolver("pgolf_run_id"):
     OmegaConf.register_new_resolver("pgolf_run_id", _run_id, use_cache=True)
+if not OmegaConf.has_resolver("pgolf_sweep_tag"):
+    OmegaConf.register_new_resolver("pgolf_sweep_tag", _sweep_tag, use_cache=True)
 
 
 def one_line(exc: BaseException) -> str:

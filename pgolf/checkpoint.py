@@ -7,6 +7,11 @@ sums and `meta.json` (step, train time, config); every rank writes its own optim
 states. All files go to `checkpoint.tmp/` first and the directory is swapped in only when
 every rank is done, so a crash mid-save leaves the previous checkpoint intact.
 
+Once the last step is done, a run writes `final_model.pt` and then `final_state.json` (the
+config and the training figures): from there on a stopped run is resumed by exporting and
+evaluating `final_model.pt` again, with no training. With a checkpoint at step boundaries
+before that, a signal at any moment leaves a state that `resume=DIR` finishes.
+
 Everything is loaded with `torch.load(weights_only=True)`: a checkpoint cannot run code.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import signal
@@ -27,6 +33,7 @@ import torch
 from pgolf.errors import PgolfError
 
 CHECKPOINT_DIR = "checkpoint"
+FINAL_STATE = "final_state.json"  # training is done: final_model.pt + these figures are all a resume needs
 # Keys that may differ between the interrupted run and its continuation.
 RESUME_FREE_KEYS = ("run_id", "resume", "logger", "checkpoint", "distributed")
 
@@ -60,8 +67,12 @@ class Preemption:
     def __init__(self):
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self.depth = 0  # re-entrant: the job holds it from setup to metrics.json, the loop again inside
 
     def __enter__(self) -> "Preemption":
+        self.depth += 1
+        if self.depth > 1:
+            return self
         for sig in self.SIGNALS:
             try:
                 self.previous[sig] = signal.signal(sig, self._handle)
@@ -70,7 +81,9 @@ class Preemption:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.uninstall()
+        self.depth = max(self.depth - 1, 0)
+        if self.depth == 0:
+            self.uninstall()
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
@@ -82,11 +95,21 @@ class Preemption:
 
     def chain(self) -> None:
         """Restore the previous handlers and deliver the signal to them (default: terminate)."""
+        self.depth = 0
         sig, previous = self.signum, self.previous.get(self.signum)
         self.uninstall()
         if callable(previous):
             previous(sig, None)
         raise SystemExit(128 + int(sig))
+
+
+def fault_point(phase: str) -> None:
+    """Test hook: with PGOLF_FAULT_AT=<phase> this process sends itself SIGTERM (or the signal named by
+    PGOLF_FAULT_SIGNAL, e.g. KILL) when the run reaches that phase, so tests stop a run at an exact
+    moment: `warmup`, `step:N` (after step N), `val:N` (the eval at step N),
+    `export`, `sliding` (the final sliding eval)."""
+    if os.environ.get("PGOLF_FAULT_AT") == phase:
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("PGOLF_FAULT_SIGNAL", "TERM")))
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -151,9 +174,54 @@ def resume_source(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint a run continues from: `resume=DIR`'s (which must exist), else its own dir's."""
     ckpt = find_checkpoint(Path(resume).resolve() if resume else run_dir)
     if resume and ckpt is None:
-        raise PgolfError(f"resume={resume}: no checkpoint found there (checkpoint/meta.json); a run saves one with "
-                         "checkpoint.every_seconds/every_steps or on SIGTERM/SIGUSR1")
+        _nothing_to_resume(resume)
     return ckpt
+
+
+def _nothing_to_resume(resume: str) -> None:
+    metrics = Path(resume) / "metrics.json"
+    if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "finished":
+        raise PgolfError(f"resume={resume}: that run already finished (metrics.json); there is nothing to resume, "
+                         "start a new run")
+    raise PgolfError(f"resume={resume}: no checkpoint found there (checkpoint/meta.json, or {FINAL_STATE} once training "
+                     "is done); a run saves one with checkpoint.every_seconds/every_steps or on SIGTERM/SIGUSR1")
+
+
+def find_final_state(run_dir: Path) -> Path | None:
+    """`final_state.json` when training finished there but export or evaluation did not."""
+    path = run_dir / FINAL_STATE
+    return path if path.is_file() and (run_dir / "final_model.pt").is_file() else None
+
+
+def final_state(resume: str | None, run_dir: Path, config: dict) -> dict | None:
+    """The training figures of a run that only needs exporting and evaluating again (same config), else None."""
+    path = find_final_state(Path(resume).resolve() if resume else run_dir)
+    if path is None:
+        return None
+    saved = json.loads(path.read_text())
+    check_same_config(path, saved["config"], config)
+    return saved["figures"]
+
+
+def final_state_bytes(config: dict, figures: dict) -> bytes:
+    return (json.dumps({"config": config, "figures": figures}, indent=1) + "\n").encode()
+
+
+def can_resume(resume: str | None, run_dir: Path) -> bool:
+    """Whether this run continues an earlier attempt (a checkpoint or finished training to pick up)."""
+    where = Path(resume).resolve() if resume else run_dir
+    return find_checkpoint(where) is not None or find_final_state(where) is not None
+
+
+def resume_config(run_dir: Path) -> tuple[Path, dict]:
+    """What `resume=DIR` continues from and the config it was made with (PgolfError if nothing)."""
+    final = find_final_state(run_dir)
+    if final is not None:
+        return final, json.loads(final.read_text())["config"]
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        _nothing_to_resume(str(run_dir))
+    return ckpt, json.loads((ckpt / "meta.json").read_text())["config"]
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

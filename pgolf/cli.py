@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgolf.build import build, compose, to_container, train
-from pgolf.checkpoint import check_same_config, resume_source
+from pgolf.checkpoint import check_same_config, resume_config
 from pgolf.errors import PgolfError
+from pgolf.rundir import HOLDER_ENV, RunDirBusy, hold, me, release
 
 # Command-line arguments that are Hydra's own, not config overrides.
 HYDRA_FLAGS = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve",
@@ -50,9 +51,29 @@ def swept_keys(argv: list[str], sweeper_params: dict) -> set[str]:
     return keys
 
 
+def _arg(argv: list[str], key: str) -> str | None:
+    return next((a.split("=", 1)[1] for a in argv if a.startswith(key + "=")), None)
+
+
+def hold_dir(run_dir: str) -> None:
+    """Take the directory's lock before anything is written there (rank 0 only; see pgolf.rundir)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    stale = hold(run_dir)
+    if stale:
+        print(f"run_dir: {run_dir} was locked by {stale}, which is gone; continuing there", flush=True)
+
+
 def precheck_argv(argv: list[str]) -> list[str]:
-    """Compose and check a single run's overrides before Hydra starts (multirun jobs check themselves).
+    """Compose and check a single run's overrides before Hydra starts (multirun jobs check themselves),
+    and take the lock of an explicitly named run or sweep directory before Hydra writes there.
     Returns arguments to add: `resume=DIR` continues in DIR, so Hydra's run dir becomes DIR."""
+    sweep_dir = _arg(argv, "hydra.sweep.dir")
+    if any(a in ("-m", "--multirun") for a in argv) and sweep_dir and "${" not in sweep_dir:
+        try:  # two sweeps given one sweep dir would write the same job dirs (interpolated ones are made unique)
+            hold_dir(sweep_dir)
+        except PgolfError as exc:
+            fail(str(exc))
     if any(a in HYDRA_FLAGS or a.split("=")[0] in HYDRA_FLAGS for a in argv):
         return []
     overrides, config_dir, config_name = [], None, "config"
@@ -82,17 +103,21 @@ def precheck_argv(argv: list[str]) -> list[str]:
             data.ensure()
         if cfg.get("resume"):
             check_resume(cfg.resume, to_container(cfg))
-            if not any(a.startswith("hydra.run.dir=") for a in argv):
-                return [f"hydra.run.dir={cfg.resume}"]
+        run_dir = _arg(argv, "hydra.run.dir") or cfg.get("resume")
+        if run_dir:  # a generated run dir (outputs/<time>_<uuid>) is new; the job locks it itself
+            hold_dir(run_dir)
+        if cfg.get("resume") and not _arg(argv, "hydra.run.dir"):
+            return [f"hydra.run.dir={cfg.resume}"]
     except PgolfError as exc:
         fail(str(exc))
     return []
 
 
 def check_resume(resume: str, config: dict) -> None:
-    """`resume=DIR` must hold a checkpoint made with this config (checked before anything is written)."""
-    ckpt = resume_source(resume, Path(resume))
-    check_same_config(ckpt, json.loads((ckpt / "meta.json").read_text())["config"], config)
+    """`resume=DIR` must hold a checkpoint or finished training made with this config (checked
+    before anything is written)."""
+    source, saved = resume_config(Path(resume))
+    check_same_config(source, saved, config)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +143,7 @@ def launch_workers(nproc: int, overrides: list[str], run_dir: str) -> dict:
     run_py = Path(__file__).resolve().parent.parent / "run.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(run_py),
            *[o for o in overrides if not o.startswith("hydra.run.dir=")], f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, env=dict(os.environ, PGOLF_RUN_ID=Path(run_dir).name))
+    proc = subprocess.run(cmd, env=dict(os.environ, PGOLF_RUN_ID=Path(run_dir).name, **{HOLDER_ENV: me()}))
     metrics_path = Path(run_dir) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if proc.returncode != 0 or metrics.get("status") != "finished":
@@ -139,6 +164,13 @@ def adopt_slurm_ranks() -> None:
 def run_guarded(cfg, *, run_dir: str, multirun: bool, overrides: list[str] = ()) -> float:
     """Train one job (launching its workers if asked); return the headline metric for a sweeper."""
     adopt_slurm_ranks()
+    try:
+        hold_dir(run_dir)
+    except RunDirBusy as exc:  # another live job's directory: write nothing there
+        if multirun:
+            print(f"error: job in {run_dir} not run: {exc}", file=sys.stderr, flush=True)
+            return float("nan")
+        fail(str(exc))
     try:
         launch = build(cfg, "distributed") if "distributed" in cfg else Launch()
         if launch.needs_launch():
@@ -167,3 +199,5 @@ def run_guarded(cfg, *, run_dir: str, multirun: bool, overrides: list[str] = ())
             raise
         fail(message)
         return float("nan")
+    finally:
+        release(run_dir)

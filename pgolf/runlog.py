@@ -10,12 +10,15 @@ import netrc
 import os
 import platform
 import subprocess
+import uuid
 import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
+
+WANDB_ID_FILE = "wandb_run_id"
 
 
 class RunLog:
@@ -66,7 +69,7 @@ class NullLogger:
     def __init__(self, **_: Any):
         pass
 
-    def start(self, *, config: dict, run_dir: Path, log: RunLog) -> None:
+    def start(self, *, config: dict, run_dir: Path, log: RunLog, resuming: bool = False) -> None:
         pass
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -117,18 +120,29 @@ class WandbLogger:
         self.summary_metric = summary_metric
         self.run = None
 
-    def start(self, *, config: dict, run_dir: Path, log: RunLog) -> None:
+    def start(self, *, config: dict, run_dir: Path, log: RunLog, resuming: bool = False) -> None:
         import wandb
 
         mode = self.mode or os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
+        # One W&B run per run, however often it is resumed or requeued: its id lives in the run dir and
+        # every attempt that continues it resumes it (W&B's `resume="allow"`), so history goes on at the
+        # resumed step. A run that starts over in the directory (nothing to resume) is a new W&B run.
+        id_file = Path(run_dir) / WANDB_ID_FILE
+        keep = resuming and id_file.is_file()
+        run_id = id_file.read_text().strip() if keep else uuid.uuid4().hex[:8]
+        if not keep:
+            tmp = id_file.with_name(f".{id_file.name}.tmp{os.getpid()}")
+            tmp.write_text(run_id + "\n")
+            os.replace(tmp, id_file)
         self.run = wandb.init(dir=str(run_dir), mode=mode, config=flatten(config), reinit="finish_previous",
+                              id=run_id, resume="allow",
                               settings=wandb.Settings(console="off", x_disable_stats=True), **self.kwargs)
         # Sweeps compare runs by their headline metric: minimize it, and keep the best value.
         self.run.define_metric(self.summary_metric, summary="min")
         log(f"wandb: mode={mode} run={self.run.id} dir={self.run.dir}")
-        if mode == "offline":
-            log(f"wandb: offline run; upload later with `wandb sync {Path(self.run.dir).parent}`")
+        if mode == "offline":  # every attempt of a resumed run is one offline dir; sync them all, in order
+            log(f"wandb: offline run; upload later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*-{run_id}`")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:

@@ -28,8 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pgolf.checkpoint import (CHECKPOINT_DIR, Checkpointing, Preemption, restore_checkpoint, resume_source,
-                              rng_state, save_checkpoint)
+from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemption, can_resume, fault_point,
+                              final_state, final_state_bytes, restore_checkpoint, resume_source, rng_state,
+                              save_checkpoint)
 from pgolf.data import DistributedTokenLoader, load_validation_tokens
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
@@ -166,15 +167,25 @@ def unigram_bpb(train_pattern: str, val_tokens: torch.Tensor, luts, vocab_size: 
     """bpb of a unigram model fit on the first 10M train tokens (add-one smoothing): the floor to beat."""
     from pgolf.data import TokenStream
 
-    first = TokenStream(train_pattern).tokens[:10_000_000].to(torch.int64)
+    first = TokenStream(train_pattern, vocab_size=vocab_size).tokens[:10_000_000].to(torch.int64)  # checks the shards
     counts = torch.bincount(first, minlength=vocab_size).double() + 1.0
     logp = (counts / counts.sum()).log()
     y, x = val_tokens[1:].to(torch.int64), val_tokens[:-1].to(torch.int64)
     nll = -logp[y].sum().item()
-    return nll / math.log(2.0) / luts.count(x, y).double().sum().item()
+    nbytes = luts.count(x, y).double().sum().item()
+    if nbytes == 0:  # bpb divides by it
+        raise PgolfError(f"the validation split's {y.numel()} targets decode to no bytes (only control tokens such as "
+                         "BOS); bpb is undefined: check that the shards were made with this tokenizer")
+    return nll / math.log(2.0) / nbytes
 
 
 def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
+    # SIGTERM/SIGUSR1 from here to metrics.json leave a state `resume=` finishes (see stop_preempted)
+    with Preemption() as preemption:
+        return _run_job(job, run_dir, preemption)
+
+
+def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     rt = setup_runtime(job)
     run_dir = run_dir.resolve()
     if rt.master:
@@ -211,7 +222,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         raise PgolfError(f"schedule.train_batch_tokens={sched.train_batch_tokens} must split into whole sequences of "
                          f"{sched.train_seq_len} over {rt.world_size * grad_accum} micro-batches; use a multiple of "
                          f"{rt.world_size * grad_accum * sched.train_seq_len}")
-    val_tokens = load_validation_tokens(paths.val_pattern, eval_seq_len)
+    val_tokens = load_validation_tokens(paths.val_pattern, eval_seq_len, vocab_size=vocab)
     model = job.model_fn()
     cpu_luts = build_byte_luts(sp, vocab)
     luts = cpu_luts.to(rt.device)
@@ -234,8 +245,9 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         from pgolf.runlog import NullLogger
 
         job.logger = NullLogger()
-    job.logger.start(config=job.config, run_dir=run_dir, log=log)
-    loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device)
+    job.logger.start(config=job.config, run_dir=run_dir, log=log, resuming=can_resume(job.resume, run_dir))
+    loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device,
+                                    vocab_size=vocab)
     has_qat = any(getattr(m, "qat_bits", 0) for m in base_model.modules())
     autocast = lambda: torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)  # noqa: E731
 
@@ -260,6 +272,15 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         return eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
                             batch_seqs=spec.batch_seqs, **common)
 
+    figures = final_state(job.resume, run_dir, job.config)
+    if figures is not None:  # training finished in an earlier attempt: export and evaluate final_model.pt again
+        done_dir = Path(job.resume).resolve() if job.resume else run_dir
+        base_model.load_state_dict(torch.load(done_dir / "final_model.pt", map_location=rt.device, weights_only=True))
+        log(f"resumed:{done_dir / FINAL_STATE} step:{figures['steps']} training done; exporting and evaluating again")
+        metrics = finish(job, rt, run_dir, log, base_model, evaluate, figures, preemption)
+        rt.close()
+        return metrics
+
     # -------------------------------- warmup (prime compile, then restore) --------------------------------
     if sched.warmup_steps > 0:
         init_model = {k: v.detach().cpu().clone() for k, v in base_model.state_dict().items()}
@@ -268,12 +289,14 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         base_model.set_looping(base_model.loop_passes_at(0.0))
         for i in range(sched.warmup_steps):
             train_step(0, 1.0)
+            fault_point("warmup")
             if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
                 log(f"warmup_step:{i + 1}/{sched.warmup_steps}")
         base_model.load_state_dict(init_model, strict=True)
         opt.load_state_dict(init_opt)
         opt.zero_grad()
-        loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device)
+        loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size,
+                                        device=rt.device, vocab_size=vocab)
 
     # -------------------------------- resume --------------------------------
     swa = SWA()
@@ -285,7 +308,6 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
                                             model=base_model, optimizers=opt, swa=swa, loader=loader)
         log(f"resumed:{source} step:{step} train_time:{train_ms:.0f}ms")
     saved_at = (step, train_ms)
-    preemption = Preemption()
     barrier = dist.barrier if rt.distributed else (lambda: None)
 
     def checkpoint_now() -> Path:
@@ -294,6 +316,11 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         return save_checkpoint(run_dir, rank=rt.rank, world_size=rt.world_size, barrier=barrier, write=write_atomic,
                                step=step, train_ms=train_ms, config=job.config, model_state=model_state,
                                swa_state=swa.state_dict() if rt.master else None, rank_state=rank_state)
+
+    if any_rank([preemption.signum is not None], rt)[0]:  # signalled before the first step (setup, warm-up)
+        log(f"checkpoint:{checkpoint_now()} step:{step} train_time:{train_ms:.0f}ms")
+        stop_preempted(job, rt, log, preemption, f"stopping at step {step}; resume will train from step {step}",
+                       run_dir)
 
     # -------------------------------- training loop --------------------------------
     pre_loss = pre_bpb = float("nan")
@@ -307,6 +334,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
             if last or (spec.val_loss_every > 0 and step % spec.val_loss_every == 0):
                 sync()
                 train_ms += 1000.0 * (time.perf_counter() - t0)
+                fault_point(f"val:{step}")
                 pre_loss, pre_bpb = evaluate("standard")
                 log(f"step:{step}/{sched.iterations} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} "
                     f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
@@ -336,8 +364,18 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
             if sched.swa_due(step, scale):
                 swa.add(base_model)
             capped = sched.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * sched.max_wallclock_seconds
+            if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
+                loss_value = train_loss.item()
+                check_finite(loss_value, step)
+                log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
+                    f"step_avg:{approx_ms / step:.2f}ms")
+                job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/step_ms": approx_ms / step},
+                               step=step)
+            fault_point(f"step:{step}")
             capped, save_now, preempted = any_rank(
                 [capped, saving.due(step, approx_ms, *saved_at), preemption.signum is not None], rt)
+            # After the last step the run goes on to write final_model.pt and stops there (see finish).
+            preempted = preempted and not capped and step < sched.iterations and stop_after is None
             if save_now or preempted:  # saving time, like eval time, is not train time
                 check_finite(train_loss.item(), step, base_model)
                 sync()
@@ -346,18 +384,9 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
                 saved_at = (step, train_ms)
                 log(f"checkpoint:{where} step:{step} train_time:{train_ms:.0f}ms")
                 if preempted:
-                    log(f"preempted: stopping at step {step}; continue with resume={run_dir}")
-                    job.logger.finish(exit_code=1)
-                    rt.close()
-                    preemption.chain()
+                    stop_preempted(job, rt, log, preemption, f"stopping at step {step}; resume will train from "
+                                   f"step {step}", run_dir)
                 t0 = time.perf_counter()
-            if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
-                loss_value = train_loss.item()
-                check_finite(loss_value, step)
-                log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
-                    f"step_avg:{approx_ms / step:.2f}ms")
-                job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/step_ms": approx_ms / step},
-                               step=step)
             if stop_after is None and capped:
                 stop_after = step
 
@@ -371,9 +400,17 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         log(f"swa val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
     metrics = finish(job, rt, run_dir, log, base_model, evaluate, dict(
         pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=n_params, steps=step, train_ms=train_ms, peak_mib=peak_mib,
-        unigram_bpb=floor, swa_count=swa.count))
+        unigram_bpb=floor, swa_count=swa.count), preemption)
     rt.close()
     return metrics
+
+
+def stop_preempted(job: Job, rt: Runtime, log: RunLog, preemption: Preemption, what: str, run_dir: Path) -> None:
+    """Exit for a SIGTERM/SIGUSR1 once the run's state is on disk; the line says what resume will do."""
+    log(f"preempted: {what}; continue with resume={run_dir} (or rerun in the same hydra.run.dir)")
+    job.logger.finish(exit_code=1)
+    rt.close()
+    preemption.chain()
 
 
 def check_finite(loss: float, step: int, model: nn.Module | None = None) -> None:
@@ -398,23 +435,38 @@ def ranks_identical(model: nn.Module, rt: Runtime) -> bool:
     return all(torch.equal(everyone[0], other) for other in everyone[1:])
 
 
-def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Module, evaluate, t: dict) -> dict:
-    """Export, reload the artifact into the model, score it, and write metrics.json (rank 0)."""
+def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Module, evaluate, t: dict,
+           preemption: Preemption) -> dict:
+    """Export, reload the artifact into the model, score it, and write metrics.json (rank 0).
+
+    final_model.pt and final_state.json come first: a signal from then on stops the run at the
+    next phase boundary, and a resume exports and evaluates again without training."""
     identical = ranks_identical(base_model, rt)
     log(f"ranks_identical:{identical} world_size:{rt.world_size}")
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
     artifact = run_dir / job.quant.artifact_name
     ncode = job.code_bytes
-    if rt.master:
+    if rt.master and not (run_dir / FINAL_STATE).is_file():
         import io
 
         buf = io.BytesIO()
         torch.save(state, buf)
         write_atomic(run_dir / "final_model.pt", buf.getvalue())
+        write_atomic(run_dir / FINAL_STATE, final_state_bytes(job.config, t))
+
+    def stop_if_preempted() -> None:
+        if any_rank([preemption.signum is not None], rt)[0]:
+            stop_preempted(job, rt, log, preemption, f"training is done ({t['steps']} steps, final_model.pt); "
+                           "resume will export and evaluate it again without training", run_dir)
+
+    stop_if_preempted()
+    if rt.master:
+        fault_point("export")
         report = job.quant.export(state, artifact)
         log(report.format_table())
     if rt.distributed:
         dist.barrier()
+    stop_if_preempted()
     nmodel = artifact.stat().st_size
     log(f"artifact:{artifact.name} model_bytes:{nmodel} code_bytes:{ncode} total_bytes:{nmodel + ncode} "
         f"cap:{SIZE_CAP_BYTES} over_cap:{nmodel + ncode > SIZE_CAP_BYTES}")
@@ -424,9 +476,12 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
               "fewer parameters)", file=sys.stderr, flush=True)
     t_eval = time.perf_counter()
     pre_sliding = evaluate("sliding") if job.eval_spec.prequant_sliding else None
+    stop_if_preempted()
     base_model.load_state_dict(load_artifact(artifact), strict=True)
     quant_loss, quant_bpb = evaluate("standard")
-    quant_sliding = evaluate("sliding")
+    stop_if_preempted()
+    fault_point("sliding")
+    quant_sliding = evaluate("sliding")  # a signal from here on: the run completes (metrics.json), exit 0
     eval_s = time.perf_counter() - t_eval
     metrics = {
         "final/quant_sliding_bpb": quant_sliding[1],
@@ -467,5 +522,8 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         job.logger.summary(metrics)
         for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):  # the run is complete
             shutil.rmtree(run_dir / name, ignore_errors=True)
+        (run_dir / FINAL_STATE).unlink(missing_ok=True)
+    if preemption.signum is not None:
+        log("preempted after the final eval: the run is complete (metrics.json)")
     job.logger.finish()
     return metrics

@@ -13,11 +13,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from runs import FAST, metrics, run_py
 
 import pgolf
 from pgolf.build import build
+from pgolf.data.shards import write_shard
 
 JOB = [*FAST, "logger=none", "hydra.run.dir=run"]
 
@@ -103,6 +105,54 @@ def test_job_rows_leave_only_a_failure_record(row, shards, fast_cache, tmp_path)
     run = tmp_path / "run"
     assert metrics(run) == {"status": "failed", "error": last.removeprefix("error: ")}
     assert sorted(p.name for p in run.iterdir()) <= [".hydra", "config.yaml", "metrics.json", "train.log"]
+
+
+def replaced(shards: Path, tmp: Path, split: str, contents: list[list[int]], keep: bool = False) -> tuple[list[str], Path]:
+    """A copy of the dataset whose `split` shards are `contents` (kept beside the old ones with keep=True)."""
+    folder = shutil.copytree(shards, tmp / "data")
+    if not keep:
+        for f in folder.glob(f"fineweb_{split}_*.bin"):
+            f.unlink()
+    for i, tokens in enumerate(contents):
+        write_shard(folder / f"fineweb_{split}_{900 + i:06d}.bin", np.array(tokens, dtype=np.int64))
+    return prebuilt(folder), folder
+
+
+# Shard contents the header check does not see: (split, shards, keep the others, the whole line but the folder).
+CONTENT_ROWS = {
+    "an empty train shard": ("train", [[]], True, "error: {d}/fineweb_train_000900.bin (one of the 6 shards of "
+                             "{d}/fineweb_train_*.bin) holds no tokens; delete it or re-create the shards with `python "
+                             "-m pgolf.data prepare ...`"),
+    "all train shards empty": ("train", [[], []], False, "error: {d}/fineweb_train_000900.bin (one of the 2 shards of "
+                               "{d}/fineweb_train_*.bin) holds no tokens; delete it or re-create the shards with "
+                               "`python -m pgolf.data prepare ...`"),
+    "train token id >= vocab": ("train", [[5] * 999 + [1500]], False, "error: {d}/fineweb_train_000900.bin: token id "
+                                "1500 is not below vocab_size=1024; these tokens were made with another tokenizer: use "
+                                "its data.tokenizer_path and model.vocab_size, or re-create the shards"),
+    "validation token id >= vocab": ("val", [[5] * 999 + [4000]], False, "error: validation split "
+                                     "{d}/fineweb_val_*.bin: token id 4000 is not below vocab_size=1024; these tokens "
+                                     "were made with another tokenizer: use its data.tokenizer_path and "
+                                     "model.vocab_size, or re-create the shards"),
+    "too few train tokens": ("train", [list(range(2, 102))], False, "error: train shards {d}/fineweb_train_*.bin hold "
+                             "100 tokens, fewer than one micro-batch reads (1 x 513); add training data or lower "
+                             "schedule.train_batch_tokens"),
+    "validation without bytes": ("val", [[1] * 300], False, "error: the validation split's 256 targets decode to no "
+                                 "bytes (only control tokens such as BOS); bpb is undefined: check that the shards were "
+                                 "made with this tokenizer"),
+}
+
+
+@pytest.mark.parametrize("row", CONTENT_ROWS, ids=str)
+def test_shard_content_rows_stop_before_training(row, shards, tmp_path):
+    split, contents, keep, line = CONTENT_ROWS[row]
+    args, folder = replaced(shards, tmp_path, split, contents, keep)
+    r = run_py([*[a for a in JOB if not a.startswith("data.")], *args], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == line.format(d=folder) and r.stderr.count("error:") == 1, r.stderr
+    assert "train_loss" not in r.stdout and "warmup_step" not in r.stdout
+    run = tmp_path / "run"
+    assert metrics(run) == {"status": "failed", "error": line.format(d=folder).removeprefix("error: ")}
+    assert {p.name for p in run.iterdir()} <= {".hydra", "config.yaml", "metrics.json", "train.log", "run.log"}
 
 
 def test_seq_len_row_names_the_largest_usable_value(shards, fast_cache, tmp_path):

@@ -91,6 +91,17 @@ def test_resume_from_a_dir_without_checkpoint(tmp_path, fast_cache):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_resume_of_a_finished_run_is_refused(tmp_path, fast_cache):
+    (tmp_path / "metrics.json").write_text('{"status": "finished"}')
+    before = tree(tmp_path)
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), *JOB, fast_cache, f"resume={tmp_path}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr == (f"error: resume={tmp_path}: that run already finished (metrics.json); there is nothing to "
+                        "resume, start a new run\n")
+    assert tree(tmp_path) == before
+
+
 def test_periodic_checkpoint_schedule():
     every = Checkpointing(every_steps=10, every_seconds=60)
     assert not every.due(5, 1000.0, 0, 0.0) and every.due(10, 1000.0, 0, 0.0) and every.due(3, 61_000.0, 0, 0.0)

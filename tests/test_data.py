@@ -128,6 +128,44 @@ def test_token_stream_no_files(tmp_path):
         TokenStream(str(tmp_path / "nope_*.bin"))
 
 
+@pytest.mark.parametrize("sizes", [[5, 0, 3], [0], [0, 0]], ids=["one empty", "only empty", "all empty"])
+def test_token_stream_refuses_empty_shards_instead_of_hanging(tmp_path, sizes):
+    make_shards(tmp_path, sizes)
+    pattern = str(tmp_path / "fineweb_train_*.bin")
+    empty = tmp_path / f"fineweb_train_{sizes.index(0):06d}.bin"
+    with pytest.raises(PgolfError) as e:
+        TokenStream(pattern).take(4)
+    assert str(e.value) == (f"{empty} (one of the {len(sizes)} shards of {pattern}) holds no tokens; delete it or "
+                            "re-create the shards with `python -m pgolf.data prepare ...`")
+
+
+def test_token_ids_must_be_below_the_vocab(tmp_path):
+    make_shards(tmp_path, [5, 3])  # ids 0..7: the second shard holds 5, 6, 7
+    pattern = str(tmp_path / "fineweb_train_*.bin")
+    s = TokenStream(pattern, vocab_size=6)  # the first shard (0..4) is fine
+    with pytest.raises(PgolfError) as e:
+        s.take(6)  # reaches the second shard: checked when first read
+    assert str(e.value) == (f"{tmp_path / 'fineweb_train_000001.bin'}: token id 7 is not below vocab_size=6; these "
+                            "tokens were made with another tokenizer: use its data.tokenizer_path and model.vocab_size, "
+                            "or re-create the shards")
+    make_shards(tmp_path, [10], prefix="fineweb_val_")
+    val = str(tmp_path / "fineweb_val_*.bin")
+    with pytest.raises(PgolfError, match=rf"^validation split {val.replace('*', '[*]')}: token id 9 is not below"):
+        load_validation_tokens(val, 4, vocab_size=8)
+    assert len(load_validation_tokens(val, 4, vocab_size=10)) == 9
+
+
+def test_loader_refuses_a_batch_larger_than_the_data(tmp_path):
+    make_shards(tmp_path, [10, 7])
+    pattern = str(tmp_path / "*.bin")
+    loader = DistributedTokenLoader(pattern, rank=0, world_size=2, device="cpu")
+    assert loader.next_batch(8, 4, 1)[0].shape == (1, 4)  # 2 x (4 + 1) tokens of 17
+    with pytest.raises(PgolfError) as e:
+        loader.next_batch(32, 4, 1)
+    assert str(e.value) == (f"train shards {pattern} hold 17 tokens, fewer than one micro-batch reads (2 x 17); add "
+                            "training data or lower schedule.train_batch_tokens")
+
+
 @pytest.mark.parametrize("world_size, grad_accum", [(1, 1), (2, 1), (4, 2)])
 def test_loader_matches_baseline_spans(tmp_path, world_size, grad_accum):
     stream = make_shards(tmp_path, [37, 11, 50])

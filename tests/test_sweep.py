@@ -90,3 +90,35 @@ def test_slurm_launcher_config_composes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for line in ("gpus_per_node: 8", "tasks_per_node: 8", "nodes: 1", "max_num_timeout: 3", "partition: null"):
         assert line in r.stdout
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_keep_their_jobs_apart(tmp_path, fast_cache):
+    """Two 4-job sweeps launched at the same moment (basic launcher): 8 job dirs, each with its own
+    config, metrics and artifact (Hydra's `multirun/<time>` alone put both sweeps in one dir)."""
+    import os
+
+    # The default sweep dir with the clock stopped: both sweeps see the same second.
+    args = [*FAST, fast_cache, "logger=none", "schedule.iterations=2", "eval.stride=null",
+            "hydra.sweep.dir=multirun/2026-11-30_12-00-00_${pgolf_sweep_tag:}"]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "run.py"), "-m", *args,
+                               f"seed={seeds}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for seeds in ("1,2,3,4", "5,6,7,8")]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    sweeps = sorted((tmp_path / "multirun").iterdir())
+    assert len(sweeps) == 2 and all(s.name.startswith("2026-11-30_12-00-00_") for s in sweeps)
+    jobs = sorted(j for s in sweeps for j in s.iterdir() if j.is_dir())
+    assert len(jobs) == 8
+    seeds = []
+    for j in jobs:
+        seed = int(next(ln for ln in (j / "config.yaml").read_text().splitlines() if ln.startswith("seed:")).split()[1])
+        assert f"seed={seed}" in (j / ".hydra" / "overrides.yaml").read_text()
+        m = metrics(j)
+        assert m["status"] == "finished" and m["artifact/model_bytes"] == (j / "final_model.int8.ptz").stat().st_size
+        log = (j / "train.log").read_text()
+        assert log.count("run_dir:") == 1 and log.startswith(f"seed: {seed}\n") and not (j / ".lock").exists()
+        seeds.append(seed)
+    assert sorted(seeds) == list(range(1, 9))

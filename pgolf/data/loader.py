@@ -13,8 +13,16 @@ from pathlib import Path
 
 import torch
 
-from pgolf.data.shards import read_shard
+from pgolf.data.shards import read_shard, shard_token_count
 from pgolf.errors import PgolfError
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, where: str) -> None:
+    """Every token id must index the model's vocab_size-row embedding and byte tables."""
+    top = int(tokens.numpy().max()) if tokens.numel() else -1  # (torch has no max for uint16)
+    if top >= vocab_size:
+        raise PgolfError(f"{where}: token id {top} is not below vocab_size={vocab_size}; these tokens were made with "
+                         "another tokenizer: use its data.tokenizer_path and model.vocab_size, or re-create the shards")
 
 
 def _match(pattern: str, what: str) -> list[Path]:
@@ -28,16 +36,34 @@ def _match(pattern: str, what: str) -> list[Path]:
 
 
 class TokenStream:
-    """Reads the shards matching `pattern` in sorted order and wraps around forever."""
+    """Reads the shards matching `pattern` in sorted order and wraps around forever.
 
-    def __init__(self, pattern: str):
+    What a run relies on is checked before the first token is used, at no cost per step: every
+    shard's header (magic, version, size) and that it holds tokens, all read from the 1 KB
+    headers at construction (an empty shard would make the stream spin forever); and, with
+    `vocab_size`, that every token id is below it, checked vectorised when a shard is first
+    read (an id past the embedding table fails deep inside the model, or on CUDA as a device
+    assert)."""
+
+    def __init__(self, pattern: str, *, vocab_size: int | None = None):
+        self.pattern, self.vocab_size = pattern, vocab_size
         self.files = _match(pattern, "token shards")
+        counts = [shard_token_count(f) for f in self.files]
+        for f, n in zip(self.files, counts):
+            if n == 0:
+                raise PgolfError(f"{f} (one of the {len(self.files)} shards of {pattern}) holds no tokens; delete it "
+                                 "or re-create the shards with `python -m pgolf.data prepare ...`")
+        self.total_tokens = sum(counts)
+        self._checked: set[int] = set()
         self._open(0)
 
     def _open(self, file_idx: int) -> None:
         self.file_idx = file_idx
         self.tokens = read_shard(self.files[file_idx])
         self.pos = 0
+        if self.vocab_size is not None and file_idx not in self._checked:
+            check_token_ids(self.tokens, self.vocab_size, str(self.files[file_idx]))
+            self._checked.add(file_idx)
 
     def take(self, n: int) -> torch.Tensor:
         """Return the next `n` tokens (uint16), crossing shard boundaries as needed."""
@@ -82,11 +108,12 @@ class DistributedTokenLoader:
     what lets y be x shifted by one. All ranks read the same stream, so their states agree.
     """
 
-    def __init__(self, pattern: str, *, rank: int, world_size: int, device: torch.device | str):
+    def __init__(self, pattern: str, *, rank: int, world_size: int, device: torch.device | str,
+                 vocab_size: int | None = None):
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
-        self.stream = TokenStream(pattern)
+        self.stream = TokenStream(pattern, vocab_size=vocab_size)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return int64 (x, y), each (local_tokens // seq_len, seq_len), for one micro-step."""
@@ -98,6 +125,11 @@ class DistributedTokenLoader:
                 f"of seq_len={seq_len}; make train_batch_tokens a multiple of world_size*grad_accum_steps*seq_len"
             )
         span = local_tokens + 1
+        if span * self.world_size > self.stream.total_tokens:  # the batch would repeat tokens within itself
+            raise PgolfError(
+                f"train shards {self.stream.pattern} hold {self.stream.total_tokens} tokens, fewer than one micro-batch "
+                f"reads ({self.world_size} x {span}); add training data or lower schedule.train_batch_tokens"
+            )
         chunk = self.stream.take(span * self.world_size)
         local = chunk[self.rank * span : (self.rank + 1) * span].to(torch.int64)
         if self.device.type == "cuda":
@@ -117,10 +149,13 @@ class DistributedTokenLoader:
         self.stream.load_state_dict(state)
 
 
-def load_validation_tokens(pattern: str, seq_len: int) -> torch.Tensor:
+def load_validation_tokens(pattern: str, seq_len: int, *, vocab_size: int | None = None) -> torch.Tensor:
     """Concatenate every validation shard (sorted) and keep `((n-1)//seq_len)*seq_len + 1`
-    tokens, as the baseline does: whole sequences plus the one target past the last."""
+    tokens, as the baseline does: whole sequences plus the one target past the last. With
+    `vocab_size`, every token id must be below it (checked once, vectorised)."""
     tokens = torch.cat([read_shard(f) for f in _match(pattern, "validation split")]).contiguous()
+    if vocab_size is not None:
+        check_token_ids(tokens, vocab_size, f"validation split {pattern}")
     usable = ((tokens.numel() - 1) // seq_len) * seq_len
     if usable <= 0:
         raise PgolfError(

@@ -59,6 +59,15 @@ def read_shard(path: str | os.PathLike) -> torch.Tensor:
     """Read a shard into a 1-D uint16 tensor, checking magic, version and that the file size
     is exactly header + 2 bytes per token; any mismatch raises `PgolfError` naming the file."""
     path = Path(path)
+    count = shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
+    return torch.from_numpy(tokens.astype(np.uint16, copy=False))
+
+
+def shard_token_count(path: str | os.PathLike) -> int:
+    """The token count of a shard from its 1 KB header, after the checks of `read_shard`
+    (magic, version, file size); cheap enough to run on every shard before a run starts."""
+    path = Path(path)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -76,5 +85,4 @@ def read_shard(path: str | os.PathLike) -> torch.Tensor:
         raise PgolfError(
             f"{path}: file is {size} bytes but its header says {count} tokens ({expected} bytes); {_FIX}"
         )
-    tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
-    return torch.from_numpy(tokens.astype(np.uint16, copy=False))
+    return count
