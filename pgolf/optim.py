@@ -58,24 +58,25 @@ def ns_schedule(coefficients: str, steps: int) -> tuple[tuple[float, float, floa
 
 
 def newton_schulz(G: Tensor, coeffs: tuple[tuple[float, float, float], ...], eps: float = 1e-7,
-                  dtype: torch.dtype = torch.bfloat16) -> Tensor:
+                  dtype: torch.dtype = torch.bfloat16, banked: bool = False) -> Tensor:
     """Approximately orthogonalize G, (rows, cols) or a batch (B, rows, cols), in `dtype`.
 
     X <- G / (||G||_F + eps), transposed if tall; per iteration A = X X^T, X <- a X + (b A + c A^2) X.
-    The 2-D form normalizes before transposing (the baseline), the batched form after (the banked
-    records); the result is the same up to the order of one bf16 reduction.
+    The two record lineages round differently in bf16 and each is reproduced bit for bit:
+    the baseline normalizes before transposing and computes (c A) A; the banked records
+    (`banked`, #549 onward) transpose first, normalize per matrix and compute c (A A).
     """
     X = G.to(dtype)
     transposed = G.size(-2) > G.size(-1)
-    if G.ndim == 2:
-        X = X / (X.norm() + eps)
-        X = X.T if transposed else X
-    else:
+    if banked:
         X = X.mT if transposed else X
         X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    else:
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+        X = X.mT if transposed else X
     for a, b, c in coeffs:
         A = X @ X.mT
-        B = b * A + c * (A @ A)
+        B = b * A + c * (A @ A) if banked else b * A + c * A @ A
         X = a * X + B @ X
     return X.mT if transposed else X
 
@@ -120,7 +121,7 @@ class Muon(torch.optim.Optimizer):
         update = g.add(buf, alpha=momentum) if group["nesterov"] else buf
         if group["row_normalize"]:
             update = row_normalize(update)
-        return self.ns(update, self.coeffs, dtype=self.ns_dtype)
+        return self.ns(update, self.coeffs, dtype=self.ns_dtype, banked=self.numerics == "banked")
 
     def _apply(self, p: Tensor, update: Tensor, group: dict, scale: float) -> None:
         lr, wd = group["lr"], group["weight_decay"]
