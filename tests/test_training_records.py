@@ -136,3 +136,53 @@ def test_banked_momentum_stays_bf16_through_a_checkpoint():
     again = Muon([p], lr=0.1, momentum=0.9, backend_steps=2, numerics="banked")
     again.load_state_dict(opt.state_dict())
     assert again.state[p]["momentum_buffer"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- end to end
+def test_ema_weights_are_what_gets_exported(tmp_path, fast_cache, monkeypatch):
+    """final_model.pt is the EMA shadow (cast back), and the log reports both val_bpb values."""
+    from runs import FAST
+
+    import pgolf.trainer
+    from pgolf.build import compose, train
+
+    made: list[EMA] = []
+
+    class Recorded(EMA):
+        def __init__(self, decay):
+            super().__init__(decay)
+            made.append(self)
+
+    monkeypatch.setattr(pgolf.trainer, "EMA", Recorded)
+    cfg = compose([*FAST, fast_cache, "logger=none", "schedule.ema_decay=0.9", "schedule.warmdown_frac=0.5",
+                   "schedule.min_lr=0.3", "optimizer.muon_row_normalize=true",
+                   "optimizer.ns_coefficients=polar_express"])
+    m = train(cfg, run_dir=tmp_path)
+    (ema,) = made
+    final = torch.load(tmp_path / "final_model.pt", weights_only=True)
+    assert ema.count == 8 and m["train/ema_updates"] == 8
+    assert all(torch.equal(final[k], v.to(final[k].dtype)) for k, v in ema.shadow.items())
+    log = (tmp_path / "train.log").read_text()
+    assert "ema:applying EMA shadow of 8 updates" in log and "pre_averaging_val_bpb:" in log
+    assert m["final/pre_averaging_bpb"] != m["final/prequant_bpb"]
+    assert "warmdown_frac:0.5 min_lr:0.3" in log and "row_normalize:True ns_coefficients:polar_expressx5" in log
+    assert "lr_scale:0.3000" in log  # the floor took effect at the last step (frac 7/8 -> 0.25 -> 0.3)
+
+
+@pytest.mark.slow
+def test_parallel_muon_two_gloo_ranks_match_the_plain_path(tmp_path, fast_cache):
+    """2 ranks, Parallel Muon (DDP skips the matrices; reduce-scatter, sharded NS, all-gather) ends
+    with the weights of the plain path (DDP all-reduce, round-robin Muon) within float tolerance."""
+    from runs import FAST, metrics, run_py
+
+    finals = {}
+    for parallel in ("plain", "parallel"):
+        r = run_py([*FAST, fast_cache, "logger=none", f"optimizer.muon_parallel={parallel == 'parallel'}",
+                    f"hydra.run.dir={parallel}"], tmp_path, torchrun=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        m = metrics(tmp_path / parallel)
+        assert m["train/ranks_identical"] is True and m["world_size"] == 2
+        finals[parallel] = torch.load(tmp_path / parallel / "final_model.pt", weights_only=True)
+    assert "parallel:True" in (tmp_path / "parallel" / "train.log").read_text()
+    for k, v in finals["plain"].items():
+        torch.testing.assert_close(finals["parallel"][k], v, rtol=1e-4, atol=1e-5)
