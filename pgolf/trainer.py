@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf.checkpoint import (CHECKPOINT_DIR, Checkpointing, Preemption, restore_checkpoint, resume_source,
                               rng_state, save_checkpoint)
-from pgolf.data import DistributedTokenLoader, load_validation_tokens
+from pgolf.data import load_validation_tokens
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.quant import load_artifact
@@ -240,7 +240,10 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
 
         job.logger = NullLogger()
     job.logger.start(config=job.config, run_dir=run_dir, log=log)
-    loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device)
+    new_loader = lambda: job.data.make_loader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size,  # noqa: E731
+                                              device=rt.device, seq_len=sched.train_seq_len)
+    loader = new_loader()
+    log(f"data_loader:{job.data.loader}")
     has_qat = any(getattr(m, "qat_bits", 0) for m in base_model.modules())
     autocast = lambda: torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)  # noqa: E731
 
@@ -277,7 +280,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         base_model.load_state_dict(init_model, strict=True)
         opt.load_state_dict(init_opt)
         opt.zero_grad()
-        loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device)
+        loader = new_loader()
 
     # -------------------------------- resume --------------------------------
     swa, ema = SWA(), EMA(sched.ema_decay)
