@@ -223,7 +223,7 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
     base_model = place_model(model, rt)
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if rt.compile else base_model
     opt = job.optimizers_fn(base_model)
-    if rt.distributed and opt.ddp_ignored:  # Parallel Muon reduces the matrices' gradients itself
+    if rt.distributed and getattr(opt, "ddp_ignored", None):  # Parallel Muon reduces the matrices' gradients itself
         DDP._set_params_and_buffers_to_ignore_for_model(
             compiled, [n for n, p in compiled.named_parameters() if p in opt.ddp_ignored])
     train_model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,

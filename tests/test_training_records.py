@@ -186,3 +186,37 @@ def test_parallel_muon_two_gloo_ranks_match_the_plain_path(tmp_path, fast_cache)
     assert "parallel:True" in (tmp_path / "parallel" / "train.log").read_text()
     for k, v in finals["plain"].items():
         torch.testing.assert_close(finals["parallel"][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ema_loader_and_banked_momentum_resume_exactly(tmp_path, fast_cache):
+    """SIGTERM after step 5, resume: the EMA shadow, the shuffled loader's state and the bf16
+    momentum come back, and the result equals a straight run bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from runs import FAST, ROOT
+
+    import pgolf
+
+    job = [*FAST, fast_cache, "schedule.iterations=12", "schedule.train_log_every=1", "logger=none",
+           "schedule.ema_decay=0.9", "data.loader=shuffled", "optimizer.muon_numerics=banked",
+           "optimizer.muon_row_normalize=true"]
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *job, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step:5/12 train_loss"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), *job, f"resume={run_dir}"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    straight = tmp_path / "straight"
+    pgolf.train(pgolf.compose(job), run_dir=straight)
+    a = torch.load(run_dir / "final_model.pt", weights_only=True)
+    b = torch.load(straight / "final_model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
