@@ -120,7 +120,7 @@ def test_ema_is_the_records_fp32_shadow():
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model)
-    want = 0.9 * theta0["weight"] + 0.1 * model.weight.float()
+    want = theta0["weight"].mul_(0.9).add_(model.weight.detach().float(), alpha=0.1)  # the records' update
     assert ema.shadow["weight"].dtype == torch.float32 and torch.equal(ema.shadow["weight"], want)
     assert ema.average(model.state_dict())["weight"].dtype == torch.bfloat16
     again = EMA(0.9)
