@@ -47,7 +47,8 @@ NUMERICS = ("baseline", "banked")
 def ns_schedule(coefficients: str, steps: int) -> tuple[tuple[float, float, float], ...]:
     """The (a, b, c) tuple of each of `steps` iterations (PgolfError on an unknown set or too many steps)."""
     if coefficients not in NS_COEFFICIENTS:
-        raise PgolfError(f"optimizer.ns_coefficients={coefficients!r} is unknown; use one of {', '.join(NS_COEFFICIENTS)}")
+        raise PgolfError(f"optimizer.ns_coefficients={coefficients!r} is unknown; "
+                         f"use one of {', '.join(NS_COEFFICIENTS)}")
     table = NS_COEFFICIENTS[coefficients]
     if len(table) == 1:
         return table * steps
@@ -81,7 +82,8 @@ def newton_schulz(G: Tensor, coeffs: tuple[tuple[float, float, float], ...], eps
     return X.mT if transposed else X
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, eps: float = 1e-7,
+                                dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """The baseline's quintic iteration (kept for callers of the old name)."""
     return newton_schulz(G, ns_schedule("quintic", steps), eps, dtype)
 
@@ -322,7 +324,9 @@ class Optimizers:
         def adam(param_groups: list[dict], wd: float, betas: list[float] | None) -> torch.optim.Optimizer:
             # AdamW with weight_decay=0 is exactly Adam; the records from 2026-03-20 decay with AdamW.
             kw = dict(betas=tuple(betas) if betas is not None else (beta1, beta2), eps=adam_eps, fused=fused)
-            return torch.optim.AdamW(param_groups, weight_decay=wd, **kw) if wd > 0 else torch.optim.Adam(param_groups, **kw)
+            if wd > 0:
+                return torch.optim.AdamW(param_groups, weight_decay=wd, **kw)
+            return torch.optim.Adam(param_groups, **kw)
 
         embed_wd = adam_weight_decay if embed_weight_decay is None else embed_weight_decay
         token_lr = tied_embed_lr if model.tie_embeddings else embed_lr

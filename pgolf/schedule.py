@@ -72,7 +72,8 @@ class Schedule:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise PgolfError(f"schedule.{name}={getattr(self, name)} must be in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise PgolfError(f"schedule.ema_decay={self.ema_decay} must be in [0, 1) (0 = no EMA; records 0.997, 0.9965)")
+            raise PgolfError(f"schedule.ema_decay={self.ema_decay} must be in [0, 1) "
+                             "(0 = no EMA; records 0.997, 0.9965)")
         if self.ema_decay > 0 and self.swa_every > 0:
             raise PgolfError("schedule.ema_decay and schedule.swa_every are both set; only one average can be exported "
                              "(the records after 2026-03-20 use EMA): set swa_every=0 or ema_decay=0")

@@ -90,7 +90,8 @@ def _local_seqs(global_tokens: int, seq_len: int, world_size: int, grad_accum_st
     local = global_tokens // (world_size * grad_accum_steps)
     if local <= 0 or local % seq_len:
         raise PgolfError(f"train_batch_tokens={global_tokens} gives {local} tokens per rank per micro-step, not a "
-                         f"positive multiple of seq_len={seq_len}; use a multiple of world_size*grad_accum_steps*seq_len")
+                         f"positive multiple of seq_len={seq_len}; "
+                         "use a multiple of world_size*grad_accum_steps*seq_len")
     return local // seq_len
 
 
@@ -102,7 +103,8 @@ class ShuffledSequenceLoader:
         if not files:
             raise PgolfError(f"{pattern}: {len(_files(pattern))} shards for {world_size} ranks; the shuffled loader "
                              "gives each rank its own shards, so use at least one shard per rank")
-        self.shards, self.seq_len, self.device, self.world_size = _Shards(files), seq_len, torch.device(device), world_size
+        self.shards, self.seq_len, self.world_size = _Shards(files), seq_len, world_size
+        self.device = torch.device(device)
         self.rng = np.random.Generator(np.random.PCG64(rank))
         self.starts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(files)
         for si in range(len(files)):
@@ -135,7 +137,8 @@ class ShuffledSequenceLoader:
         return _batch(windows, self.device)
 
     def state_dict(self) -> dict:
-        return {"kind": "shuffled", "rng": _rng_state(self.rng), "starts": [torch.from_numpy(s.copy()) for s in self.starts]}
+        return {"kind": "shuffled", "rng": _rng_state(self.rng),
+                "starts": [torch.from_numpy(s.copy()) for s in self.starts]}
 
     def load_state_dict(self, state: dict) -> None:
         _check_kind(state, "shuffled", lambda: len(state["starts"]), len(self.starts))
@@ -193,8 +196,8 @@ class CoprimeStrideLoader:
                 self._reset(si)
             bc, ni = int(self.blocks[si]), int(self.next[si])
             take = min(count, bc - ni)
-            out += [(si, int(self.phase[si]) + (int(self.start[si]) + (ni + j) * int(self.stride[si])) % bc * self.seq_len)
-                    for j in range(take)]
+            phase, start, stride = int(self.phase[si]), int(self.start[si]), int(self.stride[si])
+            out += [(si, phase + (start + (ni + j) * stride) % bc * self.seq_len) for j in range(take)]
             self.next[si] = ni + take
             count -= take
         return out
