@@ -220,3 +220,30 @@ def test_ema_loader_and_banked_momentum_resume_exactly(tmp_path, fast_cache):
     a = torch.load(run_dir / "final_model.pt", weights_only=True)
     b = torch.load(straight / "final_model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adam_groups_and_wd_taper_follow_the_records():
+    """#1787's Adam setup (AdamW: embedding WD 0.085, scalars 0.02) and #1729's taper on Muon only."""
+    from pgolf.model import GPT
+    from pgolf.optim import Optimizers
+
+    model = GPT(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2)
+    opt = Optimizers(model, muon_weight_decay=0.095, embed_weight_decay=0.085, adam_weight_decay=0.02,
+                     scalar_betas=[0.9, 0.99])
+    assert type(opt.token).__name__ == "AdamW" and opt.token.defaults["weight_decay"] == 0.085
+    assert type(opt.scalar).__name__ == "AdamW" and opt.scalar.defaults["weight_decay"] == 0.02
+    assert opt.scalar.defaults["betas"] == (0.9, 0.99) and opt.token.defaults["betas"] == (0.9, 0.95)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step(0, 1.0, wd_mul=0.5)
+    assert opt.muon.param_groups[0]["weight_decay"] == pytest.approx(0.0475)
+    assert opt.token.param_groups[0]["weight_decay"] == 0.085
+
+
+def test_the_pr1787_options_compose():
+    from pgolf.build import build, compose
+
+    cfg = compose(["optimizer=pr1787", "schedule=pr1787"])
+    s = build(cfg, "schedule")
+    assert (s.warmdown_frac, s.min_lr, s.ema_decay, s.budget_ms) == (0.75, 0.1, 0.9965, 592000.0)
+    assert cfg.optimizer.ns_coefficients == "polar_express" and cfg.optimizer.muon_parallel is True
