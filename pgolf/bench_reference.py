@@ -98,7 +98,7 @@ def train_step(baseline: ModuleType, *, num_layers: int, model_dim: int, num_hea
     ours_bf16 = copy.deepcopy(ours)
     theirs = baseline.GPT(**shape)
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    opt, opt_bf16 = Optimizers(ours), Optimizers(ours_bf16, ns_fp32_on_cpu=False)
+    opt, opt_bf16 = Optimizers(ours, ns_dtype="fp32"), Optimizers(ours_bf16, ns_dtype="bf16")
     # The baseline's split (embedding / block matrices / scalars) at its learning rates, which
     # are pgolf's defaults: map each pgolf group onto the baseline model's parameters by name.
     name_of = {id(p): n for n, p in ours_bf16.named_parameters()}

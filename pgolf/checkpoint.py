@@ -138,7 +138,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, rank: int, world_size: int, barrier, write, step: int, train_ms: float, config: dict,
-         model_state: dict | None, swa_state: dict | None, rank_state: dict) -> Path:
+         model_state: dict | None, swa_state: dict | None, rank_state: dict, ema_state: dict | None = None) -> Path:
     """Write one checkpoint (every rank calls this; `barrier()` syncs ranks, `write(path, bytes)`
     is the atomic writer). Returns the checkpoint directory."""
     final, tmp, old = run_dir / CHECKPOINT_DIR, run_dir / f"{CHECKPOINT_DIR}.tmp", run_dir / f"{CHECKPOINT_DIR}.old"
@@ -148,7 +148,7 @@ def save_checkpoint(run_dir: Path, *, rank: int, world_size: int, barrier, write
     barrier()
     write(tmp / f"rank{rank}.pt", _to_bytes(rank_state))
     if rank == 0:
-        write(tmp / "model.pt", _to_bytes({"model": model_state, "swa": swa_state}))
+        write(tmp / "model.pt", _to_bytes({"model": model_state, "swa": swa_state, "ema": ema_state}))
         meta = {"step": step, "train_ms": train_ms, "world_size": world_size, "config": config}
         write(tmp / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     barrier()
@@ -258,12 +258,14 @@ def load_checkpoint(ckpt: Path, *, rank: int, world_size: int, config: dict) -> 
     return {**meta, **weights, "rank_state": torch.load(rank_file, map_location="cpu", weights_only=True)}
 
 
-def restore_checkpoint(ckpt: Path, *, rank: int, world_size: int, config: dict, model, optimizers, swa, loader
-                       ) -> tuple[int, float]:
+def restore_checkpoint(ckpt: Path, *, rank: int, world_size: int, config: dict, model, optimizers, swa, loader,
+                       ema=None) -> tuple[int, float]:
     """Load a checkpoint into the run's objects; returns (step, train_ms) to continue from."""
     state = load_checkpoint(ckpt, rank=rank, world_size=world_size, config=config)
     model.load_state_dict(state["model"], strict=True)
     swa.load_state_dict(state["swa"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"], device=next(model.parameters()).device)
     optimizers.load_state_dict(state["rank_state"]["optimizer"])
     loader.load_state_dict(state["rank_state"]["loader"])
     set_rng_state(state["rank_state"]["rng"])

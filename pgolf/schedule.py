@@ -1,9 +1,19 @@
-"""Training length, the LR multiplier as a function of (step, elapsed time), and SWA.
+"""Training length and every switch that depends on it, as functions of (step, elapsed time).
 
-Wall-clock time is an input: with a cap, warmdown starts when the remaining time equals
-`warmdown_iters` steps at the average step time so far (the baseline's rule), so the LR
-reaches zero exactly when the cap hits, whatever the hardware. Without a cap (0), it is
-the classic linear warmdown over the last `warmdown_iters` iterations.
+`Schedule.at(step, elapsed_ms)` is the one place the loop asks "where are we": it returns a
+`Point` with the training fraction, the LR multiplier, the Muon WD multiplier and the
+switches (late QAT, depth-recurrence looping, EMA/SWA windows). Wall-clock time is an input,
+so a run ends its warm-down when its time budget ends, whatever the hardware.
+
+Two warm-down forms (the records' own):
+- `warmdown_iters` (<= 2026-03-31): with a wall-clock cap, warm-down starts when the remaining
+  time equals `warmdown_iters` steps at the average step time so far; without one (0), it is
+  linear over the last `warmdown_iters` iterations.
+- `warmdown_frac` (2026-04-01 #1218 onward; takes precedence when > 0): f = elapsed /
+  (max_wallclock - gptq_reserve) (or step / iterations without a cap); lr = 1 until
+  f >= 1 - w, then max((1 - f) / w, min_lr). `min_lr` is the floor of #1787.
+The budget is shortened by `gptq_reserve_seconds` (#1060 onward) so that GPTQ calibration,
+which reads training data, happens inside the 600 s.
 """
 
 from __future__ import annotations
@@ -16,38 +26,94 @@ from torch import Tensor, nn
 from pgolf.errors import PgolfError
 
 
+@dataclass(frozen=True)
+class Point:
+    """The schedule at one step: `frac` of the training budget used (>= 0; 1 = budget spent),
+    the LR multiplier, the Muon weight-decay multiplier (WD taper) and the switch states."""
+
+    frac: float
+    lr_mul: float
+    wd_mul: float
+    qat: bool
+    ema: bool
+
+
 @dataclass(frozen=True, kw_only=True)
 class Schedule:
     iterations: int = 20000
     warmup_steps: int = 20
     warmdown_iters: int = 1200
+    warmdown_frac: float = 0.0
+    min_lr: float = 0.0
     max_wallclock_seconds: float = 600.0
+    gptq_reserve_seconds: float = 0.0
     train_batch_tokens: int = 524_288
     train_seq_len: int = 1024
     train_log_every: int = 200
     swa_every: int = 0
     swa_start_frac: float = 0.4
+    ema_decay: float = 0.0
+    ema_start_frac: float = 0.0
     qat_start_frac: float = 1.0
+    wd_taper_start_frac: float = 1.0
+    wd_taper_final_mult: float = 1.0
 
     def __post_init__(self):
         for name in ("iterations", "train_batch_tokens", "train_seq_len"):
             if getattr(self, name) <= 0:
                 raise PgolfError(f"schedule.{name}={getattr(self, name)} must be positive")
-        for name in ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "swa_every", "train_log_every"):
+        for name in ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "swa_every", "train_log_every",
+                     "gptq_reserve_seconds", "wd_taper_final_mult"):
             if getattr(self, name) < 0:
                 raise PgolfError(f"schedule.{name}={getattr(self, name)} must be >= 0")
+        for name in ("warmdown_frac", "min_lr", "ema_start_frac", "wd_taper_start_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise PgolfError(f"schedule.{name}={getattr(self, name)} must be in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise PgolfError(f"schedule.ema_decay={self.ema_decay} must be in [0, 1) "
+                             "(0 = no EMA; records 0.997, 0.9965)")
+        if self.ema_decay > 0 and self.swa_every > 0:
+            raise PgolfError("schedule.ema_decay and schedule.swa_every are both set; only one average can be exported "
+                             "(the records after 2026-03-20 use EMA): set swa_every=0 or ema_decay=0")
+        if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
+            raise PgolfError(f"schedule.gptq_reserve_seconds={self.gptq_reserve_seconds} leaves no training time of "
+                             f"max_wallclock_seconds={self.max_wallclock_seconds}; lower it")
+
+    @property
+    def budget_ms(self) -> float:
+        """Training time in ms before the loop stops (0 = no cap): the cap minus the GPTQ reserve."""
+        if self.max_wallclock_seconds <= 0:
+            return 0.0
+        return 1000.0 * (self.max_wallclock_seconds - self.gptq_reserve_seconds)
+
+    def frac(self, step: int, elapsed_ms: float) -> float:
+        """Fraction of the budget used: elapsed / budget with a cap, else step / iterations (the
+        records' `training_frac`)."""
+        return elapsed_ms / max(self.budget_ms, 1e-9) if self.budget_ms > 0 else step / max(self.iterations, 1)
 
     def lr_mul(self, step: int, elapsed_ms: float) -> float:
-        """LR multiplier in [0, 1] for the step about to run, given train time so far."""
+        """LR multiplier for the step about to run, given train time so far."""
+        if self.warmdown_frac > 0:
+            f, w = self.frac(step, elapsed_ms), self.warmdown_frac
+            return max((1.0 - f) / w, self.min_lr) if f >= 1.0 - w else 1.0
         if self.warmdown_iters <= 0:
             return 1.0
-        if self.max_wallclock_seconds <= 0:
+        if self.budget_ms <= 0:
             start = max(self.iterations - self.warmdown_iters, 0)
-            return max((self.iterations - step) / self.warmdown_iters, 0.0) if start <= step < self.iterations else 1.0
-        step_ms = elapsed_ms / max(step, 1)
-        warmdown_ms = self.warmdown_iters * step_ms
-        remaining_ms = max(1000.0 * self.max_wallclock_seconds - elapsed_ms, 0.0)
-        return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+            mul = max((self.iterations - step) / self.warmdown_iters, 0.0) if start <= step < self.iterations else 1.0
+        else:
+            warmdown_ms = self.warmdown_iters * elapsed_ms / max(step, 1)
+            remaining_ms = max(self.budget_ms - elapsed_ms, 0.0)
+            mul = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        return max(mul, self.min_lr) if mul < 1.0 else mul
+
+    def wd_mul(self, frac: float) -> float:
+        """Muon WD taper (#1729): 1 until `wd_taper_start_frac`, then linear to `wd_taper_final_mult` at f=1."""
+        start = self.wd_taper_start_frac
+        if frac <= start or start >= 1.0:
+            return 1.0
+        progress = min((frac - start) / (1.0 - start), 1.0)
+        return 1.0 + (self.wd_taper_final_mult - 1.0) * progress
 
     def qat_active(self, lr_scale: float) -> bool:
         """Late QAT: fake quantization is on once the LR multiplier falls below qat_start_frac (1.0 = always)."""
@@ -56,6 +122,22 @@ class Schedule:
     def swa_due(self, step: int, lr_scale: float) -> bool:
         """SWA (2026-03-20 records): sample after step `step` when scale < start frac and step % every == 0."""
         return self.swa_every > 0 and lr_scale < self.swa_start_frac and step % self.swa_every == 0
+
+    def at(self, step: int, elapsed_ms: float) -> Point:
+        """Everything the loop switches on before running step `step` (0-based) at `elapsed_ms` of train time."""
+        f = self.frac(step, elapsed_ms)
+        lr = self.lr_mul(step, elapsed_ms)
+        return Point(frac=f, lr_mul=lr, wd_mul=self.wd_mul(f), qat=self.qat_active(lr),
+                     ema=self.ema_decay > 0 and f >= self.ema_start_frac)
+
+    def describe(self) -> str:
+        """One log line naming the schedule options in effect."""
+        form = (f"warmdown_frac:{self.warmdown_frac}" if self.warmdown_frac > 0
+                else f"warmdown_iters:{self.warmdown_iters}")
+        return (f"schedule: {form} min_lr:{self.min_lr} budget_ms:{self.budget_ms:.0f} "
+                f"gptq_reserve_seconds:{self.gptq_reserve_seconds} ema_decay:{self.ema_decay} "
+                f"swa_every:{self.swa_every} qat_start_frac:{self.qat_start_frac} "
+                f"wd_taper:{self.wd_taper_start_frac}->x{self.wd_taper_final_mult}")
 
 
 class SWA:
@@ -87,3 +169,44 @@ class SWA:
 
     def load_state_dict(self, state: dict) -> None:
         self.sum, self.count = state["sum"], state["count"]
+
+
+class EMA:
+    """Exponential moving average of the whole state_dict (2026-03-20 #287, 1.1271; all later records).
+
+    An fp32 shadow on the model's device, updated after every optimizer step:
+    ema <- d * ema + (1 - d) * theta. `average(like)` casts it back to the model's dtypes; the
+    trainer loads it before export, so the averaged weights are what gets quantized and scored.
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.shadow: dict[str, Tensor] | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        if self.shadow is None:  # the records start the shadow from the initial weights (after warm-up restore)
+            self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
+        for k, v in state.items():
+            self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
+        self.count += 1
+
+    @torch.no_grad()
+    def start(self, model: nn.Module) -> None:
+        """Begin the shadow at the current weights (the records do this before the first step)."""
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    def average(self, like: dict[str, Tensor]) -> dict[str, Tensor]:
+        assert self.shadow is not None
+        return {k: v.to(dtype=like[k].dtype, device=like[k].device) for k, v in self.shadow.items()}
+
+    def state_dict(self) -> dict:
+        return {"shadow": None if self.shadow is None else {k: v.cpu() for k, v in self.shadow.items()},
+                "count": self.count}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        shadow = state["shadow"]
+        self.shadow = None if shadow is None else {k: v.to(device) for k, v in shadow.items()}
+        self.count = state["count"]

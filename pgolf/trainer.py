@@ -31,12 +31,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemption, can_resume, fault_point,
                               final_state, final_state_bytes, restore_checkpoint, resume_source, rng_state,
                               save_checkpoint)
-from pgolf.data import DistributedTokenLoader, load_validation_tokens
+from pgolf.data import load_validation_tokens
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.quant import load_artifact
 from pgolf.runlog import RunLog, describe_environment
-from pgolf.schedule import SWA
+from pgolf.schedule import EMA, SWA
 
 SIZE_CAP_BYTES = 16_000_000
 
@@ -233,25 +233,32 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     # -------------------------------- model + optimizer --------------------------------
     base_model = place_model(model, rt)
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if rt.compile else base_model
+    opt = job.optimizers_fn(base_model)
+    if rt.distributed and getattr(opt, "ddp_ignored", None):  # Parallel Muon reduces the matrices' gradients itself
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            compiled, [n for n, p in compiled.named_parameters() if p in opt.ddp_ignored])
     train_model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                       broadcast_buffers=False) if rt.distributed else compiled
-    opt = job.optimizers_fn(base_model)
     n_params = sum(p.numel() for p in base_model.parameters())
     if rt.master:
         check_disk(run_dir, n_params)
     log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{grad_accum} device:{rt.device} "
         f"dtype:{rt.dtype} compile:{rt.compile}")
+    log(sched.describe())
+    log(opt.describe())
     if not rt.master:  # only rank 0 talks to W&B
         from pgolf.runlog import NullLogger
 
         job.logger = NullLogger()
     job.logger.start(config=job.config, run_dir=run_dir, log=log, resuming=can_resume(job.resume, run_dir))
-    loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device,
-                                    vocab_size=vocab)
+    new_loader = lambda: job.data.make_loader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size,  # noqa: E731
+                                              device=rt.device, seq_len=sched.train_seq_len, vocab_size=vocab)
+    loader = new_loader()
+    log(f"data_loader:{job.data.loader}")
     has_qat = any(getattr(m, "qat_bits", 0) for m in base_model.modules())
     autocast = lambda: torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)  # noqa: E731
 
-    def train_step(step: int, scale: float) -> torch.Tensor:
+    def train_step(step: int, scale: float, wd_mul: float = 1.0) -> torch.Tensor:
         loss_sum = torch.zeros((), device=rt.device)
         for micro in range(grad_accum):
             if rt.distributed:  # DDP syncs gradients on the last micro-step only
@@ -261,7 +268,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                 loss = train_model(x, y)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
-        opt.step(step, scale)
+        opt.step(step, scale, wd_mul)
         return loss_sum / grad_accum
 
     def evaluate(kind: str) -> tuple[float, float]:
@@ -295,17 +302,18 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         base_model.load_state_dict(init_model, strict=True)
         opt.load_state_dict(init_opt)
         opt.zero_grad()
-        loader = DistributedTokenLoader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size,
-                                        device=rt.device, vocab_size=vocab)
+        loader = new_loader()
 
     # -------------------------------- resume --------------------------------
-    swa = SWA()
+    swa, ema = SWA(), EMA(sched.ema_decay)
+    if sched.ema_decay > 0 and sched.ema_start_frac == 0:
+        ema.start(base_model)  # the records' shadow starts at the (restored) initial weights
     train_ms, step, stop_after = 0.0, 0, None
     saving = job.checkpoint or Checkpointing()
     source = resume_source(job.resume, run_dir)
     if source is not None:
         step, train_ms = restore_checkpoint(source, rank=rt.rank, world_size=rt.world_size, config=job.config,
-                                            model=base_model, optimizers=opt, swa=swa, loader=loader)
+                                            model=base_model, optimizers=opt, swa=swa, loader=loader, ema=ema)
         log(f"resumed:{source} step:{step} train_time:{train_ms:.0f}ms")
     saved_at = (step, train_ms)
     barrier = dist.barrier if rt.distributed else (lambda: None)
@@ -315,7 +323,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         model_state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()} if rt.master else None
         return save_checkpoint(run_dir, rank=rt.rank, world_size=rt.world_size, barrier=barrier, write=write_atomic,
                                step=step, train_ms=train_ms, config=job.config, model_state=model_state,
-                               swa_state=swa.state_dict() if rt.master else None, rank_state=rank_state)
+                               swa_state=swa.state_dict() if rt.master else None, rank_state=rank_state,
+                               ema_state=ema.state_dict() if rt.master else None)
 
     if any_rank([preemption.signum is not None], rt)[0]:  # signalled before the first step (setup, warm-up)
         log(f"checkpoint:{checkpoint_now()} step:{step} train_time:{train_ms:.0f}ms")
@@ -346,31 +355,30 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                     log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{sched.iterations}")
                 break
 
-            elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-            scale = sched.lr_mul(step, elapsed_ms)
-            # Depth recurrence switches on at a fraction of the budget (wall clock when capped); one recompile.
-            frac = elapsed_ms / (1000.0 * sched.max_wallclock_seconds) if sched.max_wallclock_seconds > 0 \
-                else step / max(sched.iterations, 1)
-            if base_model.loop_passes_at(frac) != base_model.loop_passes:
-                base_model.set_looping(base_model.loop_passes_at(frac))
-                log(f"looping:{base_model.loop_passes} extra pass(es) step:{step} frac:{frac:.3f}")
-            if has_qat and sched.qat_active(scale) != qat_on:
-                qat_on = sched.qat_active(scale)
+            point = sched.at(step, train_ms + 1000.0 * (time.perf_counter() - t0))  # every switch reads this
+            scale = point.lr_mul
+            if has_qat and point.qat != qat_on:
+                qat_on = point.qat
                 base_model.set_qat(qat_on)
                 log(f"qat:{'on' if qat_on else 'off'} step:{step} lr_scale:{scale:.4f}")
-            train_loss = train_step(step, scale)
+            if base_model.loop_passes_at(point.frac) != base_model.loop_passes:  # depth recurrence: one recompile
+                base_model.set_looping(base_model.loop_passes_at(point.frac))
+                log(f"looping:{base_model.loop_passes} extra pass(es) step:{step} frac:{point.frac:.3f}")
+            train_loss = train_step(step, scale, point.wd_mul)
             step += 1
             approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            if point.ema:
+                ema.update(base_model)
             if sched.swa_due(step, scale):
                 swa.add(base_model)
-            capped = sched.max_wallclock_seconds > 0 and approx_ms >= 1000.0 * sched.max_wallclock_seconds
+            capped = sched.budget_ms > 0 and approx_ms >= sched.budget_ms
             if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
                 loss_value = train_loss.item()
                 check_finite(loss_value, step)
                 log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
-                    f"step_avg:{approx_ms / step:.2f}ms")
-                job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/step_ms": approx_ms / step},
-                               step=step)
+                    f"step_avg:{approx_ms / step:.2f}ms lr_scale:{scale:.4f} wd_mul:{point.wd_mul:.4f}")
+                job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/wd_mul": point.wd_mul,
+                                "train/step_ms": approx_ms / step}, step=step)
             fault_point(f"step:{step}")
             capped, save_now, preempted = any_rank(
                 [capped, saving.due(step, approx_ms, *saved_at), preemption.signum is not None], rt)
@@ -393,14 +401,18 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     base_model.set_looping(base_model.num_loops)  # evals run the full schedule, as a loaded artifact does
     peak_mib = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
     log(f"peak memory allocated: {peak_mib} MiB")
-    if swa.count > 1:  # the 2026-03-20 records apply SWA only with 2+ snapshots
-        log(f"swa:applying average of {swa.count} snapshots")
-        base_model.load_state_dict(swa.average(base_model.state_dict()), strict=True)
+    raw_bpb = pre_bpb  # before weight averaging
+    averaged = ("ema", ema) if ema.count > 0 else ("swa", swa) if swa.count > 1 else None  # SWA: 2+ snapshots
+    if averaged is not None:  # the averaged weights are what gets exported and scored
+        kind, avg = averaged
+        log(f"{kind}:applying {'EMA shadow' if kind == 'ema' else 'average'} of {avg.count} "
+            f"{'updates' if kind == 'ema' else 'snapshots'}")
+        base_model.load_state_dict(avg.average(base_model.state_dict()), strict=True)
         pre_loss, pre_bpb = evaluate("standard")
-        log(f"swa val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f}")
+        log(f"{kind} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} pre_averaging_val_bpb:{raw_bpb:.4f}")
     metrics = finish(job, rt, run_dir, log, base_model, evaluate, dict(
         pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=n_params, steps=step, train_ms=train_ms, peak_mib=peak_mib,
-        unigram_bpb=floor, swa_count=swa.count), preemption)
+        unigram_bpb=floor, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb), preemption)
     rt.close()
     return metrics
 
@@ -501,6 +513,8 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         "train/time_s": t["train_ms"] / 1000.0,
         "train/ms_per_step": t["train_ms"] / max(t["steps"], 1),
         "train/swa_snapshots": t["swa_count"],
+        "train/ema_updates": t["ema_count"],
+        "final/pre_averaging_bpb": t["raw_bpb"],
         "eval/time_s": eval_s,
         "memory/peak_mib": t["peak_mib"],
         "world_size": rt.world_size,

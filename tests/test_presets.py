@@ -72,6 +72,12 @@ TABLE = [
     ("optimizer.beta2",                     0.95,       0.95,       0.95,       0.95,       0.95),
     ("optimizer.adam_eps",                  1e-8,       1e-8,       1e-8,       1e-8,       1e-8),
     ("optimizer.grad_clip_norm",            0.0,        0.0,        0.3,        0.3,        0.0),
+    ("optimizer.muon_row_normalize", False, False, False, False, False),
+    ("optimizer.ns_coefficients", "quintic", "quintic", "quintic", "quintic", "quintic"),
+    ("optimizer.embed_weight_decay", None, None, None, None, None),
+    ("optimizer.embed_betas", None, None, None, None, None),
+    ("optimizer.scalar_betas", None, None, None, None, None),
+    ("optimizer.head_betas", None, None, None, None, None),
     ("schedule.iterations",                 20000,      20000,      20000,      20000,      20000),
     ("schedule.warmup_steps",               20,         20,         20,         20,         20),
     ("schedule.warmdown_iters",             1200,       3000,       3000,       3000,       3000),
@@ -83,6 +89,13 @@ TABLE = [
     ("schedule.swa_start_frac",             NA,         NA,         0.4,        NA,         NA),
     # QAT from the first step in both QAT records (no late QAT).
     ("schedule.qat_start_frac",             NA,         1.0,        NA,         1.0,        NA),
+    ("schedule.warmdown_frac", 0.0, 0.0, 0.0, 0.0, 0.0),
+    ("schedule.min_lr", 0.0, 0.0, 0.0, 0.0, 0.0),
+    ("schedule.gptq_reserve_seconds", 0.0, 0.0, 0.0, 0.0, 0.0),
+    ("schedule.ema_decay", 0.0, 0.0, 0.0, 0.0, 0.0),
+    ("schedule.ema_start_frac", 0.0, 0.0, 0.0, 0.0, 0.0),
+    ("schedule.wd_taper_start_frac", 1.0, 1.0, 1.0, 1.0, 1.0),
+    ("schedule.wd_taper_final_mult", 1.0, 1.0, 1.0, 1.0, 1.0),
     ("eval.val_batch_size",                 524288,     524288,     524288,     524288,     524288),
     ("eval.val_loss_every",                 200,        0,          500,        200,        0),
     ("eval.seq_len",                        None,       None,       None,       None,       None),
@@ -103,7 +116,8 @@ TABLE = [
 ]
 # fmt: on
 # pgolf-only knobs with no record counterpart; the completeness test lets these through.
-PGOLF_ONLY = {"optimizer.ns_fp32_on_cpu", "optimizer.compile_ns", "quant.estimate_level"}
+PGOLF_ONLY = {"optimizer.ns_dtype", "optimizer.compile_ns", "optimizer.muon_numerics", "optimizer.muon_parallel",
+              "quant.estimate_level"}
 CHECKED_GROUPS = ("model", "optimizer", "schedule", "eval", "quant")
 
 # Logged parameter counts ("model_params:" in each record's log).

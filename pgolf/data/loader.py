@@ -86,6 +86,9 @@ class TokenStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Jump to a position saved by `state_dict`; the shard set must be the same one."""
+        if state.get("kind", "sequential") != "sequential":
+            raise PgolfError(f"loader state was saved by the {state['kind']} loader, this run uses data.loader="
+                             "sequential; resume with the same loader")
         if int(state["num_files"]) != len(self.files):
             raise PgolfError(
                 f"loader state was saved with {state['num_files']} shards but {len(self.files)} match now "

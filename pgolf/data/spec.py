@@ -48,13 +48,27 @@ class DataSpec:
     num_val_docs: int = 50
     max_docs: int | None = None
     shard_tokens: int = 1_000_000
+    loader: str = "sequential"
+    bos_id: int = 1
 
     def __post_init__(self) -> None:
+        from pgolf.data.loaders import LOADERS
+
+        if self.loader not in LOADERS:
+            raise PgolfError(f"data.loader={self.loader!r} is unknown; use one of {', '.join(LOADERS)}")
         if self.source is not None and self.source not in BUILT_SOURCES:
             msg = f"data.source={self.source!r} is unknown; use null (pre-built shards) or one of {BUILT_SOURCES}"
             raise PgolfError(msg)
         if self.source is None and not (self.data_path and self.tokenizer_path):
             raise PgolfError(f"data {self.name}: data_path and tokenizer_path are required when data.source is null")
+
+    def make_loader(self, train_pattern: str, *, rank: int, world_size: int, device, seq_len: int,
+                    vocab_size: int | None = None):
+        """This run's training loader (`loader`: see pgolf.data.loaders; `bos_id` for `documents`)."""
+        from pgolf.data.loaders import make_loader
+
+        return make_loader(self.loader, train_pattern, rank=rank, world_size=world_size, device=device,
+                           seq_len=seq_len, bos_id=self.bos_id, vocab_size=vocab_size)
 
     def build_dir(self) -> Path:
         """Where a built source is cached."""
