@@ -383,7 +383,7 @@ def test_dataspec_missing_dataset(tmp_path, monkeypatch):
     (tmp_path / "data/tokenizers").mkdir()
     (tmp_path / "data/tokenizers/fineweb_1024_bpe.model").write_text("m")
     r = spec.ensure()
-    assert r.train_pattern == str(local / "fineweb_train_*.bin") and r.val_pattern == str(local / "fineweb_val_*.bin")
+    assert r.train_pattern == str(local / "fineweb_train_*.bin") and r.val_pattern == str(local / "fineweb_val_[0-9]*.bin")
     assert r.tokenizer_path == str(tmp_path / "data/tokenizers/fineweb_1024_bpe.model")
 
 

@@ -28,7 +28,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Dependency order: a module comes after every module whose names it uses at import time.
 MODULES = (
     "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "layers",
-    "techniques", "model", "optim", "schedule", "evaluate", "data/shards", "data/loader", "data/spec", "runlog",
+    "techniques", "model", "optim", "schedule", "evaluate", "data/shards", "data/loader", "data/caseops",
+    "data/byte_counts", "data/spec", "runlog",
     "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"
