@@ -30,7 +30,8 @@ OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 _RUN = re.compile(r"[A-Za-z]+|[\ue001-\ue004]")
 # In UTF-8 the operators are EE 80 81..84. An ESC and the operator it escapes form one pair
 # (the ESC is free, the escaped character costs its 3 bytes); a bare operator is free.
-_FREE_UTF8 = re.compile(rb"\xee\x80\x84(?=\xee\x80[\x81-\x84])|\xee\x80[\x81-\x83]")
+# Each match's first 3 bytes are free; a pair match consumes the escaped operator with it.
+_FREE_UTF8 = re.compile(rb"\xee\x80\x84\xee\x80[\x81-\x84]|\xee\x80[\x81-\x83]")
 
 
 def _encode_run(m: re.Match) -> str:
@@ -95,23 +96,31 @@ def decode(text: str) -> str:
     return "".join(out)
 
 
-def original_byte_counts(transformed: str, ends: list[int]) -> np.ndarray:
+def original_byte_counts(transformed: str, spans: list[tuple[int, int]]) -> np.ndarray:
     """Bytes of the original text behind each token of `transformed` (= `encode(original)`).
 
-    `ends` are the tokens' end offsets in the UTF-8 bytes of `transformed`, non-decreasing
-    (SentencePiece's `piece.end`). Token k is charged the bytes in (ends[k-1], ends[k]], the
-    first from 0 and the last up to the end of the text, so the tokens tile the text and the
-    counts sum to len(original.encode()) exactly. (The record charges each piece its surface;
-    the two agree wherever surfaces tile the text, and differ only where the normaliser drops
-    leading or trailing whitespace, which this charges to the first or last token.)
-    Returns int64 (len(ends),)."""
+    `spans` are the tokens' (begin, end) offsets in the UTF-8 bytes of `transformed`, in order
+    (SentencePiece's `piece.begin`, `piece.end`). Token k is charged the original bytes from
+    the end of token k-1 to its own end (the first from 0, the last to the end of the text),
+    so the counts sum to len(original.encode()) exactly; an operator token passes what it was
+    charged on to the next other token, so operators always cost 0. (The record charges each
+    piece its surface; the two agree wherever surfaces tile the text, and differ only where
+    the normaliser drops whitespace outside every piece, e.g. a document's leading spaces.)
+    Returns int64 (len(spans),)."""
     raw = transformed.encode("utf-8")
     weight = np.ones(len(raw) + 1, dtype=np.int64)
-    weight[0] = 0  # cum[i] = bytes before offset i
+    weight[0] = 0  # cum[i] = original bytes before offset i
     for m in _FREE_UTF8.finditer(raw):
         weight[m.start() + 1 : m.start() + 4] = 0
     cum = np.cumsum(weight)
-    if not ends:
+    if not spans:
         return np.zeros(0, dtype=np.int64)
-    bounds = np.array([0, *ends[:-1], len(raw)], dtype=np.int64)
-    return np.diff(cum[bounds])
+    begin, end = np.array(spans, dtype=np.int64).T
+    counts = np.diff(cum[np.concatenate([[0], end[:-1], [len(raw)]])])
+    free = (end > begin) & (cum[end] == cum[begin])  # the token is an operator (or an ESC)
+    for k in np.flatnonzero(free & (counts > 0)):  # rare: whitespace the normaliser dropped before it
+        later = np.flatnonzero(~free[k + 1:])
+        to = k + 1 + later[0] if later.size else np.flatnonzero(~free[:k])[-1]
+        counts[to] += counts[k]
+        counts[k] = 0
+    return counts

@@ -308,7 +308,8 @@ def _export(docs: Iterator[str], sp: spm.SentencePieceProcessor, *, out_dir: Pat
                 if split == "val":
                     val_docs.setdefault(key, n)
                     if caseops:
-                        counts = np.concatenate([[0], caseops_mod.original_byte_counts(seen, [p.end for p in enc.pieces])])
+                        spans_k = [(p.begin, p.end) for p in enc.pieces]
+                        counts = np.concatenate([[0], caseops_mod.original_byte_counts(seen, spans_k)])
                         if int(counts.sum()) != len(raw):
                             raise PgolfError(f"validation document {n} has {len(raw)} bytes but no token to charge "
                                              "them to (it is only whitespace); drop it from the source")
