@@ -15,7 +15,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from pgolf.data import load_validation_tokens, read_shard
+import pgolf
+from pgolf.build import build
+from pgolf.data import read_shard
 from pgolf.data.byte_counts import check_document, check_validation, load_sidecar, lut_charges, scored_text
 from pgolf.data.prepare import iter_documents, prepare
 from pgolf.errors import PgolfError
@@ -42,11 +44,11 @@ def val_documents(out: Path, sp) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def stdlib_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bc") / "stdlib"
-    prepare(source="stdlib", path=None, vocab_size=1024, out=str(out), num_val_docs=5, shard_tokens=10**8,
-            max_docs=40, normalization="identity")
-    return out, list(iter_documents(source="stdlib", path=None, max_docs=5))
+def stdlib_data(fast_cache):
+    """The sp1024 stdlib tokenizer exactly as the smoke preset builds it (the session's shared
+    dataset, 5 validation documents)."""
+    built = build(pgolf.compose([*FAST, fast_cache]), "data").ensure()
+    return Path(built.tokenizer_path).parent, list(iter_documents(source="stdlib", path=None, max_docs=5))
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,9 @@ def test_invariant_stdlib_tokenizer(stdlib_data):
     luts = build_byte_luts(sp, sp.vocab_size())
     got = val_documents(out, sp)
     assert len(got) == len(docs) == 5
+    assert sp.vocab_size() == 1024 and sp.normalize(" a\n\tb  ") == "▁a\n\tb▁▁"  # identity: whitespace kept
     for doc, ids in zip(docs, got):
-        assert sp.decode(ids.tolist()) == doc  # identity normalisation keeps the code byte for byte
+        assert sp.decode(ids.tolist()) == doc  # the code byte for byte
         assert lut_charges(luts, ids, sp.bos_id()).sum() == len(doc.encode("utf-8"))
 
 
