@@ -256,6 +256,7 @@ def test_prepare_caseops_split_settings_manifest(tmp_path, capsys):
     m = json.loads((out / "manifest.json").read_text())
     assert {k: m["trainer_settings"][k] for k in CHALLENGE_SETTINGS} == CHALLENGE_SETTINGS
     assert m["trainer_settings"]["required_chars"] == "▁"
+    assert m["tokenizer_train"] == {"docs": 30, "sentences": 30, "subset": False, "train_docs": 5_000_000}
     assert m["trainer_settings"]["user_defined_symbols"] == list(caseops.OPERATORS)
     assert (m["num_val_docs"], m["caseops"], m["text_transform"], m["normalization"]) == (
         5, True, "lossless_caps_caseops_v1", "nmt_nfkc")

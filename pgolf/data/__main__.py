@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output directory; must not exist or be empty")
     pr.add_argument("--val-docs", "--num-val-docs", dest="num_val_docs", type=int, default=50_000,
                     help="the first N documents form the val split (default 50,000, the challenge's)")
+    pr.add_argument("--tokenizer-train-docs", type=int, default=5_000_000,
+                    help="train the tokenizer on the first N whole documents (the challenge's 5,000,000); "
+                         "0: on line chunks of the first ~400 MB, for sources of long documents such as code")
     pr.add_argument("--caseops", action="store_true", help="apply the CaseOps transform and write the byte sidecar")
     pr.add_argument("--normalization", default="nmt_nfkc", choices=NORMALIZATIONS,
                     help="nmt_nfkc (the challenge's, default) or identity (text kept byte for byte)")
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 source=args.source, path=args.path, vocab_size=args.vocab_size, out=args.out,
                 num_val_docs=args.num_val_docs, shard_tokens=args.shard_tokens, max_docs=args.max_docs,
                 normalization=args.normalization, caseops=args.caseops,
+                tokenizer_train_docs=args.tokenizer_train_docs or None,
             )
             s = m["stats"]
             print(
