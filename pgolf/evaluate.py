@@ -8,6 +8,9 @@ ranks. Byte-count bugs are the most common source of wrong scores in the challen
 
 Two scorers share that arithmetic: the baseline's non-overlapping sequences, and the
 sliding window of the records (stride 64), here with every target scored exactly once.
+Both take `token_bytes`, the CaseOps byte sidecar (PR #1729; int32, aligned with
+`val_tokens`, each token's bytes in the original text): when given, target j is charged
+`token_bytes[j]` instead of the tables' count.
 """
 
 from __future__ import annotations
@@ -111,7 +114,8 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 @torch.inference_mode()
 def eval_standard(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, batch_tokens: int, rank: int,
-                  world_size: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+                  world_size: int, device: torch.device, dtype: torch.dtype,
+                  token_bytes: Tensor | None = None) -> tuple[float, float]:
     """The baseline's eval: non-overlapping sequences split by rank, mean loss per batch.
 
     `model(x, y)` returns a mean loss; `batch_tokens` is the per-rank batch
@@ -133,7 +137,10 @@ def eval_standard(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, ba
             loss = model(x, y).detach()
         sums[0] += loss.to(torch.float64) * y.numel()
         sums[1] += y.numel()
-        sums[2] += luts.count(x.reshape(-1), y.reshape(-1)).to(torch.float64).sum()
+        if token_bytes is None:
+            sums[2] += luts.count(x.reshape(-1), y.reshape(-1)).to(torch.float64).sum()
+        else:  # the sidecar entries of the targets y = val_tokens[s*seq_len+1 : e*seq_len+1]
+            sums[2] += token_bytes[s * seq_len + 1:e * seq_len + 1].to(torch.float64).sum().to(device)
     model.train()
     _all_reduce(sums)
     return bpb(*sums.tolist())
@@ -164,7 +171,8 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> tuple[list[i
 
 @torch.inference_mode()
 def eval_sliding(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, stride: int, batch_seqs: int, rank: int,
-                 world_size: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+                 world_size: int, device: torch.device, dtype: torch.dtype,
+                 token_bytes: Tensor | None = None) -> tuple[float, float]:
     """Sliding-window eval (records of 2026-03-19 on): each target sees >= seq_len - stride context.
 
     `model.hidden` gives (B, T, D); the vocabulary projection and cross-entropy run only on
@@ -181,17 +189,19 @@ def eval_sliding(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, str
     starts, offsets = sliding_windows(n, seq_len, stride)
     lo, hi = len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size
     tokens = val_tokens.to(device=device, dtype=torch.int64)
+    sidecar = None if token_bytes is None else token_bytes.to(device=device, dtype=torch.float64)
     pos = torch.arange(seq_len, device=device)
     tail = max(seq_len - stride, 0)  # every window but the first scores positions [tail, seq_len) at most
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
 
-    def score(h: Tensor, x: Tensor, y: Tensor, keep: Tensor) -> None:  # h (B, S, D); x, y, keep (B, S)
+    def score(h: Tensor, x: Tensor, y: Tensor, keep: Tensor, y_idx: Tensor) -> None:  # h (B, S, D); rest (B, S)
         with _autocast(device, dtype):
             logits = model.logits(h)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
         sums[0] += (nll.view_as(y).to(torch.float64) * keep).sum()
         sums[1] += keep.sum()
-        sums[2] += (luts.count(x, y).to(torch.float64) * keep).sum()
+        charged = luts.count(x, y).to(torch.float64) if sidecar is None else sidecar[y_idx]
+        sums[2] += (charged * keep).sum()
 
     model.eval()
     for b in range(lo, hi, batch_seqs):
@@ -202,11 +212,12 @@ def eval_sliding(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, str
         x, y = tokens[idx], tokens[idx + 1]
         with _autocast(device, dtype):
             h = model.hidden(x)  # (B, T, D)
-        score(h[:, tail:], x[:, tail:], y[:, tail:], keep[:, tail:])
+        score(h[:, tail:], x[:, tail:], y[:, tail:], keep[:, tail:], idx[:, tail:] + 1)
         early = [i for i, o in enumerate(off) if o < tail]  # the first window only
         if early:
             first = min(off)
-            score(h[early, first:tail], x[early, first:tail], y[early, first:tail], keep[early, first:tail])
+            score(h[early, first:tail], x[early, first:tail], y[early, first:tail], keep[early, first:tail],
+                  idx[early, first:tail] + 1)
     model.train()
     _all_reduce(sums)
     return bpb(*sums.tolist())

@@ -32,6 +32,7 @@ from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemp
                               final_state, final_state_bytes, restore_checkpoint, resume_source, rng_state,
                               save_checkpoint)
 from pgolf.data import load_validation_tokens
+from pgolf.data.byte_counts import check_validation, load_sidecar
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.quant import load_artifact
@@ -163,8 +164,10 @@ def any_rank(flags: list[bool], rt: Runtime) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def unigram_bpb(train_pattern: str, val_tokens: torch.Tensor, luts, vocab_size: int) -> float:
-    """bpb of a unigram model fit on the first 10M train tokens (add-one smoothing): the floor to beat."""
+def unigram_bpb(train_pattern: str, val_tokens: torch.Tensor, luts, vocab_size: int,
+                sidecar: torch.Tensor | None = None) -> float:
+    """bpb of a unigram model fit on the first 10M train tokens (add-one smoothing): the floor to beat.
+    The bytes are the sidecar's when there is one (CaseOps), else the tables'."""
     from pgolf.data import TokenStream
 
     first = TokenStream(train_pattern, vocab_size=vocab_size).tokens[:10_000_000].to(torch.int64)  # checks the shards
@@ -172,11 +175,11 @@ def unigram_bpb(train_pattern: str, val_tokens: torch.Tensor, luts, vocab_size: 
     logp = (counts / counts.sum()).log()
     y, x = val_tokens[1:].to(torch.int64), val_tokens[:-1].to(torch.int64)
     nll = -logp[y].sum().item()
-    nbytes = luts.count(x, y).double().sum().item()
-    if nbytes == 0:  # bpb divides by it
+    num_bytes = luts.count(x, y).double().sum().item() if sidecar is None else sidecar[1:].double().sum().item()
+    if num_bytes == 0:  # bpb divides by it
         raise PgolfError(f"the validation split's {y.numel()} targets decode to no bytes (only control tokens such as "
                          "BOS); bpb is undefined: check that the shards were made with this tokenizer")
-    return nll / math.log(2.0) / nbytes
+    return nll / math.log(2.0) / num_bytes
 
 
 def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
@@ -226,7 +229,12 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     model = job.model_fn()
     cpu_luts = build_byte_luts(sp, vocab)
     luts = cpu_luts.to(rt.device)
-    floor = unigram_bpb(paths.train_pattern, val_tokens, cpu_luts, vocab)
+    # CaseOps data charges each target its original-text bytes from the sidecar (PR #1729);
+    # otherwise the byte tables, checked against the decoded validation documents first.
+    sidecar = load_sidecar(paths.val_bytes_pattern, val_tokens.numel()) if paths.val_bytes_pattern else None
+    log(check_validation(sp, cpu_luts, val_tokens, sidecar, pattern=paths.val_pattern))
+    token_bytes = None if sidecar is None else sidecar.to(rt.device)
+    floor = unigram_bpb(paths.train_pattern, val_tokens, cpu_luts, vocab, sidecar)
     log(f"val_tokens:{val_tokens.numel() - 1} eval_seq_len:{eval_seq_len} stride:{stride} unigram_bpb:{floor:.4f}")
     job.quant.check_names({k: tuple(v.shape) for k, v in model.state_dict().items()})
 
@@ -275,9 +283,10 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         common = dict(rank=rt.rank, world_size=rt.world_size, device=rt.device, dtype=rt.dtype)
         if kind == "standard":
             return eval_standard(train_model, val_tokens, luts, seq_len=eval_seq_len,
-                                 batch_tokens=spec.val_batch_size // (rt.world_size * grad_accum), **common)
+                                 batch_tokens=spec.val_batch_size // (rt.world_size * grad_accum),
+                                 token_bytes=token_bytes, **common)
         return eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                            batch_seqs=spec.batch_seqs, **common)
+                            batch_seqs=spec.batch_seqs, token_bytes=token_bytes, **common)
 
     figures = final_state(job.resume, run_dir, job.config)
     if figures is not None:  # training finished in an earlier attempt: export and evaluate final_model.pt again

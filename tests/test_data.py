@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+import pgolf
 import pgolf.data.download as dl
 import pgolf.data.prepare as prepare_mod
 from pgolf.data import (
@@ -29,7 +31,8 @@ from pgolf.data import (
     stdlib_files,
     write_shard,
 )
-from pgolf.data.__main__ import main
+from pgolf.data import caseops
+from pgolf.data.__main__ import build_parser, main
 from pgolf.data.download import download
 from pgolf.data.prepare import prepare
 from pgolf.data.shards import HEADER_BYTES, SHARD_MAGIC
@@ -273,6 +276,57 @@ def test_prepare_jsonl(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # temp dir renamed away
 
 
+CHALLENGE_SETTINGS = {  # data/download_hf_docs_and_tokenize.py's SentencePiece trainer arguments
+    "model_type": "bpe", "character_coverage": 0.999, "byte_fallback": True, "split_digits": True,
+    "normalization_rule_name": "nmt_nfkc", "add_dummy_prefix": False, "pad_id": 0, "bos_id": 1, "eos_id": 2,
+    "unk_id": 3, "hard_vocab_limit": False,
+}
+
+
+def test_prepare_caseops_split_settings_manifest(tmp_path, capsys):
+    docs = make_jsonl(tmp_path / "docs.jsonl", num_docs=30)
+    docs = [d.replace("golf", "Golf").replace("model", "MODEL") for d in docs]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["prepare", "--source", "jsonl", str(tmp_path / "docs.jsonl"), "--vocab-size", "320", "--out", str(out),
+                 "--val-docs", "5", "--caseops"]) == 0
+    assert "30 docs (5 val, 25 train)" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert {k: m["trainer_settings"][k] for k in CHALLENGE_SETTINGS} == CHALLENGE_SETTINGS
+    assert m["trainer_settings"]["required_chars"] == "▁"
+    assert m["tokenizer_train"] == {"docs": 30, "sentences": 30, "subset": False, "train_docs": 5_000_000}
+    assert m["trainer_settings"]["user_defined_symbols"] == list(caseops.OPERATORS)
+    assert (m["num_val_docs"], m["caseops"], m["text_transform"], m["normalization"]) == (
+        5, True, "lossless_caps_caseops_v1", "nmt_nfkc")
+    assert (m["val_glob"], m["val_bytes_glob"], m["shard_tokens"]) == (
+        "fineweb_val_[0-9]*.bin", "fineweb_val_bytes_*.bin", 100_000_000)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    for split, split_docs in (("val", docs[:5]), ("train", docs[5:])):
+        got = torch.cat([read_shard(f) for f in sorted(out.glob(f"fineweb_{split}_[0-9]*.bin"))]).tolist()
+        assert got == [t for d in split_docs for t in [1, *sp.encode(caseops.encode(d))]]  # BOS before every doc
+    assert m["stats"]["bytes_val"] == sum(len(d.encode()) for d in docs[:5])
+    assert [p.name for p in out.glob("fineweb_val_bytes_*.bin")] == ["fineweb_val_bytes_000000.bin"]
+    assert build_parser().parse_args(["prepare", "--source", "stdlib", "--out", "o"]).num_val_docs == 50_000
+
+
+def test_prepare_refuses_overlapping_splits(tmp_path):
+    docs = make_jsonl(tmp_path / "docs.jsonl", num_docs=20)
+    docs[12] = docs[3]  # a training document repeats a validation one
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    args = dict(source="jsonl", path=str(tmp_path / "docs.jsonl"), vocab_size=300, out=str(tmp_path / "out"),
+                shard_tokens=1000, max_docs=None)
+    with pytest.raises(PgolfError, match="training document 12 repeats validation document 3"):
+        prepare(num_val_docs=5, **args)
+    # The records' prepare_caseops_data.py trap: fewer validation documents than the source declares.
+    docs[12] = "a fresh document"
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    (tmp_path / "docs.source_manifest.json").write_text(json.dumps({"num_docs": 20, "docs_val": 8}))
+    with pytest.raises(PgolfError, match="--val-docs 5 would train on validation documents 5-7; pass --val-docs 8"):
+        prepare(num_val_docs=5, **args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "docs.source_manifest.json"]
+    assert prepare(num_val_docs=8, **args)["source_val_docs"] == 8
+
+
 def test_prepare_failure_leaves_nothing(tmp_path):
     make_jsonl(tmp_path / "docs.jsonl", num_docs=30)
     with pytest.raises(PgolfError, match="num_val_docs=30 leaves no training documents out of 30"):
@@ -322,20 +376,25 @@ def test_prepare_stdlib_small(tmp_path):
 # ----- download -----
 
 
-def fake_hub(tmp_path: Path, monkeypatch, *, files_train=3, files_val=2) -> list[dict]:
+def fake_hub(tmp_path: Path, monkeypatch, *, files_train=3, files_val=2, name="fineweb10B_sp1024",
+             tokenizer="fineweb_1024_bpe", sidecars=False) -> list[dict]:
     """A fake `hf_hub_download` serving files from a temp dir, returning snapshot symlinks
-    into a blob dir the way the real cache does; returns the list of recorded calls."""
+    into a blob dir the way the real cache does; returns the list of recorded calls. The
+    same files answer for every repository (the calls record which one was asked)."""
     hub, blobs = tmp_path / "hub", tmp_path / "blobs"
-    ds = "datasets/datasets/fineweb10B_sp1024"
+    ds = f"datasets/datasets/{name}"
+    entry = {"name": name, "tokenizer_name": "tok", "stats": {"files_train": files_train, "files_val": files_val}}
+    if sidecars:  # as the CaseOps export's manifest (PR #1729) lists them
+        entry["val_bytes_glob"] = f"datasets/{name}/fineweb_val_bytes_*.bin"
     manifest = {
-        "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
-                      "stats": {"files_train": files_train, "files_val": files_val}}],
-        "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
-                        "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
+        "datasets": [entry],
+        "tokenizers": [{"name": "tok", "model_path": f"tokenizers/{tokenizer}.model",
+                        "vocab_path": f"tokenizers/{tokenizer}.vocab"}],
     }
-    contents = {"datasets/manifest.json": json.dumps(manifest), "datasets/tokenizers/fineweb_1024_bpe.model": "model",
-                "datasets/tokenizers/fineweb_1024_bpe.vocab": "vocab"}
+    contents = {"datasets/manifest.json": json.dumps(manifest), f"datasets/tokenizers/{tokenizer}.model": "model",
+                f"datasets/tokenizers/{tokenizer}.vocab": "vocab"}
     contents |= {f"{ds}/fineweb_val_{i:06d}.bin": f"val{i}" for i in range(files_val)}
+    contents |= {f"{ds}/fineweb_val_bytes_{i:06d}.bin": f"bytes{i}" for i in range(files_val) if sidecars}
     contents |= {f"{ds}/fineweb_train_{i:06d}.bin": f"train{i}" for i in range(files_train)}
     for rel, text in contents.items():
         blob = blobs / hashlib.sha1(rel.encode()).hexdigest()
@@ -399,6 +458,57 @@ def test_download_errors(tmp_path, monkeypatch):
         download(variant="gpt2", train_shards=1, root=str(tmp_path / "data"))
 
 
+@pytest.mark.parametrize("variant, repo, name, tokenizer, sidecars", [
+    ("sp4096", "kevclark/parameter-golf", "fineweb10B_sp4096", "fineweb_4096_bpe", False),
+    ("sp8192", "kevclark/parameter-golf", "fineweb10B_sp8192", "fineweb_8192_bpe", False),
+    ("sp8192_caseops", "romeerp/parameter-golf-caseops-v1", "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+     "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved", True),
+])
+def test_download_variants(tmp_path, monkeypatch, variant, repo, name, tokenizer, sidecars):
+    calls = fake_hub(tmp_path, monkeypatch, name=name, tokenizer=tokenizer, sidecars=sidecars)
+    root = tmp_path / "data"
+    download(variant=variant, train_shards=1, root=str(root))
+    assert {c["repo_id"] for c in calls} == {repo}
+    local = root / "datasets" / name
+    want = ["fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+    want += ["fineweb_val_bytes_000000.bin", "fineweb_val_bytes_000001.bin"] if sidecars else []
+    assert sorted(p.name for p in local.iterdir()) == sorted(want)
+    assert (root / "tokenizers" / f"{tokenizer}.model").read_text() == "model"
+    # Another repository's manifest is kept apart from the challenge's (no stale-manifest trap).
+    assert (root / f"manifest.{repo.replace('/', '--')}.json").is_file() and not (root / "manifest.json").exists()
+    # The matching data config finds what was downloaded, sidecar included.
+    cfg = pgolf.compose([f"data=fineweb_{variant}"])
+    assert cfg.model.vocab_size == cfg.data.vocab_size == int(variant[2:6])
+    kw = {k: v for k, v in cfg.data.items() if not k.startswith("_")}
+    monkeypatch.chdir(tmp_path)
+    r = DataSpec(**kw).ensure()
+    assert r.val_pattern.endswith("fineweb_val_[0-9]*.bin") and len(glob.glob(r.val_pattern)) == 2
+    assert r.val_bytes_pattern == (str(local / "fineweb_val_bytes_*.bin") if sidecars else None)
+    calls.clear()
+    download(variant=variant, train_shards=1, root=str(root), repo_id="me/mirror")
+    assert [c["filename"] for c in calls] == ["manifest.json"]  # the mirror's own manifest; shards are present
+    (root / "datasets" / name / "fineweb_train_000000.bin").unlink()
+    download(variant=variant, train_shards=1, root=str(root), repo_id="me/mirror")
+    assert {c["repo_id"] for c in calls} == {"me/mirror"}
+
+
+def test_caseops_data_without_sidecar_is_refused(tmp_path):
+    local = tmp_path / "datasets" / "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    make_shards(local, [5])
+    make_shards(local, [5], prefix="fineweb_val_")
+    (tmp_path / "tok.model").write_text("m")
+    spec = DataSpec(name="c", data_path=str(local), tokenizer_path=str(tmp_path / "tok.model"), caseops=True)
+    with pytest.raises(PgolfError, match="fineweb_val_bytes_\\*.bin: no shards found; run `python -m pgolf.data "
+                       "download --variant sp8192_caseops"):
+        spec.ensure()
+    make_shards(local, [5], prefix="fineweb_val_bytes_")
+    assert spec.ensure().val_bytes_pattern == str(local / "fineweb_val_bytes_*.bin")
+    # A glob that would read the sidecar as tokens is refused.
+    with pytest.raises(PgolfError, match="also matches the byte sidecar"):
+        DataSpec(name="c", data_path=str(local), tokenizer_path=str(tmp_path / "tok.model"),
+                 val_files="fineweb_val_*.bin").ensure()
+
+
 # ----- DataSpec -----
 
 
@@ -421,7 +531,7 @@ def test_dataspec_missing_dataset(tmp_path, monkeypatch):
     (tmp_path / "data/tokenizers").mkdir()
     (tmp_path / "data/tokenizers/fineweb_1024_bpe.model").write_text("m")
     r = spec.ensure()
-    assert r.train_pattern == str(local / "fineweb_train_*.bin") and r.val_pattern == str(local / "fineweb_val_*.bin")
+    assert r.train_pattern == str(local / "fineweb_train_*.bin") and r.val_pattern == str(local / "fineweb_val_[0-9]*.bin")
     assert r.tokenizer_path == str(tmp_path / "data/tokenizers/fineweb_1024_bpe.model")
 
 

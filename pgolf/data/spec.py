@@ -5,11 +5,14 @@ export, fetched with `python -m pgolf.data download`) or a local source that pgo
 once and caches (`source="stdlib"`), so a fresh checkout can train with no download.
 `ensure()` is the one place that checks the data exists, builds it if needed, and turns
 relative paths into absolute ones; the loader and eval only see the resolved patterns.
+`caseops=True` is CaseOps data (PR #1729): its validation split comes with a byte sidecar
+that every eval charges instead of the tokenizer's tables.
 """
 
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import re
@@ -19,29 +22,35 @@ from pathlib import Path
 from pgolf.errors import PgolfError
 
 BUILT_SOURCES = ("stdlib",)
+# Local dataset directory name -> `download --variant` (pgolf.data.download.VARIANTS).
+_VARIANT_OF_DIR = {"fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": "sp8192_caseops"}
 
 
 @dataclass(frozen=True)
 class ResolvedData:
-    """Absolute paths the training run reads: shard globs and the SentencePiece model."""
+    """Absolute paths the training run reads: shard globs, the SentencePiece model, and the
+    validation byte-sidecar glob (CaseOps data only, else None)."""
 
     train_pattern: str
     val_pattern: str
     tokenizer_path: str
+    val_bytes_pattern: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataSpec:
     """Where a run's data lives. `data_path` and `tokenizer_path` locate pre-built shards
     (`source=None`); for a built source they are unused, the shards and `tokenizer.model`
-    live in `cache_dir` (default `$PGOLF_CACHE` or `~/.cache/pgolf`, then `stdlib_sp<vocab>`),
-    and `vocab_size`, `num_val_docs`, `max_docs` and `shard_tokens` are passed to `prepare`."""
+    live in `cache_dir` (default `$PGOLF_CACHE` or `~/.cache/pgolf`, then a name from the
+    settings), and `vocab_size`, `num_val_docs`, `max_docs`, `shard_tokens`, `normalization`
+    and `caseops` are passed to `prepare`. `vocab_size` is also what the model's follows.
+    `caseops` marks CaseOps data: the sidecar `fineweb_val_bytes_*.bin` must be there."""
 
     name: str
     data_path: str = ""
     tokenizer_path: str = ""
     train_files: str = "fineweb_train_*.bin"
-    val_files: str = "fineweb_val_*.bin"
+    val_files: str = "fineweb_val_[0-9]*.bin"  # not fineweb_val_bytes_*.bin, the CaseOps sidecar
     source: str | None = None
     cache_dir: str | None = None
     vocab_size: int = 1024
@@ -50,6 +59,8 @@ class DataSpec:
     shard_tokens: int = 1_000_000
     loader: str = "sequential"
     bos_id: int = 1
+    normalization: str = "nmt_nfkc"
+    caseops: bool = False
 
     def __post_init__(self) -> None:
         from pgolf.data.loaders import LOADERS
@@ -75,7 +86,9 @@ class DataSpec:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser().absolute()
         base = os.environ.get("PGOLF_CACHE") or "~/.cache/pgolf"
-        return Path(base).expanduser().absolute() / f"{self.source}_sp{self.vocab_size}"
+        name = f"{self.source}_sp{self.vocab_size}" + ("_caseops" if self.caseops else "")
+        return Path(base).expanduser().absolute() / (name + ("" if self.normalization == "nmt_nfkc" else
+                                                            f"_{self.normalization}"))
 
     def ensure(self) -> ResolvedData:
         """Check (or build, for a built source) the data and return its absolute paths."""
@@ -94,13 +107,20 @@ class DataSpec:
                 prepare(
                     source=self.source, path=None, vocab_size=self.vocab_size, out=str(out),
                     num_val_docs=self.num_val_docs, shard_tokens=self.shard_tokens, max_docs=self.max_docs,
+                    normalization=self.normalization, caseops=self.caseops,
                 )
         self._check_manifest(out)
-        return ResolvedData(
-            train_pattern=str(out / self.train_files),
-            val_pattern=str(out / self.val_files),
-            tokenizer_path=str(out / "tokenizer.model"),
-        )
+        return self._resolved(out, out / "tokenizer.model")
+
+    def _resolved(self, data_dir: Path, tokenizer: Path) -> ResolvedData:
+        from pgolf.data.byte_counts import SIDECAR_PREFIX, sidecar_pattern
+
+        val = str(data_dir / self.val_files)
+        if any(Path(f).name.startswith(SIDECAR_PREFIX) for f in glob.glob(val)):  # read as tokens, they would score garbage
+            raise PgolfError(f"data.val_files={self.val_files!r} also matches the byte sidecar {SIDECAR_PREFIX}*.bin "
+                             f"in {data_dir}; use data.val_files='fineweb_val_[0-9]*.bin'")
+        return ResolvedData(train_pattern=str(data_dir / self.train_files), val_pattern=val,
+                            tokenizer_path=str(tokenizer), val_bytes_pattern=sidecar_pattern(val) if self.caseops else None)
 
     def _check_manifest(self, out: Path) -> None:
         from pgolf.data.prepare import STDLIB_SHUFFLE_SEED
@@ -111,6 +131,7 @@ class DataSpec:
             "source": self.source, "requested_vocab_size": self.vocab_size, "num_val_docs": self.num_val_docs,
             "max_docs": self.max_docs, "shard_tokens": self.shard_tokens,
             "shuffle_seed": STDLIB_SHUFFLE_SEED if self.source == "stdlib" else None,
+            "normalization": self.normalization, "caseops": self.caseops,
         }
         diff = {k: (manifest.get(k), v) for k, v in want.items() if manifest.get(k) != v}
         if diff:
@@ -122,18 +143,15 @@ class DataSpec:
         tokenizer = Path(self.tokenizer_path).expanduser().absolute()
         # The download command that creates this directory, when it follows the challenge layout.
         m = re.fullmatch(r"fineweb10B_(\w+)", data_dir.name)
-        variant = m.group(1) if m else "sp1024"
+        variant = _VARIANT_OF_DIR.get(data_dir.name, m.group(1) if m else "sp1024")
         root = data_dir.parent.parent if data_dir.parent.name == "datasets" else Path("data").absolute()
         root_arg = "" if root == Path("data").absolute() else f" --root {root}"
         fix = (f"run `python -m pgolf.data download --variant {variant} --train-shards 10{root_arg}` "
                "(or use data=stdlib for a run with no download)")
-        for pattern in (self.train_files, self.val_files):
-            if not list(data_dir.glob(pattern)):
-                raise PgolfError(f"{data_dir / pattern}: no shards found; {fix}")
+        resolved = self._resolved(data_dir, tokenizer)
+        for pattern in (resolved.train_pattern, resolved.val_pattern, resolved.val_bytes_pattern):
+            if pattern and not glob.glob(pattern):
+                raise PgolfError(f"{pattern}: no shards found; {fix}")
         if not tokenizer.is_file():
             raise PgolfError(f"{tokenizer}: tokenizer not found; {fix}")
-        return ResolvedData(
-            train_pattern=str(data_dir / self.train_files),
-            val_pattern=str(data_dir / self.val_files),
-            tokenizer_path=str(tokenizer),
-        )
+        return resolved

@@ -30,7 +30,7 @@ MODULES = (
     "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "model/linear",
     "model/rotary", "model/attention", "model/mlp", "model/block", "model/residual", "model/recurrence",
     "model/embeddings", "model/gpt", "optim", "schedule", "evaluate", "data/shards", "data/loader", "data/loaders",
-    "data/spec", "runlog", "checkpoint", "trainer", "submit/entry",
+    "data/caseops", "data/byte_counts", "data/spec", "runlog", "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"
 # Groups a bundled script does not use: it logs to its run dir only, and torchrun starts the workers.
