@@ -35,6 +35,7 @@ from pgolf.data import load_validation_tokens
 from pgolf.data.byte_counts import check_validation, load_sidecar
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
+from pgolf.model.docs import doc_backend
 from pgolf.quant import load_artifact
 from pgolf.runlog import RunLog, describe_environment
 from pgolf.schedule import EMA, SWA
@@ -254,6 +255,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         f"dtype:{rt.dtype} compile:{rt.compile}")
     log(sched.describe())
     log(opt.describe())
+    if getattr(base_model, "doc_attention", False):  # the switch shows in the log with its kernel (docs.py)
+        log(f"doc_attention:on bos_id:{base_model.bos_id} kernel:{doc_backend(rt.device)}")
     if not rt.master:  # only rank 0 talks to W&B
         from pgolf.runlog import NullLogger
 
