@@ -305,12 +305,18 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         init_model = {k: v.detach().cpu().clone() for k, v in base_model.state_dict().items()}
         init_opt = copy.deepcopy(opt.state_dict())
         base_model.set_qat(has_qat)
-        base_model.set_looping(base_model.loop_passes_at(0.0))
+        # Every layer sequence the run will switch to is compiled here, outside the timed loop
+        # (the records warm up 20 plain then 20 looped steps): the warm-up steps are split over
+        # the distinct loop-pass counts in schedule order.
+        passes = sorted({base_model.loop_passes_at(f) for f in
+                         (0.0, base_model.enable_looping_at, base_model.loop_phase2_at, 1.0)})
         for i in range(sched.warmup_steps):
+            base_model.set_looping(passes[i * len(passes) // sched.warmup_steps])
             train_step(0, 1.0)
             fault_point("warmup")
             if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
                 log(f"warmup_step:{i + 1}/{sched.warmup_steps}")
+        base_model.set_looping(base_model.loop_passes_at(0.0))
         base_model.load_state_dict(init_model, strict=True)
         opt.load_state_dict(init_opt)
         opt.zero_grad()
