@@ -183,8 +183,8 @@ def _nothing_to_resume(resume: str) -> None:
     if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "finished":
         raise PgolfError(f"resume={resume}: that run already finished (metrics.json); there is nothing to resume, "
                          "start a new run")
-    raise PgolfError(f"resume={resume}: no checkpoint found there (checkpoint/meta.json, or {FINAL_STATE} once training "
-                     "is done); a run saves one with checkpoint.every_seconds/every_steps or on SIGTERM/SIGUSR1")
+    raise PgolfError(f"resume={resume}: no checkpoint found there (checkpoint/meta.json, or {FINAL_STATE} once "
+                     "training is done); a run saves one with checkpoint.every_seconds/every_steps or on SIGTERM/SIGUSR1")
 
 
 def find_final_state(run_dir: Path) -> Path | None:

@@ -107,7 +107,8 @@ def test_job_rows_leave_only_a_failure_record(row, shards, fast_cache, tmp_path)
     assert sorted(p.name for p in run.iterdir()) <= [".hydra", "config.yaml", "metrics.json", "train.log"]
 
 
-def replaced(shards: Path, tmp: Path, split: str, contents: list[list[int]], keep: bool = False) -> tuple[list[str], Path]:
+def replaced(shards: Path, tmp: Path, split: str, contents: list[list[int]],
+             keep: bool = False) -> tuple[list[str], Path]:
     """A copy of the dataset whose `split` shards are `contents` (kept beside the old ones with keep=True)."""
     folder = shutil.copytree(shards, tmp / "data")
     if not keep:

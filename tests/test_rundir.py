@@ -18,7 +18,8 @@ import pgolf
 from pgolf.build import to_container
 from pgolf.rundir import LOCK_NAME, RunDirBusy, hold, release
 
-HOLDER = "import sys, time; from pgolf.rundir import hold; hold(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+HOLDER = ("import sys, time; from pgolf.rundir import hold; hold(sys.argv[1]); print('held', flush=True); "
+          "time.sleep(600)")
 
 
 @pytest.fixture

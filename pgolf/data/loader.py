@@ -130,8 +130,9 @@ class DistributedTokenLoader:
         span = local_tokens + 1
         if span * self.world_size > self.stream.total_tokens:  # the batch would repeat tokens within itself
             raise PgolfError(
-                f"train shards {self.stream.pattern} hold {self.stream.total_tokens} tokens, fewer than one micro-batch "
-                f"reads ({self.world_size} x {span}); add training data or lower schedule.train_batch_tokens"
+                f"train shards {self.stream.pattern} hold {self.stream.total_tokens} tokens, fewer than one "
+                f"micro-batch reads ({self.world_size} x {span}); add training data or lower "
+                "schedule.train_batch_tokens"
             )
         chunk = self.stream.take(span * self.world_size)
         local = chunk[self.rank * span : (self.rank + 1) * span].to(torch.int64)
