@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgolf.model.docs import DocMask, causal_attention
 from pgolf.model.linear import CastedLinear
 from pgolf.model.rotary import apply_rotary
 
@@ -84,8 +85,10 @@ class CausalSelfAttention(nn.Module):
             self.sparse_attn_gate_scale = sparse_attn_gate_scale
             self.attn_gate_w = nn.Parameter(torch.randn(num_heads, gate_window) * sparse_attn_gate_init_std)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None) -> Tensor:
-        """x (B, T, dim) normalised block input; cos, sin (1, 1, T, rd/2); ve (B, T, kv_dim) or None."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None,
+                docs: DocMask | None = None) -> Tensor:
+        """x (B, T, dim) normalised block input; cos, sin (1, 1, T, rd/2); ve (B, T, kv_dim) or None;
+        docs: the document mask (docs.py) or None for plain causal attention."""
         B, T, C = x.shape
         q_raw = self.c_q(x)
         q = q_raw.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -99,9 +102,8 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(
-            q, k, v.transpose(1, 2), is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        ).transpose(1, 2)  # (B, T, H, D)
+        y = causal_attention(q, k, v.transpose(1, 2), docs)  # (B, T, H, D)
+        # XSA and the output gates act per token (own value, own input): nothing crosses a document.
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
         if self.output_gate is not None:

@@ -18,6 +18,11 @@ checkpoint loads into pgolf with `strict=True`:
 - BigramHash `mul` (#65): `bigram_hash.table`, (prev*92821 + cur) % buckets, prev=0 at t=0.
 - BigramHash `xor` (2026-03-20 records): `bigram.embed`, (36313*cur ^ 27191*prev) % (buckets-1),
   first position mapped to buckets-1, optional `bigram.scale`.
+
+Document starts (`model.doc_attention`, docs.py): every part that reads the previous position
+takes `starts` (B, T) bool, True at a BOS, and treats such a position like position 0 of a row:
+the SmearGates drop the previous-token term, BigramHash uses its first-position bucket. Value
+embeddings are a per-token lookup and mix nothing.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ SMEAR_ATTR = {"pre_norm": "smeargate", "post_norm": "smear"}
 BIGRAM_ATTR = {"mul": "bigram_hash", "xor": "bigram"}
 
 
-def shift_right(x: Tensor) -> Tensor:
-    """x_{t-1} along dim 1, zeros at t=0: (B, T, ...) -> (B, T, ...)."""
-    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+def shift_right(x: Tensor, starts: Tensor | None = None) -> Tensor:
+    """x_{t-1} along dim 1, zeros at t=0 and where `starts` (B, T) is True: (B, T, ...) -> (B, T, ...)."""
+    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    if starts is None:
+        return prev
+    return prev.masked_fill(starts.reshape(starts.shape + (1,) * (x.dim() - 2)), 0)
 
 
 class SigmoidSmear(nn.Module):
@@ -51,18 +59,18 @@ class SigmoidSmear(nn.Module):
         self.pre_norm = pre_norm
         self.gate = nn.Parameter(torch.full((dim,), 3.0 if pre_norm else 0.0, dtype=torch.float32))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, starts: Tensor | None = None) -> Tensor:
         if self.pre_norm:
             g = torch.sigmoid(self.gate).to(dtype=x.dtype)
-            return g * x + (1.0 - g) * shift_right(x)
+            return g * x + (1.0 - g) * shift_right(x, starts)
         g = torch.sigmoid(self.gate.to(dtype=x.dtype))[None, None, :]
-        return (1 - g) * x + g * shift_right(x)
+        return (1 - g) * x + g * shift_right(x, starts)
 
 
-def token_smear(x: Tensor, gate: nn.Linear, lam: Tensor) -> Tensor:
+def token_smear(x: Tensor, gate: nn.Linear, lam: Tensor, starts: Tensor | None = None) -> Tensor:
     """PR #192's token-dependent gate: x_t + lam * sigmoid(w . x_t) * x_{t-1}; (B, T, D) -> (B, T, D)."""
     g = lam.to(dtype=x.dtype) * torch.sigmoid(gate(x))  # (B, T, 1)
-    return x + g * shift_right(x)
+    return x + g * shift_right(x, starts)
 
 
 def window_smear(x: Tensor, gate: nn.Module, lam: Tensor, window: int, keep_prev: Tensor | None) -> Tensor:
@@ -129,19 +137,21 @@ class BigramHash(nn.Module):
             self.proj._zero_init = hash == "mul"
         self.scale = None if scale_init is None else nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
 
-    def indices(self, ids: Tensor) -> Tensor:
-        """Bucket index of each (previous, current) pair: (B, T) -> (B, T) int64."""
+    def indices(self, ids: Tensor, starts: Tensor | None = None) -> Tensor:
+        """Bucket index of each (previous, current) pair: (B, T) -> (B, T) int64. Positions where
+        `starts` is True (document starts) get the first position's bucket."""
         if self.hash == "mul":
-            prev = shift_right(ids)
+            prev = shift_right(ids, starts)
             return (prev.long() * 92821 + ids.long()) % self.buckets
         t = ids.to(torch.int32)
         mod = self.buckets - 1
         rest = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % mod
         first = torch.full_like(t[:, :1], mod)
-        return torch.cat([first, rest], dim=1).long()
+        idx = torch.cat([first, rest], dim=1)
+        return (idx if starts is None else idx.masked_fill(starts, mod)).long()
 
-    def forward(self, ids: Tensor) -> Tensor:
-        h = getattr(self, self.table_name)(self.indices(ids))  # (B, T, dim)
+    def forward(self, ids: Tensor, starts: Tensor | None = None) -> Tensor:
+        h = getattr(self, self.table_name)(self.indices(ids, starts))  # (B, T, dim)
         if self.proj is not None:
             h = self.proj(h)
         if self.scale is not None:

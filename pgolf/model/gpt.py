@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from pgolf.errors import PgolfError
 from pgolf.model.attention import ATTN_GATES
 from pgolf.model.block import Block
+from pgolf.model.docs import DocMask, build_doc_mask, doc_backend
 from pgolf.model.embeddings import (BIGRAM_ATTR, SMEAR_ATTR, SMEAR_VARIANTS, BigramHash, SigmoidSmear, ValueEmbedding,
                                     orthogonal_init_, overtone_init_, phase_resid_mix_init_, token_smear, window_smear)
 from pgolf.model.linear import CastedLinear
@@ -40,16 +41,18 @@ CONTROL_TENSOR_NAME_PATTERNS = (
 )
 
 
-def _smear_sigmoid(gpt: "GPT", x: Tensor, ids: Tensor) -> Tensor:
-    return getattr(gpt, SMEAR_ATTR[gpt.smear_variant])(x)
+# `starts` (B, T): document starts under doc attention (docs.py), else None.
+def _smear_sigmoid(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None) -> Tensor:
+    return getattr(gpt, SMEAR_ATTR[gpt.smear_variant])(x, starts)
 
 
-def _smear_token(gpt: "GPT", x: Tensor, ids: Tensor) -> Tensor:
-    return token_smear(x, gpt.smear_gate, gpt.smear_lambda)
+def _smear_token(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None) -> Tensor:
+    return token_smear(x, gpt.smear_gate, gpt.smear_lambda, starts)
 
 
-def _smear_window(gpt: "GPT", x: Tensor, ids: Tensor) -> Tensor:
-    keep = (ids[:, 1:] != gpt.bos_id).to(x.dtype).unsqueeze(-1) if gpt.smear_bos_mask else None
+def _smear_window(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None) -> Tensor:
+    masked = gpt.smear_bos_mask or starts is not None
+    keep = (ids[:, 1:] != gpt.bos_id).to(x.dtype).unsqueeze(-1) if masked else None
     return window_smear(x, gpt.smear_gate, gpt.smear_lambda, gpt.gate_window, keep)
 
 
@@ -113,6 +116,7 @@ class GPT(nn.Module):
         smear_gate: str = "none",
         smear_bos_mask: bool = True,
         bos_id: int = 1,
+        doc_attention: bool = False,
         bigram_buckets: int = 0,
         bigram_dim: int = 128,
         bigram_hash: str = "mul",
@@ -152,7 +156,12 @@ class GPT(nn.Module):
             self.smear_gate = nn.Linear(model_dim, 1, bias=False) if smear_gate == "token" else CastedLinear(gate_window, 1)
             self.smear_gate._zero_init = True
             self.smear_lambda = nn.Parameter(torch.zeros(1, dtype=torch.float32))
-        if smear_gate == "window" and not smear_bos_mask:
+        # Document-aware attention (docs.py, #1530's VarLen): no position sees another document.
+        self.doc_attention = doc_attention
+        if doc_attention:
+            log.info("doc attention: on (BOS id %d starts a document; kernel %s on CUDA, sdpa mask on CPU); "
+                     "SmearGate and BigramHash restart at each BOS", bos_id, doc_backend(torch.device("cuda")))
+        if smear_gate == "window" and not smear_bos_mask and not doc_attention:
             log.warning("model.smear_bos_mask=false: SmearGate mixes the previous document's last token into "
                         "each BOS position (the cross-document leak of #1667); use it only to reproduce that record")
         # Depth recurrence: one (encoder, decoder) schedule per number of extra passes.
@@ -242,26 +251,34 @@ class GPT(nn.Module):
             return None
         return ve * self.ve_layer_scales[self.ve_slot[i]].to(dtype=ve.dtype)
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
-        """Final-normed hidden states (B, T, D) for token ids (B, T)."""
+    def hidden(self, input_ids: Tensor, docs: DocMask | None = None) -> Tensor:
+        """Final-normed hidden states (B, T, D) for token ids (B, T).
+
+        Under doc attention the document mask comes from the BOS tokens of `input_ids` (or from
+        `docs`, built by a loader that knows its documents with docs.build_doc_mask)."""
+        if self.doc_attention and docs is None:
+            docs = build_doc_mask(input_ids, self.bos_id)
+        starts = docs.starts if docs is not None else None  # (B, T) bool or None
         x = self.tok_emb(input_ids)
         if self.bigram_attr:
-            x = x + getattr(self, self.bigram_attr)(input_ids)
+            x = x + getattr(self, self.bigram_attr)(input_ids, starts)
         if self.smear_stage == "pre":
-            x = self.smear_part(self, x, input_ids)
+            x = self.smear_part(self, x, input_ids, starts)
         x = F.rms_norm(x, (x.size(-1),))
         if self.smear_stage == "post":
-            x = self.smear_part(self, x, input_ids)
+            x = self.smear_part(self, x, input_ids, starts)
         x0 = x
-        # RoPE tables once per forward, shared by every layer: (1, 1, T, rope_dims/2) each.
+        # RoPE tables once per forward, shared by every layer: (1, 1, T, rope_dims/2) each. Scores
+        # depend only on q-k offsets, so a document scores the same wherever it sits in the row.
         rope = rotary_tables(input_ids.size(1), self.rope_dims, self.rope_base, x.device, self.rope_train_seq_len)
+        # Value embeddings: a per-token lookup, so nothing to mask at a document start.
         ve = self.ve_shared(input_ids) if self.ve_shared is not None else None  # (B, T, kv_dim)
         encoder, decoder = self.schedules[self.loop_passes]
         lanes: tuple[Tensor, ...] = (x,)
         skips: list[Tensor] = []
         # U-Net: the encoder stores skips, the decoder adds them back (to lane 0) in reverse order.
         for i in encoder:
-            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve))
+            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve), docs)
             skips.append(lanes[0])
         for j, i in enumerate(decoder):
             # 2x2 lanes fork before the skip (it goes to lane 0 only); lane_merge after it (#1477).
@@ -269,7 +286,7 @@ class GPT(nn.Module):
             if skips and j < self.num_skip_weights:
                 lanes = (self._skip(j, lanes[0], skips.pop()),) + lanes[1:]
             lanes = fork(lanes, self.two_lane[i])
-            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve))
+            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve), docs)
         x = merge_lanes(self, lanes)
         return F.rms_norm(x, (x.size(-1),))
 
@@ -278,12 +295,12 @@ class GPT(nn.Module):
         proj = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
         return self.logit_softcap * torch.tanh(proj / self.logit_softcap)
 
-    def forward_logits(self, input_ids: Tensor) -> Tensor:
-        return self.logits(self.hidden(input_ids))
+    def forward_logits(self, input_ids: Tensor, docs: DocMask | None = None) -> Tensor:
+        return self.logits(self.hidden(input_ids, docs))
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, target_ids: Tensor, docs: DocMask | None = None) -> Tensor:
         """Mean next-token cross-entropy in nats, computed in fp32 as the baseline does."""
-        h = self.hidden(input_ids).reshape(-1, self.tok_emb.weight.size(1))
+        h = self.hidden(input_ids, docs).reshape(-1, self.tok_emb.weight.size(1))
         return F.cross_entropy(self.logits(h).float(), target_ids.reshape(-1), reduction="mean")
 
     def set_qat(self, enabled: bool) -> None:
@@ -337,7 +354,7 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                      parallel_final_lane: str = "mean", num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
                      enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, ve_enabled: bool = False,
                      ve_dim: int = 128, ve_layers: list[int] | str | None = None, bos_id: int = 1,
-                     num_skip_weights: int | None = None,
+                     num_skip_weights: int | None = None, doc_attention: bool = False,
                      **_: object) -> None:
     """Reject inconsistent shapes and unknown technique options with one line naming the field
     and the fix. Allocates nothing, so `pgolf.compose` runs it on every config."""
@@ -414,3 +431,5 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
         raise PgolfError(f"model.ve_dim={ve_dim} must be positive")
     if not 0 <= bos_id < vocab_size:
         raise PgolfError(f"model.bos_id={bos_id} must be a token id in 0..{vocab_size - 1}")
+    if not isinstance(doc_attention, bool):
+        raise PgolfError(f"model.doc_attention={doc_attention!r} must be true or false")
