@@ -6,7 +6,9 @@ projects them onto the challenge: steps inside the wall-clock cap on N GPUs and 
 to score the full FineWeb validation split (62,021,632 targets). On CPU the batch is scaled
 down (the scale is printed); projections assume time proportional to tokens.
 `--compare "OVERRIDES"` benchmarks a second config in the same process, alternating steps
-and evals, and prints ratios. The config's `device`, `dtype` and `compile` apply as in
+and evals, and prints ratios. `--doc-tokens N` packs documents into the synthetic tokens (a
+BOS with probability 1/N at each position, the same tokens for both configs), e.g. to time
+`--compare "model.doc_attention=true"` against plain causal attention. The config's `device`, `dtype` and `compile` apply as in
 training (e.g. `compile=true` times the inductor-compiled step on CPU).
 `--reference CHECKOUT` instead times pgolf against the records' own scripts
 (see pgolf.bench_reference).
@@ -50,7 +52,7 @@ def cpu_threads(n: int | None):
 class Bench:
     """One config's model, optimizers and synthetic batch, ready to time."""
 
-    def __init__(self, overrides: list[str], *, batch_tokens: int | None):
+    def __init__(self, overrides: list[str], *, batch_tokens: int | None, doc_tokens: int | None = None):
         self.label = " ".join(overrides) or "(defaults)"
         self.cfg = compose(overrides + ["logger=none"])
         self.schedule, self.spec = build(self.cfg, "schedule"), build(self.cfg, "eval")
@@ -72,8 +74,18 @@ class Bench:
         g = torch.Generator().manual_seed(1)
         self.x = torch.randint(0, self.vocab, (self.batch_tokens // self.seq_len, self.seq_len), generator=g).to(device)
         self.y = torch.randint(0, self.vocab, self.x.shape, generator=g).to(device)
+        self.doc_tokens, self.bos_id = doc_tokens, getattr(self.model, "bos_id", 1)
+        self.x = self.with_docs(self.x, seed=3)
         self.times: list[float] = []
         self.eval_times: list[tuple[float, float]] = []
+
+    def with_docs(self, tokens: torch.Tensor, *, seed: int) -> torch.Tensor:
+        """`tokens` with a BOS at each position with probability 1/doc_tokens (unchanged when None)."""
+        if not self.doc_tokens:
+            return tokens
+        g = torch.Generator().manual_seed(seed)
+        bos = torch.rand(tokens.shape, generator=g) < 1.0 / self.doc_tokens
+        return torch.where(bos.to(tokens.device), torch.full_like(tokens, self.bos_id), tokens)
 
     def sync(self) -> None:
         if self.rt.device.type == "cuda":
@@ -93,7 +105,7 @@ class Bench:
     def eval_rates(self, num_windows: int) -> tuple[float, float]:
         """(standard scored tokens/s, sliding scored tokens/s) on synthetic validation tokens; also recorded."""
         n = num_windows * self.eval_seq_len
-        val = torch.randint(0, self.vocab, (n + 1,), generator=torch.Generator().manual_seed(2))
+        val = self.with_docs(torch.randint(0, self.vocab, (n + 1,), generator=torch.Generator().manual_seed(2)), seed=4)
         luts = ByteLUTs(torch.ones(self.vocab, dtype=torch.int16), torch.zeros(self.vocab, dtype=torch.bool),
                         torch.zeros(self.vocab, dtype=torch.bool)).to(self.rt.device)
         common = dict(rank=0, world_size=1, device=self.rt.device, dtype=self.rt.dtype)
@@ -121,9 +133,9 @@ class Bench:
 
 
 def run(args: argparse.Namespace) -> dict:
-    benches = [Bench(args.overrides, batch_tokens=args.batch_tokens)]
+    benches = [Bench(args.overrides, batch_tokens=args.batch_tokens, doc_tokens=args.doc_tokens)]
     if args.compare is not None:
-        benches.append(Bench(args.compare.split(), batch_tokens=benches[0].batch_tokens))
+        benches.append(Bench(args.compare.split(), batch_tokens=benches[0].batch_tokens, doc_tokens=args.doc_tokens))
     for b in benches:  # warm-up (and compilation)
         for _ in range(args.warmup):
             b.step(record=False)
@@ -195,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=8, help="GPU count for the projections")
     p.add_argument("--batch-tokens", type=int, default=None, help="tokens per measured step (default: 1/8 of the "
                    "config's batch on CUDA, 4 sequences on CPU)")
+    p.add_argument("--doc-tokens", type=int, default=None, help="mean document length of the synthetic tokens "
+                   "(a BOS with probability 1/N at each position; default: uniform random tokens)")
     p.add_argument("--eval-windows", type=int, default=64, help="eval_seq_len-long blocks of synthetic val tokens")
     p.add_argument("--eval-rounds", type=int, default=3, help="evals of each config (alternated; medians)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's); 1 gives stable "

@@ -33,6 +33,7 @@ from pgolf.checkpoint import (CHECKPOINT_DIR, Checkpointing, Preemption, restore
 from pgolf.data import DistributedTokenLoader, load_validation_tokens
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
+from pgolf.model.docs import doc_backend
 from pgolf.quant import load_artifact
 from pgolf.runlog import RunLog, describe_environment
 from pgolf.schedule import SWA
@@ -230,6 +231,8 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         check_disk(run_dir, n_params)
     log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{grad_accum} device:{rt.device} "
         f"dtype:{rt.dtype} compile:{rt.compile}")
+    if getattr(base_model, "doc_attention", False):  # the switch shows in the log with its kernel (docs.py)
+        log(f"doc_attention:on bos_id:{base_model.bos_id} kernel:{doc_backend(rt.device)}")
     if not rt.master:  # only rank 0 talks to W&B
         from pgolf.runlog import NullLogger
 
