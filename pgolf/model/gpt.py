@@ -42,15 +42,15 @@ CONTROL_TENSOR_NAME_PATTERNS = (
 
 
 # `starts` (B, T): document starts under doc attention (docs.py), else None.
-def _smear_sigmoid(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None) -> Tensor:
+def _smear_sigmoid(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
     return getattr(gpt, SMEAR_ATTR[gpt.smear_variant])(x, starts)
 
 
-def _smear_token(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None) -> Tensor:
+def _smear_token(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
     return token_smear(x, gpt.smear_gate, gpt.smear_lambda, starts)
 
 
-def _smear_window(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None) -> Tensor:
+def _smear_window(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
     masked = gpt.smear_bos_mask or starts is not None
     keep = (ids[:, 1:] != gpt.bos_id).to(x.dtype).unsqueeze(-1) if masked else None
     return window_smear(x, gpt.smear_gate, gpt.smear_lambda, gpt.gate_window, keep)
