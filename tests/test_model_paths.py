@@ -38,6 +38,7 @@ OPTIONS = {
     "sparse_gate": dict(sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5),
     "window_smear": dict(smear_gate="window"),
     "overtone_phase_init": dict(overtone_init=True, phase_resid_mix_init=True),
+    "doc_attention": dict(doc_attention=True, smear_gate="window", smear_bos_mask=False),
     "all_on": dict(xsa_last_n=3, rope_dims=8, rope_train_seq_len=16, ln_scale=True, mlp_activation="leaky_relu2",
                    skip_gates_enabled=True, ve_enabled=True, ve_dim=16, ve_layers=[2], num_loops=1, loop_start=1,
                    loop_end=1, parallel_start_layer=2, sparse_attn_gate_enabled=True, smear_gate="window"),
