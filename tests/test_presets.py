@@ -85,6 +85,7 @@ TABLE = [
     ("model.ve_layers", NA, NA, NA, NA, NA),
     ("model.smear_bos_mask", NA, NA, NA, NA, NA),
     ("model.bos_id", NA, NA, NA, NA, NA),
+    ("model.doc_attention", False, False, False, False, False),  # no document masks before #1530
     ("model.overtone_init", False, False, False, False, False),
     ("model.phase_resid_mix_init", False, False, False, False, False),
     ("optimizer.tied_embed_lr",             0.05,       0.03,       0.03,       0.03,       0.03),
