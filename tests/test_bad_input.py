@@ -121,7 +121,7 @@ def replaced(shards: Path, tmp: Path, split: str, contents: list[list[int]],
 
 # Shard contents the header check does not see: (split, shards, keep the others, the whole line but the folder).
 CONTENT_ROWS = {
-    "an empty train shard": ("train", [[]], True, "error: {d}/fineweb_train_000900.bin (one of the 6 shards of "
+    "an empty train shard": ("train", [[]], True, "error: {d}/fineweb_train_000900.bin (one of the 8 shards of "
                              "{d}/fineweb_train_*.bin) holds no tokens; delete it or re-create the shards with `python "
                              "-m pgolf.data prepare ...`"),
     "all train shards empty": ("train", [[], []], False, "error: {d}/fineweb_train_000900.bin (one of the 2 shards of "
@@ -131,7 +131,7 @@ CONTENT_ROWS = {
                                 "1500 is not below vocab_size=1024; these tokens were made with another tokenizer: use "
                                 "its data.tokenizer_path and model.vocab_size, or re-create the shards"),
     "validation token id >= vocab": ("val", [[5] * 999 + [4000]], False, "error: validation split "
-                                     "{d}/fineweb_val_*.bin: token id 4000 is not below vocab_size=1024; these tokens "
+                                     "{d}/fineweb_val_[0-9]*.bin: token id 4000 is not below vocab_size=1024; these tokens "
                                      "were made with another tokenizer: use its data.tokenizer_path and "
                                      "model.vocab_size, or re-create the shards"),
     "too few train tokens": ("train", [list(range(2, 102))], False, "error: train shards {d}/fineweb_train_*.bin hold "
