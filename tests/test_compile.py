@@ -38,6 +38,8 @@ VARIANTS = {
     "xsa_partial_rope_ntk_ln_scale_leaky": dict(xsa_last_n=2, rope_dims=8, rope_train_seq_len=16, ln_scale=True,
                                                 mlp_activation="leaky_relu2"),
     "ve_skip_gates": dict(ve_enabled=True, ve_dim=16, ve_layers=[1], skip_gates_enabled=True),
+    "value_residual_lambda_ve": dict(value_residual="lambda", ve_enabled=True, ve_dim=16, ve_layers=[0]),
+    "value_residual_sigmoid_loop": dict(value_residual="sigmoid", num_loops=1, loop_start=0, loop_end=0),
     "loop_gptj": dict(num_loops=2, loop_start=0, loop_end=0, parallel_start_layer=1, parallel_residual="gptj"),
     "loop_2x2_sparse_gate_window_smear": dict(num_loops=1, loop_start=0, loop_end=0, parallel_start_layer=1,
                                               sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
@@ -51,7 +53,7 @@ VARIANTS = {
 ALL_ON = dict(num_layers=3, xsa_last_n=3, rope_dims=8, rope_train_seq_len=16, ln_scale=True,
               mlp_activation="leaky_relu2", skip_gates_enabled=True, ve_enabled=True, ve_dim=16, ve_layers=[2],
               num_loops=1, loop_start=1, loop_end=1, parallel_start_layer=2, sparse_attn_gate_enabled=True,
-              smear_gate="window", qat_bits=6)
+              smear_gate="window", qat_bits=6, value_residual="lambda")
 
 
 def tiny_model(preset: str | None = None, **options) -> GPT:

@@ -83,6 +83,7 @@ TABLE = [
     ("model.ve_enabled", False, False, False, False, False),
     ("model.ve_dim", NA, NA, NA, NA, NA),
     ("model.ve_layers", NA, NA, NA, NA, NA),
+    ("model.value_residual", "none", "none", "none", "none", "none"),
     ("model.smear_bos_mask", NA, NA, NA, NA, NA),
     ("model.bos_id", NA, NA, NA, NA, NA),
     ("model.doc_attention", False, False, False, False, False),  # no document masks before #1530

@@ -198,3 +198,39 @@ def test_bank_converter_matches_the_records_own_unbank_and_round_trips(name):
     model = GPT(**translate(name, conv["ctor_kwargs"], GOLDENS[name]["switches_small"])).eval()
     model.load_state_dict(flat, strict=True)
     assert loss(model, *seeded_tokens()) == pytest.approx(conv["loss_seeded_tokens"], rel=REL)
+
+
+# Value residual (off in every record run): the 03-23 #549 and 03-25 scripts built with VALUE_RESIDUAL=1
+# (tests/goldens/value_residual.json; both are #549's GPT apart from the VR form and 03-25's run env).
+VR = json.loads((Path(__file__).parent / "goldens" / "value_residual.json").read_text())["records"]
+VR_REAL = {"vr_lambda_0323": {}, "vrl_alpha_0325": dict(bigram_buckets=3072, bigram_dim=112, xsa_last_n=11)}
+
+
+def vr_kwargs(name: str, preset: str = "small") -> dict:
+    rec = VR[name]
+    if preset == "small":
+        kw = translate(rec["pgolf_base"], rec["ctor_kwargs_small"], GOLDENS[rec["pgolf_base"]]["switches_small"])
+    else:
+        kw = dict(pgolf_kwargs(rec["pgolf_base"], "real"), **VR_REAL[name])
+    return dict(kw, value_residual=rec["form"])
+
+
+@pytest.mark.parametrize("name", sorted(VR))
+def test_value_residual_equals_the_records(name):
+    """Names, shapes and eval loss on the seeded weights; VR off on the same weights gives another
+    number (the switch is live); the real-shape count is the log's plus the per-layer VR scalars."""
+    rec = VR[name]
+    torch.manual_seed(0)
+    model = GPT(**vr_kwargs(name))
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == rec["state_dict_small"]
+    weights = seeded_weights({k: tuple(v) for k, v in rec["state_dict_small"].items()})
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    assert loss(model, *seeded_tokens()) == pytest.approx(rec["losses"]["loss"], rel=REL)
+    off = GPT(**dict(vr_kwargs(name), value_residual="none")).eval()
+    off.load_state_dict({k: v for k, v in weights.items() if rec["param"] not in k}, strict=True)
+    assert loss(off, *seeded_tokens()) == pytest.approx(rec["losses"]["loss_vr_off"], rel=REL)
+    with torch.device("meta"):
+        real = GPT(**vr_kwargs(name, "real"))
+    n_vr = sum(p.numel() for k, p in real.named_parameters() if rec["param"] in k)
+    assert sum(p.numel() for p in real.parameters()) == rec["params"]["real"] == rec["params"]["log_vr_off"] + n_vr

@@ -38,15 +38,14 @@ class Block(nn.Module):
         mix = self.resid_mix.to(dtype=x.dtype)
         return mix[0][None, None, :] * x + mix[1][None, None, :] * x0
 
-    def attn_branch(self, x_in: Tensor, rope: tuple[Tensor, Tensor], ve: Tensor | None, docs=None) -> Tensor:
-        a = self.attn(F.rms_norm(x_in, (x_in.size(-1),)) * self.ln_scale_factor, *rope, ve, docs)
+    def attn_branch(self, x_in: Tensor, rope: tuple[Tensor, Tensor], values=None, docs=None) -> Tensor:
+        a = self.attn(F.rms_norm(x_in, (x_in.size(-1),)) * self.ln_scale_factor, *rope, values, docs)
         return self.attn_scale.to(dtype=x_in.dtype)[None, None, :] * a
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         return self.mlp_scale.to(dtype=x.dtype)[None, None, :] * self.mlp(F.rms_norm(x, (x.size(-1),)) * self.ln_scale_factor)
 
-    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], ve: Tensor | None = None,
-                docs=None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], values=None, docs=None) -> Tensor:
         x = self.mix(x, x0)
-        x = x + self.attn_branch(x, rope, ve, docs)
+        x = x + self.attn_branch(x, rope, values, docs)
         return x + self.mlp_branch(x)

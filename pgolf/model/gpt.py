@@ -29,6 +29,7 @@ from pgolf.model.mlp import MLP_ACTIVATIONS
 from pgolf.model.recurrence import layer_schedule, num_skips
 from pgolf.model.residual import PARALLEL_FINAL_LANES, PARALLEL_RESIDUALS, STEPS, TWO_LANE, fork, merge_lanes
 from pgolf.model.rotary import rotary_tables
+from pgolf.model.value_residual import VALUE_RESIDUALS, LayerValues
 
 log = logging.getLogger("pgolf.model")
 
@@ -37,7 +38,7 @@ log = logging.getLogger("pgolf.model")
 CONTROL_TENSOR_NAME_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
     "q_gain", "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
-    "lane_merge", "attn_gate_proj", "attn_gate_w", "ve_layer_scales", "ve_shared.scale",
+    "lane_merge", "attn_gate_proj", "attn_gate_w", "ve_layer_scales", "ve_shared.scale", "vr_lambda", "vrl_alpha",
 )
 
 
@@ -113,6 +114,7 @@ class GPT(nn.Module):
         ve_enabled: bool = False,
         ve_dim: int = 128,
         ve_layers: list[int] | None = None,
+        value_residual: str = "none",
         smear_gate: str = "none",
         smear_bos_mask: bool = True,
         bos_id: int = 1,
@@ -164,6 +166,9 @@ class GPT(nn.Module):
         if smear_gate == "window" and not smear_bos_mask and not doc_attention:
             log.warning("model.smear_bos_mask=false: SmearGate mixes the previous document's last token into "
                         "each BOS position (the cross-document leak of #1667); use it only to reproduce that record")
+        if value_residual != "none":
+            log.info("value residual: %s (every attention mixes in the first layer's raw v; %s per layer)",
+                     value_residual, "vr_lambda" if value_residual == "lambda" else "vrl_alpha")
         # Depth recurrence: one (encoder, decoder) schedule per number of extra passes.
         loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
         self.num_loops, self.enable_looping_at, self.loop_phase2_at = num_loops, enable_looping_at, loop_phase2_at
@@ -182,7 +187,7 @@ class GPT(nn.Module):
                      else "sparse" if sparse_attn_gate_enabled else "none")
         attn = dict(attn_gate=attn_gate, gate_window=gate_window, attn_out_gate_src=attn_out_gate_src,
                     gated_attn_init_std=gated_attn_init_std, sparse_attn_gate_init_std=sparse_attn_gate_init_std,
-                    sparse_attn_gate_scale=sparse_attn_gate_scale)
+                    sparse_attn_gate_scale=sparse_attn_gate_scale, value_residual_form=value_residual)
         self.blocks = nn.ModuleList(
             Block(model_dim, num_heads, num_kv_heads, hidden, qk_gain_init, qat, physical_idx=i, ln_scale=ln_scale,
                   attn=dict(attn, xsa=i >= num_layers - xsa_last_n),
@@ -246,10 +251,11 @@ class GPT(nn.Module):
             return x + scaled
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j].to(dtype=x.dtype))[None, None, :])
 
-    def _ve(self, i: int, ve: Tensor | None) -> Tensor | None:
+    def _values(self, i: int, ve: Tensor | None, v0: list[Tensor]) -> LayerValues:
+        """Layer i's value embedding (scaled) and the forward's v0 store (value_residual.py)."""
         if i not in self.ve_slot:
-            return None
-        return ve * self.ve_layer_scales[self.ve_slot[i]].to(dtype=ve.dtype)
+            return LayerValues(None, v0)
+        return LayerValues(ve * self.ve_layer_scales[self.ve_slot[i]].to(dtype=ve.dtype), v0)
 
     def hidden(self, input_ids: Tensor, docs: DocMask | None = None) -> Tensor:
         """Final-normed hidden states (B, T, D) for token ids (B, T).
@@ -273,12 +279,13 @@ class GPT(nn.Module):
         rope = rotary_tables(input_ids.size(1), self.rope_dims, self.rope_base, x.device, self.rope_train_seq_len)
         # Value embeddings: a per-token lookup, so nothing to mask at a document start.
         ve = self.ve_shared(input_ids) if self.ve_shared is not None else None  # (B, T, kv_dim)
+        v0: list[Tensor] = []  # value residual: the first attention's raw v (B, T, Hkv, D), when on
         encoder, decoder = self.schedules[self.loop_passes]
         lanes: tuple[Tensor, ...] = (x,)
         skips: list[Tensor] = []
         # U-Net: the encoder stores skips, the decoder adds them back (to lane 0) in reverse order.
         for i in encoder:
-            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve), docs)
+            lanes = self.steps[i](self, i, lanes, x0, rope, self._values(i, ve, v0), docs)
             skips.append(lanes[0])
         for j, i in enumerate(decoder):
             # 2x2 lanes fork before the skip (it goes to lane 0 only); lane_merge after it (#1477).
@@ -286,7 +293,7 @@ class GPT(nn.Module):
             if skips and j < self.num_skip_weights:
                 lanes = (self._skip(j, lanes[0], skips.pop()),) + lanes[1:]
             lanes = fork(lanes, self.two_lane[i])
-            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve), docs)
+            lanes = self.steps[i](self, i, lanes, x0, rope, self._values(i, ve, v0), docs)
         x = merge_lanes(self, lanes)
         return F.rms_norm(x, (x.size(-1),))
 
@@ -353,7 +360,8 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                      parallel_start_layer: int = 0, parallel_residual: str = "routed_2x2",
                      parallel_final_lane: str = "mean", num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
                      enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, ve_enabled: bool = False,
-                     ve_dim: int = 128, ve_layers: list[int] | str | None = None, bos_id: int = 1,
+                     ve_dim: int = 128, ve_layers: list[int] | str | None = None, value_residual: str = "none",
+                     bos_id: int = 1,
                      num_skip_weights: int | None = None, doc_attention: bool = False,
                      **_: object) -> None:
     """Reject inconsistent shapes and unknown technique options with one line naming the field
@@ -379,7 +387,8 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                ("bigram_init", bigram_init, ("normal", "zeros")), ("qat_clip", qat_clip, CLIPS),
                ("mlp_activation", mlp_activation, MLP_ACTIVATIONS), ("attn_out_gate_src", attn_out_gate_src, ("proj", "q")),
                ("parallel_residual", parallel_residual, PARALLEL_RESIDUALS),
-               ("parallel_final_lane", parallel_final_lane, PARALLEL_FINAL_LANES))
+               ("parallel_final_lane", parallel_final_lane, PARALLEL_FINAL_LANES),
+               ("value_residual", value_residual, VALUE_RESIDUALS))
     for field, value, allowed in choices:
         if value not in allowed:
             raise PgolfError(f"model.{field}={value!r} is not one of {', '.join(allowed)}")

@@ -1,7 +1,7 @@
 """How a layer updates the residual stream: sequential (the baseline) or one of the four
 published parallel-residual designs, which the records conflate. Each design is a function
 
-    step(gpt, physical_idx, lanes, x0, rope, ve, docs) -> lanes
+    step(gpt, physical_idx, lanes, x0, rope, values, docs) -> lanes
 
 over a tuple of lanes: one lane for the single-stream designs, two for the lane designs. A lane
 design forks (lane0 = lane1 = x) at its first layer and `merge_lanes` joins the lanes after the
@@ -19,34 +19,34 @@ PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
 TWO_LANE = ("lane_merge", "routed_2x2")
 
 
-def sequential(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve, docs=None) -> tuple[Tensor, ...]:
+def sequential(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, values, docs=None) -> tuple[Tensor, ...]:
     """The baseline block: attention, then the MLP on its output."""
-    return (gpt.blocks[i](lanes[0], x0, rope, ve, docs),)
+    return (gpt.blocks[i](lanes[0], x0, rope, values, docs),)
 
 
-def gptj(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve, docs=None) -> tuple[Tensor, ...]:
+def gptj(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, values, docs=None) -> tuple[Tensor, ...]:
     """GPT-J single stream (2026-04-06 #1412, 2026-04-09 #1493): attention and MLP both read x_in,
     x_out = x_in + attn_scale*Attn(n(x_in)) + mlp_scale*MLP(n'(x_in)). No parameters."""
     block = gpt.blocks[i]
     x_in = block.mix(lanes[0], x0)
-    return (x_in + block.attn_branch(x_in, rope, ve, docs) + block.mlp_branch(x_in),)
+    return (x_in + block.attn_branch(x_in, rope, values, docs) + block.mlp_branch(x_in),)
 
 
-def lane_merge(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve, docs=None) -> tuple[Tensor, ...]:
+def lane_merge(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, values, docs=None) -> tuple[Tensor, ...]:
     """Independent lanes (2026-04-04 #1334, 2026-04-08 #1477): attention updates lane 0 (reading
     mix(lane0, x0)), the MLP updates lane 1 (reading lane 1 only); the lanes never exchange and
     `merge_lanes` returns m*lane0 + (1-m)*lane1 with the scalar `lane_merge` (init 0.5)."""
     block = gpt.blocks[i]
     x_in = block.mix(lanes[0], x0)
-    return x_in + block.attn_branch(x_in, rope, ve, docs), lanes[1] + block.mlp_branch(lanes[1])
+    return x_in + block.attn_branch(x_in, rope, values, docs), lanes[1] + block.mlp_branch(lanes[1])
 
 
-def routed_2x2(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve, docs=None) -> tuple[Tensor, ...]:
+def routed_2x2(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, values, docs=None) -> tuple[Tensor, ...]:
     """2x2 routed lanes (#1529/2026-04-10 #1530, all top records): attention reads mix(L0, x0), the
     MLP reads L1 in parallel; L_j' = r[i,j]*L_j + P[i,0,j]*a + P[i,1,j]*m, r init 1.1, P init 1."""
     block = gpt.blocks[i]
     lane0, lane1 = lanes
-    a = block.attn_branch(block.mix(lane0, x0), rope, ve, docs)
+    a = block.attn_branch(block.mix(lane0, x0), rope, values, docs)
     m = block.mlp_branch(lane1)
     r = gpt.parallel_resid_lambdas[i].to(dtype=lane0.dtype)
     post = gpt.parallel_post_lambdas[i].to(dtype=lane0.dtype)
