@@ -56,21 +56,26 @@ def sparse_attn_gate(attn: "CausalSelfAttention", y: Tensor, x: Tensor, q_raw: T
 
 class CausalSelfAttention(nn.Module):
     """GQA attention on (B, T, dim) -> (B, T, dim). Parameters keep the records' names:
-    c_q, c_k, c_v, proj, q_gain, and attn_gate_proj / attn_gate_w for the gates."""
+    c_q, c_k, c_v, proj, q_gain, and attn_gate_proj / attn_gate_w for the gates.
+
+    `linears=False` builds one without c_q/c_k/c_v/proj (2026-03-31 #1204: a per-virtual-layer
+    block past the physical layers, or layer 0 with its attention disabled); such a module runs
+    with another one's linears (`lin` in forward), its own q_gain, XSA flag and gate."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, qat: dict, *,
                  xsa: bool = False, attn_gate: str = "none", gate_window: int = 12, attn_out_gate_src: str = "proj",
                  gated_attn_init_std: float = 0.01, sparse_attn_gate_init_std: float = 0.0,
-                 sparse_attn_gate_scale: float = 1.0, value_residual_form: str = "none"):
+                 sparse_attn_gate_scale: float = 1.0, value_residual_form: str = "none", linears: bool = True):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
-        self.c_q = CastedLinear(dim, dim, **qat)
-        self.c_k = CastedLinear(dim, kv_dim, **qat)
-        self.c_v = CastedLinear(dim, kv_dim, **qat)
-        self.proj = CastedLinear(dim, dim, **qat)
-        self.proj._zero_init = True
+        if linears:
+            self.c_q = CastedLinear(dim, dim, **qat)
+            self.c_k = CastedLinear(dim, kv_dim, **qat)
+            self.c_v = CastedLinear(dim, kv_dim, **qat)
+            self.proj = CastedLinear(dim, dim, **qat)
+            self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
         self.use_xsa = xsa
         add_value_residual_params(self, value_residual_form)  # value_residual.py
@@ -88,15 +93,17 @@ class CausalSelfAttention(nn.Module):
             self.attn_gate_w = nn.Parameter(torch.randn(num_heads, gate_window) * sparse_attn_gate_init_std)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, values: LayerValues | None = None,
-                docs: DocMask | None = None) -> Tensor:
+                docs: DocMask | None = None, lin: "CausalSelfAttention | None" = None) -> Tensor:
         """x (B, T, dim) normalised block input; cos, sin (1, 1, T, rd/2); values: this layer's value
         embedding and the forward's v0 store (value_residual.py) or None; docs: the document mask
-        (docs.py) or None for plain causal attention."""
+        (docs.py) or None for plain causal attention; lin: the module whose c_q/c_k/c_v/proj to use
+        (None: this one's)."""
         B, T, C = x.shape
-        q_raw = self.c_q(x)
+        lin = self if lin is None else lin
+        q_raw = lin.c_q(x)
         q = q_raw.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.c_v(x)
+        k = lin.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = lin.c_v(x)
         if values is not None and values.ve is not None:  # value embedding (#374 via 2026-03-22), before the head split
             v = v + values.ve
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
@@ -113,4 +120,4 @@ class CausalSelfAttention(nn.Module):
             y = exclusive_self_attention(y, v)
         if self.output_gate is not None:
             y = self.output_gate(self, y, x, q_raw)
-        return self.proj(y.contiguous().reshape(B, T, C))
+        return lin.proj(y.contiguous().reshape(B, T, C))
