@@ -44,7 +44,7 @@ VARIANTS = {
     "loop_2x2_sparse_gate_window_smear": dict(num_loops=1, loop_start=0, loop_end=0, parallel_start_layer=1,
                                               sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5,
                                               smear_gate="window"),
-    "learned_2lane_virtual_untied_layer0_off": dict(num_loops=1, loop_start=0, loop_end=0, parallel_start_layer=1,
+    "learned_2lane_virtual_untied_layer0_off": dict(num_loops=1, loop_start=1, loop_end=1, parallel_start_layer=1,
                                                     parallel_residual="learned_2lane", layer_index="virtual",
                                                     loop_untie_mlp=True, disable_layer0_attn=True),
     "lane_merge_attn_out_gate_q": dict(parallel_start_layer=1, parallel_residual="lane_merge",

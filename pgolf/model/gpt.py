@@ -414,7 +414,7 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                      parallel_start_layer: int = 0, parallel_residual: str = "routed_2x2",
                      parallel_final_lane: str = "mean", num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
                      enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, loop_untie_mlp: bool = False,
-                     layer_index: str = "physical", ve_enabled: bool = False,
+                     layer_index: str = "physical", disable_layer0_attn: bool = False, ve_enabled: bool = False,
                      ve_dim: int = 128, ve_layers: list[int] | str | None = None, value_residual: str = "none",
                      bos_id: int = 1,
                      num_skip_weights: int | None = None, doc_attention: bool = False,
@@ -485,6 +485,9 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
             raise PgolfError(f"model.parallel_start_layer={parallel_start_layer} falls in the U-Net encoder "
                              f"(layers {sorted(set(encoder))}); the {parallel_residual} lanes start in the decoder: "
                              f"use at least {max(encoder) + 1}")
+    if disable_layer0_attn and layer_index == "virtual" and num_loops and loop_start == 0:
+        raise PgolfError("model.disable_layer0_attn=true with model.layer_index=virtual turns off virtual layer 0 only, "
+                         "but the loop repeats physical layer 0, whose attention matrices it drops: use loop_start >= 1")
     if loop_untie_mlp and not num_loops:
         raise PgolfError("model.loop_untie_mlp=true needs depth recurrence (model.num_loops >= 1)")
     # ve_layers count virtual layers under layer_index=virtual (#1204), physical ones otherwise.
