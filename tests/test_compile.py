@@ -170,3 +170,32 @@ def test_all_parts_train_under_inductor_and_the_looping_switch_recompiles_once()
         model.set_looping(passes)
         compiled(x, y)
     assert counter.frame_count == 2  # no recompile per step
+
+
+@pytest.mark.slow
+def test_pr1204_family_trains_under_inductor_and_untied_mlps_copy_at_the_switch():
+    """#1204's parts (learned two-lane routing, one block per virtual layer, untied repeat MLPs,
+    layer-0 attention off): an inductor training step equals eager; switching looping on after
+    compilation copies the shared MLPs into the repeat MLPs and recompiles once."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = tiny_model(**VARIANTS["learned_2lane_virtual_untied_layer0_off"])
+    model.set_looping(0)
+    eager = copy.deepcopy(model)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=counter)
+    x, y = batch(1)
+    loss, want = compiled(x, y), eager(x, y)
+    loss.backward()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-4)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if q.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), name
+    model.set_looping(1)
+    eager.set_looping(1)
+    assert torch.equal(model.repeat_mlp[0].fc.weight, model.blocks[1].mlp.fc.weight)
+    looped = compiled(x, y).item()
+    assert looped == pytest.approx(eager(x, y).item(), abs=1e-4)
+    assert abs(looped - loss.item()) > 1e-3 and counter.frame_count == 2

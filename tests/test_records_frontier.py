@@ -247,3 +247,23 @@ def test_value_residual_equals_the_records(name):
         real = GPT(**vr_kwargs(name, "real"))
     n_vr = sum(p.numel() for k, p in real.named_parameters() if rec["param"] in k)
     assert sum(p.numel() for p in real.parameters()) == rec["params"]["real"] == rec["params"]["log_vr_off"] + n_vr
+
+
+def test_untied_repeat_mlps_start_as_copies_when_looping_switches_on():
+    """#1204's `_sync_repeat_mlp_from_base`: repeat_mlp.{k} is zero until recurrence switches on,
+    then equals the shared MLP of its span layer, so the first looped step runs the tied model."""
+    kw = dict(pgolf_kwargs("pr1204_parresid_recur"))
+    torch.manual_seed(0)
+    model = GPT(**kw).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    tied = GPT(**dict(kw, loop_untie_mlp=False)).eval()
+    tied.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("repeat_mlp.")})
+    x, y = seeded_tokens()
+    assert loss(model, x, y) != loss(tied, x, y)  # both looping; repeat MLPs random: the untied pass differs
+    model.set_looping(0)
+    model.set_looping(1)  # the switch copies
+    for k, layer in enumerate(range(kw["loop_start"], kw["loop_end"] + 1)):
+        assert torch.equal(model.repeat_mlp[k].proj.weight, model.blocks[layer].mlp.proj.weight)
+    assert loss(model, x, y) == loss(tied, x, y)
