@@ -80,6 +80,7 @@ TABLE = [
     ("model.enable_looping_at", NA, NA, NA, NA, NA),
     ("model.loop_phase2_at", NA, NA, NA, NA, NA),
     ("model.loop_untie_mlp", False, False, False, False, False),
+    ("model.recur_start_step", 0, 0, 0, 0, 0),
     ("model.layer_index", "physical", "physical", "physical", "physical", "physical"),
     ("model.disable_layer0_attn", False, False, False, False, False),
     ("model.num_skip_weights", None, None, None, None, None),

@@ -267,3 +267,9 @@ def test_untied_repeat_mlps_start_as_copies_when_looping_switches_on():
     for k, layer in enumerate(range(kw["loop_start"], kw["loop_end"] + 1)):
         assert torch.equal(model.repeat_mlp[k].proj.weight, model.blocks[layer].mlp.proj.weight)
     assert loss(model, x, y) == loss(tied, x, y)
+
+
+def test_recurrence_switches_on_at_a_training_step():
+    """#1204 starts recurrence at RECUR_START_STEP (3000), not at a fraction of the budget."""
+    model = GPT(**dict(pgolf_kwargs("pr1204_parresid_recur"), recur_start_step=3000))
+    assert [model.loop_passes_at(f, s) for f, s in ((0.0, 0), (0.9, 2999), (0.1, 3000), (1.0, None))] == [0, 0, 1, 1]

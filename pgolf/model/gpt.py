@@ -116,6 +116,7 @@ class GPT(nn.Module):
         enable_looping_at: float = 0.0,
         loop_phase2_at: float = 0.0,
         loop_untie_mlp: bool = False,
+        recur_start_step: int = 0,
         layer_index: str = "physical",
         disable_layer0_attn: bool = False,
         num_skip_weights: int | None = None,
@@ -180,6 +181,7 @@ class GPT(nn.Module):
         # Depth recurrence: one (encoder, decoder) schedule per number of extra passes.
         loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
         self.num_loops, self.enable_looping_at, self.loop_phase2_at = num_loops, enable_looping_at, loop_phase2_at
+        self.recur_start_step = recur_start_step
         self.schedules = [layer_schedule(num_layers, passes=p, **loop) for p in range(num_loops + 1)]
         # Per virtual position: (block_idx, physical_idx, repeat_mlp_idx) (recurrence.layer_plan).
         virtual = layer_index == "virtual"
@@ -278,10 +280,16 @@ class GPT(nn.Module):
                 self.repeat_mlp[r].load_state_dict(self.blocks[p].mlp.state_dict())
         log.info("depth recurrence: untied repeat MLPs copied from the shared MLPs")
 
-    def loop_passes_at(self, frac: float) -> int:
-        """Extra passes due at a fraction `frac` of the training budget: 0 before
-        enable_looping_at, 1 before loop_phase2_at (progressive, 2026-04-06 #1412), else all."""
-        if not self.num_loops or frac < self.enable_looping_at:
+    def loop_passes_at(self, frac: float, step: int | None = None) -> int:
+        """Extra passes due at a fraction `frac` of the training budget (and training step `step`):
+        0 before enable_looping_at, 1 before loop_phase2_at (progressive, 2026-04-06 #1412), else
+        all. With `recur_start_step` (2026-03-31 #1204's RECUR_START_STEP) the start is that step
+        instead of a fraction; `step=None` means the end of training."""
+        if not self.num_loops:
+            return 0
+        if self.recur_start_step:
+            return self.num_loops if step is None or step >= self.recur_start_step else 0
+        if frac < self.enable_looping_at:
             return 0
         if self.loop_phase2_at and frac < self.loop_phase2_at:
             return 1
@@ -414,7 +422,7 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                      parallel_start_layer: int = 0, parallel_residual: str = "routed_2x2",
                      parallel_final_lane: str = "mean", num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
                      enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, loop_untie_mlp: bool = False,
-                     layer_index: str = "physical", disable_layer0_attn: bool = False, ve_enabled: bool = False,
+                     recur_start_step: int = 0, layer_index: str = "physical", disable_layer0_attn: bool = False, ve_enabled: bool = False,
                      ve_dim: int = 128, ve_layers: list[int] | str | None = None, value_residual: str = "none",
                      bos_id: int = 1,
                      num_skip_weights: int | None = None, doc_attention: bool = False,
@@ -488,6 +496,9 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
     if disable_layer0_attn and layer_index == "virtual" and num_loops and loop_start == 0:
         raise PgolfError("model.disable_layer0_attn=true with model.layer_index=virtual turns off virtual layer 0 only, "
                          "but the loop repeats physical layer 0, whose attention matrices it drops: use loop_start >= 1")
+    if recur_start_step < 0 or (recur_start_step and enable_looping_at):
+        raise PgolfError(f"model.recur_start_step={recur_start_step} must be >= 0 (0 = start at model.enable_looping_at) "
+                         "and is an alternative to model.enable_looping_at: set one of them")
     if loop_untie_mlp and not num_loops:
         raise PgolfError("model.loop_untie_mlp=true needs depth recurrence (model.num_loops >= 1)")
     # ve_layers count virtual layers under layer_index=virtual (#1204), physical ones otherwise.
