@@ -273,3 +273,19 @@ def test_recurrence_switches_on_at_a_training_step():
     """#1204 starts recurrence at RECUR_START_STEP (3000), not at a fraction of the budget."""
     model = GPT(**dict(pgolf_kwargs("pr1204_parresid_recur"), recur_start_step=3000))
     assert [model.loop_passes_at(f, s) for f, s in ((0.0, 0), (0.9, 2999), (0.1, 3000), (1.0, None))] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("bad", [dict(value_residual="both"), dict(layer_index="logical"),
+                                 dict(loop_untie_mlp=True),
+                                 dict(num_loops=1, loop_start=0, loop_end=1, layer_index="virtual",
+                                      disable_layer0_attn=True),
+                                 dict(num_loops=1, loop_start=1, loop_end=2, recur_start_step=10, enable_looping_at=0.5),
+                                 dict(num_loops=1, loop_start=1, loop_end=2, layer_index="virtual", ve_enabled=True,
+                                      ve_layers=[6])])
+def test_value_residual_and_1204_options_reject_bad_values(bad):
+    from pgolf.errors import PgolfError
+    from pgolf.model.gpt import check_model_args
+
+    with pytest.raises(PgolfError, match="model\\."):
+        check_model_args(num_layers=4, **bad)
+    check_model_args(num_layers=4, **dict(bad, ve_layers=[5])) if "ve_layers" in bad else None

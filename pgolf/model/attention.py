@@ -104,7 +104,7 @@ class CausalSelfAttention(nn.Module):
         q = q_raw.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = lin.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = lin.c_v(x)
-        if values is not None and values.ve is not None:  # value embedding (#374 via 2026-03-22), before the head split
+        if values is not None and values.ve is not None:  # value embedding (#374 via 2026-03-22), before heads
             v = v + values.ve
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         if self.value_residual is not None:  # value residual (2026-03-23 #549 / 03-25): v0 of the first layer

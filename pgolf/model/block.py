@@ -56,7 +56,8 @@ class Block(nn.Module):
 
     def mlp_branch(self, x: Tensor, mlp: MLP | None = None) -> Tensor:
         mlp = self.mlp if mlp is None else mlp
-        return self.mlp_scale.to(dtype=x.dtype)[None, None, :] * mlp(F.rms_norm(x, (x.size(-1),)) * self.ln_scale_factor)
+        h = mlp(F.rms_norm(x, (x.size(-1),)) * self.ln_scale_factor)
+        return self.mlp_scale.to(dtype=x.dtype)[None, None, :] * h
 
     def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], values=None, docs=None,
                 lin: CausalSelfAttention | None = None, mlp: MLP | None = None) -> Tensor:

@@ -25,8 +25,7 @@ from pgolf.model.docs import DocMask, build_doc_mask, doc_backend
 from pgolf.model.embeddings import (BIGRAM_ATTR, SMEAR_ATTR, SMEAR_VARIANTS, BigramHash, SigmoidSmear, ValueEmbedding,
                                     orthogonal_init_, overtone_init_, phase_resid_mix_init_, token_smear, window_smear)
 from pgolf.model.linear import CastedLinear
-from pgolf.model.mlp import MLP_ACTIVATIONS
-from pgolf.model.mlp import MLP
+from pgolf.model.mlp import MLP, MLP_ACTIVATIONS
 from pgolf.model.recurrence import layer_plan, layer_schedule, num_skips
 from pgolf.model.residual import (PARALLEL_FINAL_LANES, PARALLEL_RESIDUALS, SKIP_ALL_LANES, STEPS, TWO_LANE, Layer,
                                   fork, merge_lanes)
@@ -422,7 +421,8 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                      parallel_start_layer: int = 0, parallel_residual: str = "routed_2x2",
                      parallel_final_lane: str = "mean", num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
                      enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, loop_untie_mlp: bool = False,
-                     recur_start_step: int = 0, layer_index: str = "physical", disable_layer0_attn: bool = False, ve_enabled: bool = False,
+                     recur_start_step: int = 0, layer_index: str = "physical", disable_layer0_attn: bool = False,
+                     ve_enabled: bool = False,
                      ve_dim: int = 128, ve_layers: list[int] | str | None = None, value_residual: str = "none",
                      bos_id: int = 1,
                      num_skip_weights: int | None = None, doc_attention: bool = False,
@@ -494,11 +494,12 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                              f"(layers {sorted(set(encoder))}); the {parallel_residual} lanes start in the decoder: "
                              f"use at least {max(encoder) + 1}")
     if disable_layer0_attn and layer_index == "virtual" and num_loops and loop_start == 0:
-        raise PgolfError("model.disable_layer0_attn=true with model.layer_index=virtual turns off virtual layer 0 only, "
-                         "but the loop repeats physical layer 0, whose attention matrices it drops: use loop_start >= 1")
+        raise PgolfError("model.disable_layer0_attn=true with model.layer_index=virtual turns off virtual layer 0 "
+                         "only, but the loop repeats physical layer 0, whose attention matrices it drops: "
+                         "use loop_start >= 1")
     if recur_start_step < 0 or (recur_start_step and enable_looping_at):
-        raise PgolfError(f"model.recur_start_step={recur_start_step} must be >= 0 (0 = start at model.enable_looping_at) "
-                         "and is an alternative to model.enable_looping_at: set one of them")
+        raise PgolfError(f"model.recur_start_step={recur_start_step} must be >= 0 (0 = start at "
+                         "model.enable_looping_at) and is an alternative to model.enable_looping_at: set one of them")
     if loop_untie_mlp and not num_loops:
         raise PgolfError("model.loop_untie_mlp=true needs depth recurrence (model.num_loops >= 1)")
     # ve_layers count virtual layers under layer_index=virtual (#1204), physical ones otherwise.

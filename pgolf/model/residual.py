@@ -36,7 +36,8 @@ class Layer(NamedTuple):
     mlp: nn.Module
 
 
-def sequential(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values, docs=None) -> tuple[Tensor, ...]:
+def sequential(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values,
+               docs=None) -> tuple[Tensor, ...]:
     """The baseline block: attention, then the MLP on its output."""
     return (layer.block(lanes[0], x0, rope, values, docs, layer.lin, layer.mlp),)
 
@@ -49,7 +50,8 @@ def gptj(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values,
     return (x_in + block.attn_branch(x_in, rope, values, docs, layer.lin) + block.mlp_branch(x_in, layer.mlp),)
 
 
-def lane_merge(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values, docs=None) -> tuple[Tensor, ...]:
+def lane_merge(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values,
+               docs=None) -> tuple[Tensor, ...]:
     """Independent lanes (2026-04-04 #1334, 2026-04-08 #1477): attention updates lane 0 (reading
     mix(lane0, x0)), the MLP updates lane 1 (reading lane 1 only); the lanes never exchange and
     `merge_lanes` returns m*lane0 + (1-m)*lane1 with the scalar `lane_merge` (init 0.5)."""
@@ -59,7 +61,8 @@ def lane_merge(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, v
             lanes[1] + block.mlp_branch(lanes[1], layer.mlp))
 
 
-def routed_2x2(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values, docs=None) -> tuple[Tensor, ...]:
+def routed_2x2(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values,
+               docs=None) -> tuple[Tensor, ...]:
     """2x2 routed lanes (#1529/2026-04-10 #1530, all top records): attention reads mix(L0, x0), the
     MLP reads L1 in parallel; L_j' = r[i,j]*L_j + P[i,0,j]*a + P[i,1,j]*m, r init 1.1, P init 1."""
     block, i = layer.block, layer.physical_idx
