@@ -158,6 +158,9 @@ def test_all_parts_train_under_inductor_and_the_looping_switch_recompiles_once()
     want.backward()
     assert loss.item() == pytest.approx(want.item(), abs=1e-4)
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        if q.grad is None:  # layer 0's vr_lambda: stored, never used (as the records)
+            assert p.grad is None, name
+            continue
         assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), name
     assert counter.frame_count == 1
     model.set_looping(1)
