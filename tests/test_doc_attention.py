@@ -45,14 +45,20 @@ TECHNIQUES = {
     "bigram_mul": dict(bigram_buckets=37, bigram_dim=8, bigram_hash="mul"),
     "bigram_xor": dict(bigram_buckets=37, bigram_dim=8, bigram_hash="xor", bigram_scale_init=0.05),
     "value_embeddings": dict(ve_enabled=True, ve_dim=8, ve_layers=[2, 3]),
+    "value_residual_lambda": dict(value_residual="lambda"),
+    "value_residual_sigmoid_recurrence": dict(value_residual="sigmoid", num_loops=1, loop_start=0, loop_end=1),
     "parallel_routed_2x2": dict(parallel_start_layer=2, parallel_residual="routed_2x2"),
     "parallel_gptj": dict(parallel_start_layer=2, parallel_residual="gptj"),
     "parallel_lane_merge": dict(parallel_start_layer=2, parallel_residual="lane_merge"),
+    "parallel_learned_2lane": dict(parallel_start_layer=2, parallel_residual="learned_2lane"),
+    "recurrence_virtual_untied_layer0_off": dict(num_loops=1, loop_start=1, loop_end=2, layer_index="virtual",
+                                                 loop_untie_mlp=True, disable_layer0_attn=True, ve_enabled=True,
+                                                 ve_dim=8, ve_layers=[5]),
     "recurrence": dict(num_loops=1, loop_start=1, loop_end=2),
     "all": dict(xsa_last_n=4, rope_dims=4, ln_scale=True, skip_gates_enabled=True, sparse_attn_gate_enabled=True,
                 gate_window=4, smear_gate="window", bigram_buckets=37, bigram_dim=8, bigram_hash="xor",
                 bigram_scale_init=0.05, ve_enabled=True, ve_dim=8, ve_layers=[2, 3], parallel_start_layer=3,
-                num_loops=1, loop_start=1, loop_end=2),
+                num_loops=1, loop_start=1, loop_end=2, value_residual="sigmoid"),
 }
 
 

@@ -29,10 +29,17 @@ OPTIONS = {
     "leaky_relu2": dict(mlp_activation="leaky_relu2"),
     "skip_gates": dict(skip_gates_enabled=True),
     "value_embeddings": dict(ve_enabled=True, ve_dim=16, ve_layers=[1, 2]),
+    "value_residual_lambda": dict(value_residual="lambda", ve_enabled=True, ve_dim=16, ve_layers=[0, 2]),
+    "value_residual_sigmoid": dict(value_residual="sigmoid", num_loops=1, loop_start=0, loop_end=1),
     "loop": dict(num_loops=2, loop_start=1, loop_end=1),
     "gptj": dict(parallel_start_layer=2, parallel_residual="gptj"),
     "lane_merge": dict(parallel_start_layer=2, parallel_residual="lane_merge"),
     "routed_2x2": dict(parallel_start_layer=2),
+    "learned_2lane": dict(parallel_start_layer=2, parallel_residual="learned_2lane"),
+    "layer0_attn_off": dict(disable_layer0_attn=True),
+    "pr1204_like": dict(num_loops=1, loop_start=1, loop_end=1, layer_index="virtual", loop_untie_mlp=True,
+                        disable_layer0_attn=True, parallel_start_layer=2, parallel_residual="learned_2lane",
+                        xsa_last_n=3, ln_scale=True, skip_gates_enabled=True, ve_enabled=True, ve_dim=16, ve_layers=[3]),
     "attn_out_gate": dict(attn_out_gate_enabled=True, attn_out_gate_src="q"),
     "dense_gate": dict(gated_attn_enabled=True),
     "sparse_gate": dict(sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5),
@@ -41,7 +48,8 @@ OPTIONS = {
     "doc_attention": dict(doc_attention=True, smear_gate="window", smear_bos_mask=False),
     "all_on": dict(xsa_last_n=3, rope_dims=8, rope_train_seq_len=16, ln_scale=True, mlp_activation="leaky_relu2",
                    skip_gates_enabled=True, ve_enabled=True, ve_dim=16, ve_layers=[2], num_loops=1, loop_start=1,
-                   loop_end=1, parallel_start_layer=2, sparse_attn_gate_enabled=True, smear_gate="window"),
+                   loop_end=1, parallel_start_layer=2, sparse_attn_gate_enabled=True, smear_gate="window",
+                   value_residual="lambda"),
 }
 
 

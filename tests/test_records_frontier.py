@@ -26,9 +26,8 @@ SHAPE = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "
          "skip_gates_enabled", "ve_dim", "num_loops", "loop_start", "loop_end", "gate_window", "attn_out_gate_src",
          "gated_attn_enabled", "gated_attn_init_std", "sparse_attn_gate_enabled", "sparse_attn_gate_init_std",
          "sparse_attn_gate_scale", "attn_out_gate_enabled", "parallel_final_lane")
-# 03-31 #1204: one Block per *virtual* layer (own norms/scalars over banked physical matrices), untied
-# MLP copies for the repeated passes, learned two-lane routing, layer-0 attention disabled. Not built.
-NOT_BUILT = {"pr1204_parresid_recur": "03-31's per-virtual-layer blocks with untied repeat MLPs are not a pgolf part yet"}
+# Every record is built (03-31 #1204 through layer_index=virtual, loop_untie_mlp, learned_2lane).
+NOT_BUILT: dict[str, str] = {}
 # Records up to 03-31 build RoPE for 1024 while training at 2048 (NTK always on past 1024).
 NTK_1024 = {"pr265_xsa3", "pr315_prope_lnscale", "pr414_ve", "pr549_leaky_banks", "pr1204_parresid_recur"}
 RELU2 = {"pr265_xsa3", "pr315_prope_lnscale", "pr414_ve"}
@@ -53,10 +52,18 @@ def translate(name: str, kw: dict, switches: dict) -> dict:
         out.update(mlp_activation="leaky_relu2", negative_slope=0.5)
     if kw.get("ve_enabled"):
         out.update(ve_enabled=True, ve_layers=[int(s) for s in kw["ve_layers"].split(",")])
-    if kw.get("recur_layers"):  # 04-04 #1334: one extra pass over the listed span
+    if kw.get("recur_layers") and kw.get("repeat_untie_mlp"):  # 03-31 #1204: per-virtual-layer blocks
+        layers = [int(s) for s in kw["recur_layers"]]
+        out.update(num_loops=1, loop_start=min(layers), loop_end=max(layers), layer_index="virtual",
+                   loop_untie_mlp=kw["repeat_untie_mlp"] == "full", disable_layer0_attn=kw["disable_layer0_attn"],
+                   skip_gates_enabled=True)
+    elif kw.get("recur_layers"):  # 04-04 #1334: one extra pass over the listed span
         layers = [int(s) for s in str(kw["recur_layers"]).split(",")]
         out.update(num_loops=1, loop_start=min(layers), loop_end=max(layers), num_skip_weights=kw["num_layers"] // 2)
-    if kw.get("parallel_residual_start", -1) >= 0:  # 04-06 #1412, 04-09 #1493
+    if kw.get("parallel_residual") is True:  # 03-31 #1204: learned two-lane routing from a physical layer
+        out.update(parallel_start_layer=kw["parallel_start_layer"], parallel_residual="learned_2lane",
+                   parallel_final_lane="mean")
+    elif kw.get("parallel_residual_start", -1) >= 0:  # 04-06 #1412, 04-09 #1493
         out.update(parallel_start_layer=kw["parallel_residual_start"], parallel_residual="gptj")
     elif "parallel_final_lane" in kw:  # 04-10 on: 2x2 routed lanes
         out.update(parallel_start_layer=kw["parallel_start_layer"], parallel_residual="routed_2x2")
@@ -163,9 +170,15 @@ def test_real_shape_parameter_count_equals_the_log(name):
     if name in NOT_BUILT:
         pytest.xfail(NOT_BUILT[name])
     rec = GOLDENS[name]
+    kw = pgolf_kwargs(name, "real")
     with torch.device("meta"):
-        model = GPT(**pgolf_kwargs(name, "real"))
-    assert sum(p.numel() for p in model.parameters()) == rec["params"]["log"]
+        model = GPT(**kw)
+    # 03-31 #1204's banks hold layer 0's attention matrices although DISABLE_LAYER0_ATTN never runs
+    # them, and its export drops them; pgolf builds no dead matrices (its state dict is the export's),
+    # so the log counts exactly those on top: q and out (d x d), k and v (kv_dim x d).
+    kv_dim = kw["num_kv_heads"] * kw["model_dim"] // kw["num_heads"]
+    dead = (2 * kw["model_dim"] + 2 * kv_dim) * kw["model_dim"] if kw.get("disable_layer0_attn") else 0
+    assert sum(p.numel() for p in model.parameters()) + dead == rec["params"]["log"]
 
 
 CONVERTER = sorted(n for n in GOLDENS if GOLDENS[n].get("converter"))
@@ -198,3 +211,81 @@ def test_bank_converter_matches_the_records_own_unbank_and_round_trips(name):
     model = GPT(**translate(name, conv["ctor_kwargs"], GOLDENS[name]["switches_small"])).eval()
     model.load_state_dict(flat, strict=True)
     assert loss(model, *seeded_tokens()) == pytest.approx(conv["loss_seeded_tokens"], rel=REL)
+
+
+# Value residual (off in every record run): the 03-23 #549 and 03-25 scripts built with VALUE_RESIDUAL=1
+# (tests/goldens/value_residual.json; both are #549's GPT apart from the VR form and 03-25's run env).
+VR = json.loads((Path(__file__).parent / "goldens" / "value_residual.json").read_text())["records"]
+VR_REAL = {"vr_lambda_0323": {}, "vrl_alpha_0325": dict(bigram_buckets=3072, bigram_dim=112, xsa_last_n=11)}
+
+
+def vr_kwargs(name: str, preset: str = "small") -> dict:
+    rec = VR[name]
+    if preset == "small":
+        kw = translate(rec["pgolf_base"], rec["ctor_kwargs_small"], GOLDENS[rec["pgolf_base"]]["switches_small"])
+    else:
+        kw = dict(pgolf_kwargs(rec["pgolf_base"], "real"), **VR_REAL[name])
+    return dict(kw, value_residual=rec["form"])
+
+
+@pytest.mark.parametrize("name", sorted(VR))
+def test_value_residual_equals_the_records(name):
+    """Names, shapes and eval loss on the seeded weights; VR off on the same weights gives another
+    number (the switch is live); the real-shape count is the log's plus the per-layer VR scalars."""
+    rec = VR[name]
+    torch.manual_seed(0)
+    model = GPT(**vr_kwargs(name))
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == rec["state_dict_small"]
+    weights = seeded_weights({k: tuple(v) for k, v in rec["state_dict_small"].items()})
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    assert loss(model, *seeded_tokens()) == pytest.approx(rec["losses"]["loss"], rel=REL)
+    off = GPT(**dict(vr_kwargs(name), value_residual="none")).eval()
+    off.load_state_dict({k: v for k, v in weights.items() if rec["param"] not in k}, strict=True)
+    assert loss(off, *seeded_tokens()) == pytest.approx(rec["losses"]["loss_vr_off"], rel=REL)
+    with torch.device("meta"):
+        real = GPT(**vr_kwargs(name, "real"))
+    n_vr = sum(p.numel() for k, p in real.named_parameters() if rec["param"] in k)
+    assert sum(p.numel() for p in real.parameters()) == rec["params"]["real"] == rec["params"]["log_vr_off"] + n_vr
+
+
+def test_untied_repeat_mlps_start_as_copies_when_looping_switches_on():
+    """#1204's `_sync_repeat_mlp_from_base`: repeat_mlp.{k} is zero until recurrence switches on,
+    then equals the shared MLP of its span layer, so the first looped step runs the tied model."""
+    kw = dict(pgolf_kwargs("pr1204_parresid_recur"))
+    torch.manual_seed(0)
+    model = GPT(**kw).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # large enough that the repeat MLPs move the loss
+            p.normal_(0, 0.5)
+    tied = GPT(**dict(kw, loop_untie_mlp=False)).eval()
+    tied.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("repeat_mlp.")})
+    x, y = seeded_tokens()
+    assert abs(loss(model, x, y) - loss(tied, x, y)) > 1e-3  # both looping; random repeat MLPs: the pass differs
+    model.set_looping(0)
+    model.set_looping(1)  # the switch copies
+    for k, layer in enumerate(range(kw["loop_start"], kw["loop_end"] + 1)):
+        assert torch.equal(model.repeat_mlp[k].proj.weight, model.blocks[layer].mlp.proj.weight)
+    assert loss(model, x, y) == loss(tied, x, y)
+
+
+def test_recurrence_switches_on_at_a_training_step():
+    """#1204 starts recurrence at RECUR_START_STEP (3000), not at a fraction of the budget."""
+    model = GPT(**dict(pgolf_kwargs("pr1204_parresid_recur"), recur_start_step=3000))
+    assert [model.loop_passes_at(f, s) for f, s in ((0.0, 0), (0.9, 2999), (0.1, 3000), (1.0, None))] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("bad", [dict(value_residual="both"), dict(layer_index="logical"),
+                                 dict(loop_untie_mlp=True),
+                                 dict(num_loops=1, loop_start=0, loop_end=1, layer_index="virtual",
+                                      disable_layer0_attn=True),
+                                 dict(num_loops=1, loop_start=1, loop_end=2, recur_start_step=10, enable_looping_at=0.5),
+                                 dict(num_loops=1, loop_start=1, loop_end=2, layer_index="virtual", ve_enabled=True,
+                                      ve_layers=[6])])
+def test_value_residual_and_1204_options_reject_bad_values(bad):
+    from pgolf.errors import PgolfError
+    from pgolf.model.gpt import check_model_args
+
+    with pytest.raises(PgolfError, match="model\\."):
+        check_model_args(num_layers=4, **bad)
+    check_model_args(num_layers=4, **dict(bad, ve_layers=[5])) if "ve_layers" in bad else None

@@ -2,7 +2,7 @@
 value embeddings, and the three attention output gates.
 
 Order inside one attention call, as in the records: q, k, v projections (+ value embedding
-on v) -> per-head RMSNorm of q, k -> RoPE -> q * q_gain -> causal SDPA -> XSA -> output
+on v, then value residual) -> per-head RMSNorm of q, k -> RoPE -> q * q_gain -> causal SDPA -> XSA -> output
 gate -> output projection.
 """
 
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from pgolf.model.docs import DocMask, causal_attention
 from pgolf.model.linear import CastedLinear
 from pgolf.model.rotary import apply_rotary
+from pgolf.model.value_residual import LayerValues, add_value_residual_params, value_residual
 
 # attn_gate value -> the record that introduced it.
 ATTN_GATES = ("none", "attn_out", "dense", "sparse")
@@ -55,23 +56,29 @@ def sparse_attn_gate(attn: "CausalSelfAttention", y: Tensor, x: Tensor, q_raw: T
 
 class CausalSelfAttention(nn.Module):
     """GQA attention on (B, T, dim) -> (B, T, dim). Parameters keep the records' names:
-    c_q, c_k, c_v, proj, q_gain, and attn_gate_proj / attn_gate_w for the gates."""
+    c_q, c_k, c_v, proj, q_gain, and attn_gate_proj / attn_gate_w for the gates.
+
+    `linears=False` builds one without c_q/c_k/c_v/proj (2026-03-31 #1204: a per-virtual-layer
+    block past the physical layers, or layer 0 with its attention disabled); such a module runs
+    with another one's linears (`lin` in forward), its own q_gain, XSA flag and gate."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, qat: dict, *,
                  xsa: bool = False, attn_gate: str = "none", gate_window: int = 12, attn_out_gate_src: str = "proj",
                  gated_attn_init_std: float = 0.01, sparse_attn_gate_init_std: float = 0.0,
-                 sparse_attn_gate_scale: float = 1.0):
+                 sparse_attn_gate_scale: float = 1.0, value_residual_form: str = "none", linears: bool = True):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
-        self.c_q = CastedLinear(dim, dim, **qat)
-        self.c_k = CastedLinear(dim, kv_dim, **qat)
-        self.c_v = CastedLinear(dim, kv_dim, **qat)
-        self.proj = CastedLinear(dim, dim, **qat)
-        self.proj._zero_init = True
+        if linears:
+            self.c_q = CastedLinear(dim, dim, **qat)
+            self.c_k = CastedLinear(dim, kv_dim, **qat)
+            self.c_v = CastedLinear(dim, kv_dim, **qat)
+            self.proj = CastedLinear(dim, dim, **qat)
+            self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
         self.use_xsa = xsa
+        add_value_residual_params(self, value_residual_form)  # value_residual.py
         self.gate_window = gate_window
         self.output_gate = {"none": None, "attn_out": attn_out_gate, "dense": dense_attn_gate,
                             "sparse": sparse_attn_gate}[attn_gate]
@@ -85,18 +92,23 @@ class CausalSelfAttention(nn.Module):
             self.sparse_attn_gate_scale = sparse_attn_gate_scale
             self.attn_gate_w = nn.Parameter(torch.randn(num_heads, gate_window) * sparse_attn_gate_init_std)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None = None,
-                docs: DocMask | None = None) -> Tensor:
-        """x (B, T, dim) normalised block input; cos, sin (1, 1, T, rd/2); ve (B, T, kv_dim) or None;
-        docs: the document mask (docs.py) or None for plain causal attention."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, values: LayerValues | None = None,
+                docs: DocMask | None = None, lin: "CausalSelfAttention | None" = None) -> Tensor:
+        """x (B, T, dim) normalised block input; cos, sin (1, 1, T, rd/2); values: this layer's value
+        embedding and the forward's v0 store (value_residual.py) or None; docs: the document mask
+        (docs.py) or None for plain causal attention; lin: the module whose c_q/c_k/c_v/proj to use
+        (None: this one's)."""
         B, T, C = x.shape
-        q_raw = self.c_q(x)
+        lin = self if lin is None else lin
+        q_raw = lin.c_q(x)
         q = q_raw.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.c_v(x)
-        if ve is not None:  # value embedding (#374 via 2026-03-22), added before the head split
-            v = v + ve
+        k = lin.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = lin.c_v(x)
+        if values is not None and values.ve is not None:  # value embedding (#374 via 2026-03-22), before heads
+            v = v + values.ve
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        if self.value_residual is not None:  # value residual (2026-03-23 #549 / 03-25): v0 of the first layer
+            v = value_residual(self, v, values.v0)
         q = F.rms_norm(q, (q.size(-1),))
         k = F.rms_norm(k, (k.size(-1),))
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -108,4 +120,4 @@ class CausalSelfAttention(nn.Module):
             y = exclusive_self_attention(y, v)
         if self.output_gate is not None:
             y = self.output_gate(self, y, x, q_raw)
-        return self.proj(y.contiguous().reshape(B, T, C))
+        return lin.proj(y.contiguous().reshape(B, T, C))

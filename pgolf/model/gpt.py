@@ -25,10 +25,12 @@ from pgolf.model.docs import DocMask, build_doc_mask, doc_backend
 from pgolf.model.embeddings import (BIGRAM_ATTR, SMEAR_ATTR, SMEAR_VARIANTS, BigramHash, SigmoidSmear, ValueEmbedding,
                                     orthogonal_init_, overtone_init_, phase_resid_mix_init_, token_smear, window_smear)
 from pgolf.model.linear import CastedLinear
-from pgolf.model.mlp import MLP_ACTIVATIONS
-from pgolf.model.recurrence import layer_schedule, num_skips
-from pgolf.model.residual import PARALLEL_FINAL_LANES, PARALLEL_RESIDUALS, STEPS, TWO_LANE, fork, merge_lanes
+from pgolf.model.mlp import MLP, MLP_ACTIVATIONS
+from pgolf.model.recurrence import layer_plan, layer_schedule, num_skips
+from pgolf.model.residual import (PARALLEL_FINAL_LANES, PARALLEL_RESIDUALS, SKIP_ALL_LANES, STEPS, TWO_LANE, Layer,
+                                  fork, merge_lanes)
 from pgolf.model.rotary import rotary_tables
+from pgolf.model.value_residual import VALUE_RESIDUALS, LayerValues
 
 log = logging.getLogger("pgolf.model")
 
@@ -37,7 +39,7 @@ log = logging.getLogger("pgolf.model")
 CONTROL_TENSOR_NAME_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
     "q_gain", "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
-    "lane_merge", "attn_gate_proj", "attn_gate_w", "ve_layer_scales", "ve_shared.scale",
+    "lane_merge", "attn_gate_proj", "attn_gate_w", "ve_layer_scales", "ve_shared.scale", "vr_lambda", "vrl_alpha",
 )
 
 
@@ -65,7 +67,10 @@ class GPT(nn.Module):
     """The baseline GPT (U-Net skips, tied embeddings, tanh logit softcap) plus the record parts.
 
     Keyword arguments mirror the records' environment variables lower-cased. Per-layer options
-    take physical layer indices (`xsa_last_n`, `parallel_start_layer`, `ve_layers`, LN scale).
+    take physical layer indices (`xsa_last_n`, `parallel_start_layer`, `ve_layers`, LN scale);
+    `layer_index="virtual"` (2026-03-31 #1204) builds one Block per virtual layer (own scalars
+    over the physical layer's matrices) and makes `xsa_last_n`, `ve_layers` and LN scale count
+    virtual layers (`parallel_start_layer` stays physical, as in #1204).
     Looping runs `num_loops` extra passes over [loop_start, loop_end]; a model is built with
     looping on (what eval and a loaded checkpoint need) and the trainer turns it off until
     `enable_looping_at` of the wall-clock budget (`set_looping`).
@@ -109,10 +114,15 @@ class GPT(nn.Module):
         loop_end: int = 0,
         enable_looping_at: float = 0.0,
         loop_phase2_at: float = 0.0,
+        loop_untie_mlp: bool = False,
+        recur_start_step: int = 0,
+        layer_index: str = "physical",
+        disable_layer0_attn: bool = False,
         num_skip_weights: int | None = None,
         ve_enabled: bool = False,
         ve_dim: int = 128,
         ve_layers: list[int] | None = None,
+        value_residual: str = "none",
         smear_gate: str = "none",
         smear_bos_mask: bool = True,
         bos_id: int = 1,
@@ -164,10 +174,19 @@ class GPT(nn.Module):
         if smear_gate == "window" and not smear_bos_mask and not doc_attention:
             log.warning("model.smear_bos_mask=false: SmearGate mixes the previous document's last token into "
                         "each BOS position (the cross-document leak of #1667); use it only to reproduce that record")
+        if value_residual != "none":
+            log.info("value residual: %s (every attention mixes in the first layer's raw v; %s per layer)",
+                     value_residual, "vr_lambda" if value_residual == "lambda" else "vrl_alpha")
         # Depth recurrence: one (encoder, decoder) schedule per number of extra passes.
         loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
         self.num_loops, self.enable_looping_at, self.loop_phase2_at = num_loops, enable_looping_at, loop_phase2_at
+        self.recur_start_step = recur_start_step
         self.schedules = [layer_schedule(num_layers, passes=p, **loop) for p in range(num_loops + 1)]
+        # Per virtual position: (block_idx, physical_idx, repeat_mlp_idx) (recurrence.layer_plan).
+        virtual = layer_index == "virtual"
+        self.plans = [layer_plan(num_layers, passes=p, virtual_blocks=virtual, untie_mlp=loop_untie_mlp, **loop)
+                      for p in range(num_loops + 1)]
+        n_blocks = len(sum(self.schedules[num_loops], ())) if virtual else num_layers
         self.loop_passes = num_loops
         self.num_encoder_layers = num_layers // 2
         self.num_decoder_layers = num_layers - self.num_encoder_layers
@@ -182,21 +201,39 @@ class GPT(nn.Module):
                      else "sparse" if sparse_attn_gate_enabled else "none")
         attn = dict(attn_gate=attn_gate, gate_window=gate_window, attn_out_gate_src=attn_out_gate_src,
                     gated_attn_init_std=gated_attn_init_std, sparse_attn_gate_init_std=sparse_attn_gate_init_std,
-                    sparse_attn_gate_scale=sparse_attn_gate_scale)
+                    sparse_attn_gate_scale=sparse_attn_gate_scale, value_residual_form=value_residual)
+        # Blocks 0..L-1 own physical layer i's matrices; under layer_index=virtual, blocks L.. hold
+        # only the scalars of the later virtual layers (#1204: blocks.11/12 at 11 layers).
+        mlp = dict(activation=mlp_activation, negative_slope=negative_slope)
         self.blocks = nn.ModuleList(
-            Block(model_dim, num_heads, num_kv_heads, hidden, qk_gain_init, qat, physical_idx=i, ln_scale=ln_scale,
-                  attn=dict(attn, xsa=i >= num_layers - xsa_last_n),
-                  mlp=dict(activation=mlp_activation, negative_slope=negative_slope))
-            for i in range(num_layers)
+            Block(model_dim, num_heads, num_kv_heads, hidden, qk_gain_init, qat, layer_idx=i, ln_scale=ln_scale,
+                  attn=dict(attn, xsa=i >= n_blocks - xsa_last_n), mlp=mlp, linears=i < num_layers,
+                  attn_enabled=not (disable_layer0_attn and i == 0))
+            for i in range(n_blocks)
         )
+        if disable_layer0_attn:
+            log.info("layer-0 attention: off (block 0 runs its MLP only; no blocks.0.attn matrices, as #1204)")
+        # Untied MLP copies for the extra passes (#1204 REPEAT_UNTIE_MLP=full): repeat_mlp.{k}.fc/proj,
+        # zero at init and copied from the shared MLPs when looping switches on (set_looping).
+        span = loop_end - loop_start + 1
+        self.repeat_mlp = nn.ModuleList(MLP(model_dim, hidden, qat, **mlp) for _ in range(num_loops * span)) \
+            if loop_untie_mlp and num_loops else None
+        if self.repeat_mlp is not None:
+            for m in self.repeat_mlp.modules():
+                if isinstance(m, CastedLinear):
+                    m._zero_init = True
         # Residual routing per physical layer (residual.py); lane scalars for every layer, as the records.
         self.parallel_residual, self.parallel_final_lane = parallel_residual, parallel_final_lane
         parallel = [bool(parallel_start_layer) and i >= parallel_start_layer for i in range(num_layers)]
         self.steps = [STEPS[parallel_residual] if p else STEPS["none"] for p in parallel]
         self.two_lane = [p and parallel_residual in TWO_LANE for p in parallel]
+        self.skip_all_lanes = parallel_residual in SKIP_ALL_LANES
         if parallel_start_layer and parallel_residual == "routed_2x2":
             self.parallel_post_lambdas = nn.Parameter(torch.ones(num_layers, 2, 2))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((num_layers, 2), 1.1))
+        if parallel_start_layer and parallel_residual == "learned_2lane":
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(num_layers, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((num_layers, 2), 1.1 ** 0.5))
         if parallel_start_layer and parallel_residual == "lane_merge":
             self.lane_merge = nn.Parameter(torch.tensor(0.5))
         # Value embeddings on the listed physical layers (2026-03-22 #414 / #374).
@@ -226,15 +263,32 @@ class GPT(nn.Module):
         A Python int on purpose: the layer sequence changes, so torch.compile recompiles once per
         distinct value (at most num_loops + 1 graphs), never per step; the switch is logged."""
         passes = min(max(int(passes), 0), self.num_loops)
+        if passes and not self.loop_passes and self.repeat_mlp is not None:
+            self._copy_shared_mlps()
         if passes != self.loop_passes:
             log.info("depth recurrence: %d extra pass(es) over the loop span from now on (recompiles once): "
                      "encoder %s decoder %s", passes, *self.schedules[passes])
             self.loop_passes = passes
 
-    def loop_passes_at(self, frac: float) -> int:
-        """Extra passes due at a fraction `frac` of the training budget: 0 before
-        enable_looping_at, 1 before loop_phase2_at (progressive, 2026-04-06 #1412), else all."""
-        if not self.num_loops or frac < self.enable_looping_at:
+    @torch.no_grad()
+    def _copy_shared_mlps(self) -> None:
+        """Untied repeat MLPs start as copies of the shared ones when looping switches on (#1204's
+        `_sync_repeat_mlp_from_base`)."""
+        for _, p, r in sum(self.plans[self.num_loops], ()):
+            if r >= 0:
+                self.repeat_mlp[r].load_state_dict(self.blocks[p].mlp.state_dict())
+        log.info("depth recurrence: untied repeat MLPs copied from the shared MLPs")
+
+    def loop_passes_at(self, frac: float, step: int | None = None) -> int:
+        """Extra passes due at a fraction `frac` of the training budget (and training step `step`):
+        0 before enable_looping_at, 1 before loop_phase2_at (progressive, 2026-04-06 #1412), else
+        all. With `recur_start_step` (2026-03-31 #1204's RECUR_START_STEP) the start is that step
+        instead of a fraction; `step=None` means the end of training."""
+        if not self.num_loops:
+            return 0
+        if self.recur_start_step:
+            return self.num_loops if step is None or step >= self.recur_start_step else 0
+        if frac < self.enable_looping_at:
             return 0
         if self.loop_phase2_at and frac < self.loop_phase2_at:
             return 1
@@ -246,10 +300,16 @@ class GPT(nn.Module):
             return x + scaled
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[j].to(dtype=x.dtype))[None, None, :])
 
-    def _ve(self, i: int, ve: Tensor | None) -> Tensor | None:
+    def _layer(self, b: int, i: int, r: int) -> Layer:
+        """What runs at one virtual position: block b's scalars over physical layer i's attention
+        matrices and its MLP (or untied copy r)."""
+        return Layer(self.blocks[b], i, self.blocks[i].attn, self.blocks[i].mlp if r < 0 else self.repeat_mlp[r])
+
+    def _values(self, i: int, ve: Tensor | None, v0: list[Tensor]) -> LayerValues:
+        """Layer i's value embedding (scaled) and the forward's v0 store (value_residual.py)."""
         if i not in self.ve_slot:
-            return None
-        return ve * self.ve_layer_scales[self.ve_slot[i]].to(dtype=ve.dtype)
+            return LayerValues(None, v0)
+        return LayerValues(ve * self.ve_layer_scales[self.ve_slot[i]].to(dtype=ve.dtype), v0)
 
     def hidden(self, input_ids: Tensor, docs: DocMask | None = None) -> Tensor:
         """Final-normed hidden states (B, T, D) for token ids (B, T).
@@ -273,20 +333,24 @@ class GPT(nn.Module):
         rope = rotary_tables(input_ids.size(1), self.rope_dims, self.rope_base, x.device, self.rope_train_seq_len)
         # Value embeddings: a per-token lookup, so nothing to mask at a document start.
         ve = self.ve_shared(input_ids) if self.ve_shared is not None else None  # (B, T, kv_dim)
-        encoder, decoder = self.schedules[self.loop_passes]
+        v0: list[Tensor] = []  # value residual: the first attention's raw v (B, T, Hkv, D), when on
+        encoder, decoder = self.plans[self.loop_passes]
         lanes: tuple[Tensor, ...] = (x,)
         skips: list[Tensor] = []
-        # U-Net: the encoder stores skips, the decoder adds them back (to lane 0) in reverse order.
-        for i in encoder:
-            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve), docs)
+        # U-Net: the encoder stores skips, the decoder adds them back (to lane 0, or every lane
+        # for #1204) in reverse order. b: block (scalars) index, i: physical index, r: repeat MLP.
+        for b, i, r in encoder:
+            lanes = self.steps[i](self, self._layer(b, i, r), lanes, x0, rope, self._values(b, ve, v0), docs)
             skips.append(lanes[0])
-        for j, i in enumerate(decoder):
+        for j, (b, i, r) in enumerate(decoder):
             # 2x2 lanes fork before the skip (it goes to lane 0 only); lane_merge after it (#1477).
             lanes = fork(lanes, self.two_lane[i] and self.parallel_residual == "routed_2x2")
             if skips and j < self.num_skip_weights:
-                lanes = (self._skip(j, lanes[0], skips.pop()),) + lanes[1:]
+                skip = skips.pop()
+                lanes = tuple(self._skip(j, lane, skip) if k == 0 or self.skip_all_lanes else lane
+                              for k, lane in enumerate(lanes))
             lanes = fork(lanes, self.two_lane[i])
-            lanes = self.steps[i](self, i, lanes, x0, rope, self._ve(i, ve), docs)
+            lanes = self.steps[i](self, self._layer(b, i, r), lanes, x0, rope, self._values(b, ve, v0), docs)
         x = merge_lanes(self, lanes)
         return F.rms_norm(x, (x.size(-1),))
 
@@ -336,6 +400,10 @@ class GPT(nn.Module):
         return groups
 
 
+# Which index per-layer options (xsa_last_n, ve_layers, LN scale) and block scalars follow.
+LAYER_INDEX = ("physical", "virtual")
+
+
 def _layer_list(layers: list[int] | str | None) -> list[int]:
     """`[9, 10]` or the records' env form "9,10" -> [9, 10]."""
     if isinstance(layers, str):
@@ -352,8 +420,11 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                      gated_attn_enabled: bool = False, sparse_attn_gate_enabled: bool = False, gate_window: int = 12,
                      parallel_start_layer: int = 0, parallel_residual: str = "routed_2x2",
                      parallel_final_lane: str = "mean", num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
-                     enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, ve_enabled: bool = False,
-                     ve_dim: int = 128, ve_layers: list[int] | str | None = None, bos_id: int = 1,
+                     enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, loop_untie_mlp: bool = False,
+                     recur_start_step: int = 0, layer_index: str = "physical", disable_layer0_attn: bool = False,
+                     ve_enabled: bool = False,
+                     ve_dim: int = 128, ve_layers: list[int] | str | None = None, value_residual: str = "none",
+                     bos_id: int = 1,
                      num_skip_weights: int | None = None, doc_attention: bool = False,
                      **_: object) -> None:
     """Reject inconsistent shapes and unknown technique options with one line naming the field
@@ -379,7 +450,8 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                ("bigram_init", bigram_init, ("normal", "zeros")), ("qat_clip", qat_clip, CLIPS),
                ("mlp_activation", mlp_activation, MLP_ACTIVATIONS), ("attn_out_gate_src", attn_out_gate_src, ("proj", "q")),
                ("parallel_residual", parallel_residual, PARALLEL_RESIDUALS),
-               ("parallel_final_lane", parallel_final_lane, PARALLEL_FINAL_LANES))
+               ("parallel_final_lane", parallel_final_lane, PARALLEL_FINAL_LANES),
+               ("value_residual", value_residual, VALUE_RESIDUALS), ("layer_index", layer_index, LAYER_INDEX))
     for field, value, allowed in choices:
         if value not in allowed:
             raise PgolfError(f"model.{field}={value!r} is not one of {', '.join(allowed)}")
@@ -421,9 +493,22 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
             raise PgolfError(f"model.parallel_start_layer={parallel_start_layer} falls in the U-Net encoder "
                              f"(layers {sorted(set(encoder))}); the {parallel_residual} lanes start in the decoder: "
                              f"use at least {max(encoder) + 1}")
+    if disable_layer0_attn and layer_index == "virtual" and num_loops and loop_start == 0:
+        raise PgolfError("model.disable_layer0_attn=true with model.layer_index=virtual turns off virtual layer 0 "
+                         "only, but the loop repeats physical layer 0, whose attention matrices it drops: "
+                         "use loop_start >= 1")
+    if recur_start_step < 0 or (recur_start_step and enable_looping_at):
+        raise PgolfError(f"model.recur_start_step={recur_start_step} must be >= 0 (0 = start at "
+                         "model.enable_looping_at) and is an alternative to model.enable_looping_at: set one of them")
+    if loop_untie_mlp and not num_loops:
+        raise PgolfError("model.loop_untie_mlp=true needs depth recurrence (model.num_loops >= 1)")
+    # ve_layers count virtual layers under layer_index=virtual (#1204), physical ones otherwise.
+    kind, n_idx = "physical", num_layers
+    if layer_index == "virtual":
+        kind, n_idx = "virtual", num_layers + num_loops * (loop_end - loop_start + 1) * bool(num_loops)
     layers = _layer_list(ve_layers)
-    if ve_enabled and (not layers or any(not 0 <= i < num_layers for i in layers) or len(set(layers)) < len(layers)):
-        raise PgolfError(f"model.ve_layers={ve_layers!r} must list distinct physical layers in 0..{num_layers - 1}, "
+    if ve_enabled and (not layers or any(not 0 <= i < n_idx for i in layers) or len(set(layers)) < len(layers)):
+        raise PgolfError(f"model.ve_layers={ve_layers!r} must list distinct {kind} layers in 0..{n_idx - 1}, "
                          "e.g. [9,10]")
     if num_skip_weights is not None and not 0 <= num_skip_weights <= num_layers + num_loops * (loop_end - loop_start + 1):
         raise PgolfError(f"model.num_skip_weights={num_skip_weights} must be null (derived) or a count of U-Net skips")

@@ -29,3 +29,25 @@ def num_skips(num_layers: int, **loop) -> int:
     """U-Net skip rows: min(|enc|, |dec|) of the fully looped schedule."""
     enc, dec = layer_schedule(num_layers, passes=loop.get("num_loops", 0), **loop)
     return min(len(enc), len(dec))
+
+
+def layer_plan(num_layers: int, *, num_loops: int = 0, loop_start: int = 0, loop_end: int = -1, passes: int = 0,
+               virtual_blocks: bool = False, untie_mlp: bool = False
+               ) -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[int, int, int], ...]]:
+    """(encoder, decoder) as (block_idx, physical_idx, repeat_mlp_idx) per virtual position.
+
+    block_idx is the Block whose scalars run there: the physical index (shared blocks, #1394 on)
+    or the virtual position itself (`virtual_blocks`, 2026-03-31 #1204: one Block per virtual
+    layer). repeat_mlp_idx is -1 (the physical layer's MLP) or, with `untie_mlp` (#1204's
+    REPEAT_UNTIE_MLP=full), the untied copy for that span layer in that extra pass:
+    (pass - 1) * span + (physical - loop_start)."""
+    enc, dec = layer_schedule(num_layers, num_loops=num_loops, loop_start=loop_start, loop_end=loop_end,
+                              passes=passes)
+    span = loop_end - loop_start + 1
+    seen: dict[int, int] = {}
+    plan = []
+    for v, p in enumerate(enc + dec):
+        n = seen.get(p, 0)  # earlier passes over p
+        seen[p] = n + 1
+        plan.append((v if virtual_blocks else p, p, (n - 1) * span + (p - loop_start) if untie_mlp and n else -1))
+    return tuple(plan[:len(enc)]), tuple(plan[len(enc):])

@@ -1,56 +1,95 @@
 """How a layer updates the residual stream: sequential (the baseline) or one of the four
 published parallel-residual designs, which the records conflate. Each design is a function
 
-    step(gpt, physical_idx, lanes, x0, rope, ve, docs) -> lanes
+    step(gpt, layer, lanes, x0, rope, values, docs) -> lanes
 
-over a tuple of lanes: one lane for the single-stream designs, two for the lane designs. A lane
-design forks (lane0 = lane1 = x) at its first layer and `merge_lanes` joins the lanes after the
-last layer. The U-Net skip is added to lane 0 only. Parameters stay where the records keep
-them: top-level `parallel_post_lambdas` (L, 2, 2), `parallel_resid_lambdas` (L, 2), `lane_merge`.
+over a tuple of lanes: one lane for the single-stream designs, two for the lane designs. `layer`
+is what runs at this virtual position (`Layer`: the block whose scalars apply, its physical
+index, the attention linears and the MLP); `values`: value_residual.LayerValues, what the
+layer's attention adds to its v. A lane design forks (lane0 = lane1 = x) at its first layer and
+`merge_lanes` joins the lanes after the last layer. The U-Net skip is added to lane 0 only,
+except in #1204's design (`SKIP_ALL_LANES`). Parameters stay where the records keep them:
+top-level `parallel_post_lambdas` (L, 2, 2), `parallel_resid_lambdas` (L, 2), `lane_merge`,
+indexed by physical layer.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import NamedTuple
 
-PARALLEL_RESIDUALS = ("gptj", "lane_merge", "routed_2x2")
+from torch import Tensor, nn
+
+PARALLEL_RESIDUALS = ("gptj", "lane_merge", "routed_2x2", "learned_2lane")
 PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
 # Designs that carry two lanes from their first layer on.
-TWO_LANE = ("lane_merge", "routed_2x2")
+TWO_LANE = ("lane_merge", "routed_2x2", "learned_2lane")
+# Designs whose U-Net skip enters every lane (#1204's _apply_skip_parallel), not lane 0 only.
+SKIP_ALL_LANES = ("learned_2lane",)
 
 
-def sequential(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve, docs=None) -> tuple[Tensor, ...]:
+class Layer(NamedTuple):
+    """One virtual position: `block` (scalars, LN scale, XSA flag), `physical_idx` (lane
+    lambdas), `lin` (the attention module whose c_q/c_k/c_v/proj run) and `mlp`."""
+    block: nn.Module
+    physical_idx: int
+    lin: nn.Module
+    mlp: nn.Module
+
+
+def sequential(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values,
+               docs=None) -> tuple[Tensor, ...]:
     """The baseline block: attention, then the MLP on its output."""
-    return (gpt.blocks[i](lanes[0], x0, rope, ve, docs),)
+    return (layer.block(lanes[0], x0, rope, values, docs, layer.lin, layer.mlp),)
 
 
-def gptj(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve, docs=None) -> tuple[Tensor, ...]:
+def gptj(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values, docs=None) -> tuple[Tensor, ...]:
     """GPT-J single stream (2026-04-06 #1412, 2026-04-09 #1493): attention and MLP both read x_in,
     x_out = x_in + attn_scale*Attn(n(x_in)) + mlp_scale*MLP(n'(x_in)). No parameters."""
-    block = gpt.blocks[i]
+    block = layer.block
     x_in = block.mix(lanes[0], x0)
-    return (x_in + block.attn_branch(x_in, rope, ve, docs) + block.mlp_branch(x_in),)
+    return (x_in + block.attn_branch(x_in, rope, values, docs, layer.lin) + block.mlp_branch(x_in, layer.mlp),)
 
 
-def lane_merge(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve, docs=None) -> tuple[Tensor, ...]:
+def lane_merge(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values,
+               docs=None) -> tuple[Tensor, ...]:
     """Independent lanes (2026-04-04 #1334, 2026-04-08 #1477): attention updates lane 0 (reading
     mix(lane0, x0)), the MLP updates lane 1 (reading lane 1 only); the lanes never exchange and
     `merge_lanes` returns m*lane0 + (1-m)*lane1 with the scalar `lane_merge` (init 0.5)."""
-    block = gpt.blocks[i]
+    block = layer.block
     x_in = block.mix(lanes[0], x0)
-    return x_in + block.attn_branch(x_in, rope, ve, docs), lanes[1] + block.mlp_branch(lanes[1])
+    return (x_in + block.attn_branch(x_in, rope, values, docs, layer.lin),
+            lanes[1] + block.mlp_branch(lanes[1], layer.mlp))
 
 
-def routed_2x2(gpt, i: int, lanes: tuple[Tensor, ...], x0: Tensor, rope, ve, docs=None) -> tuple[Tensor, ...]:
+def routed_2x2(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values,
+               docs=None) -> tuple[Tensor, ...]:
     """2x2 routed lanes (#1529/2026-04-10 #1530, all top records): attention reads mix(L0, x0), the
     MLP reads L1 in parallel; L_j' = r[i,j]*L_j + P[i,0,j]*a + P[i,1,j]*m, r init 1.1, P init 1."""
-    block = gpt.blocks[i]
+    block, i = layer.block, layer.physical_idx
     lane0, lane1 = lanes
-    a = block.attn_branch(block.mix(lane0, x0), rope, ve, docs)
-    m = block.mlp_branch(lane1)
+    a = block.attn_branch(block.mix(lane0, x0), rope, values, docs, layer.lin)
+    m = block.mlp_branch(lane1, layer.mlp)
     r = gpt.parallel_resid_lambdas[i].to(dtype=lane0.dtype)
     post = gpt.parallel_post_lambdas[i].to(dtype=lane0.dtype)
     return r[0] * lane0 + post[0, 0] * a + post[1, 0] * m, r[1] * lane1 + post[0, 1] * a + post[1, 1] * m
+
+
+def learned_2lane(gpt, layer: Layer, lanes: tuple[Tensor, ...], x0: Tensor, rope, values,
+                  docs=None) -> tuple[Tensor, ...]:
+    """Two lanes with learned routing (2026-03-31 #1204, `GPT._parallel_block`), attention then MLP:
+    a = attn_scale*Attn(n(mix(L0, x0))); L_j <- r[i,0]*L_j + P[i,0,j]*a; then
+    m = mlp_scale*MLP(n(mix(L1, x0))) (L1 already holds P[i,0,1]*a); L_j <- r[i,1]*L_j + P[i,1,j]*m.
+    r = `parallel_resid_lambdas` init sqrt(1.1), P = `parallel_post_lambdas` init 1, i physical.
+    A block with its attention disabled skips the first half (no r scaling either)."""
+    block, i = layer.block, layer.physical_idx
+    lane0, lane1 = lanes
+    r = gpt.parallel_resid_lambdas[i].to(dtype=lane0.dtype)
+    post = gpt.parallel_post_lambdas[i].to(dtype=lane0.dtype)
+    if block.attn_enabled:
+        a = block.attn_branch(block.mix(lane0, x0), rope, values, docs, layer.lin)
+        lane0, lane1 = r[0] * lane0 + post[0, 0] * a, r[0] * lane1 + post[0, 1] * a
+    m = block.mlp_branch(block.mix(lane1, x0), layer.mlp)
+    return r[1] * lane0 + post[1, 0] * m, r[1] * lane1 + post[1, 1] * m
 
 
 def merge_lanes(gpt, lanes: tuple[Tensor, ...]) -> Tensor:
@@ -67,7 +106,8 @@ def merge_lanes(gpt, lanes: tuple[Tensor, ...]) -> Tensor:
     return 0.5 * (lanes[0] + lanes[1])
 
 
-STEPS = {"none": sequential, "gptj": gptj, "lane_merge": lane_merge, "routed_2x2": routed_2x2}
+STEPS = {"none": sequential, "gptj": gptj, "lane_merge": lane_merge, "routed_2x2": routed_2x2,
+         "learned_2lane": learned_2lane}
 
 
 def fork(lanes: tuple[Tensor, ...], two_lanes: bool) -> tuple[Tensor, ...]:
