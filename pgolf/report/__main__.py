@@ -1,4 +1,4 @@
-"""`python -m pgolf.report MULTIRUN_DIR [...] [--baseline OVERRIDES] [--metric KEY] [--out DIR]`."""
+"""`python -m pgolf.report MULTIRUN_DIR [...] [--baseline OVERRIDES] [--previous-top SPEC] [--metric KEY] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dirs", nargs="+", metavar="MULTIRUN_DIR", help="Hydra multirun dirs; same overrides pool")
     p.add_argument("--baseline", help="comma-separated overrides of the baseline group, order-insensitive "
                    "(default: the group without overrides, else the first group by key)")
+    p.add_argument("--previous-top", metavar="SPEC", help="the previous top row for PR #1902's rule (one-sided "
+                   "Welch on val_bpb at p < 0.25): a record's submission.json, per-seed values "
+                   "(1.05662,1.05611,1.05679) or a group's overrides (default: the baseline group)")
     p.add_argument("--metric", default=BPB, help=f"metrics.json key for the mean/std column and plot ({BPB})")
     p.add_argument("--out", help="where report.md/.json/.png go (default: the first MULTIRUN_DIR)")
     args = p.parse_args(argv)
     try:
-        report = summarize(load_jobs(args.dirs), metric=args.metric, baseline=args.baseline)
+        report = summarize(load_jobs(args.dirs), metric=args.metric, baseline=args.baseline,
+                           previous_top=args.previous_top)
         out = Path(args.out or args.dirs[0])
         if out.exists() and not out.is_dir():
             raise PgolfError(f"--out {out} is a file, not a directory")
