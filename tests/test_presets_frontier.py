@@ -181,3 +181,25 @@ def test_preset_builds_with_its_optimizer_and_quant_rules(record):
     opt = build(cfg, "optimizer")(model)
     assert sum(len(g["params"]) for o in opt.all for g in o.param_groups) == len(list(model.parameters()))
     build(cfg, "quant").check_names({k: tuple(v.shape) for k, v in model.state_dict().items()})
+
+
+# The 04-27 #1855 preset (the best pgolf runs) at a small shape over the CPU smoke setting
+# (conf/debug/smoke.yaml): its loop, lanes and XSA moved to fit 5 layers.
+SMALL_1855 = ("experiment=record_0427_pr1855_lqer", "debug=smoke", "model.num_layers=5", "model.model_dim=128",
+              "model.num_heads=2", "model.num_kv_heads=1", "model.loop_start=1", "model.loop_end=2",
+              "model.parallel_start_layer=3", "model.xsa_last_n=5", "schedule.iterations=8",
+              "schedule.train_log_every=4", "data.num_val_docs=5")
+
+
+def test_1855_preset_trains_end_to_end_on_the_smoke_data(fast_cache, tmp_path):
+    """`python run.py experiment=record_0427_pr1855_lqer debug=smoke model.num_layers=5 ...` finishes
+    on CPU: looping switches on at 35% of the 8 steps, EMA is applied, the artifact is scored."""
+    from runs import metrics, run_py
+
+    r = run_py([*SMALL_1855, fast_cache, "logger=none", "hydra.run.dir=run"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "looping:2 extra pass(es) step:3" in log and "ema:applying EMA shadow of 8 updates" in log
+    assert "doc_attention:on" in log
+    m = metrics(tmp_path / "run")
+    assert m["status"] == "finished" and m["train/steps"] == 8 and math.isfinite(m["final/quant_sliding_bpb"])
