@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +29,11 @@ from pgolf.model.mlp import MLP
 from pgolf.model.recurrence import layer_plan, layer_schedule, num_skips
 from pgolf.model.residual import (SKIP_ALL_LANES, STEPS, TWO_LANE, Layer,
                                   fork, merge_lanes)
+from pgolf.model.roles import CONTROL, EMBED, HEAD, SMEAR, param_groups, roles_of, set_role, with_role
 from pgolf.model.rotary import rotary_tables
 from pgolf.model.value_residual import LayerValues
 
 log = logging.getLogger("pgolf.model")
-
-# Small tensors that steer the residual stream. The records keep them in fp32, train them
-# with Adam at scalar_lr, and never quantize them (names as in 2026-04-27 #1855).
-CONTROL_TENSOR_NAME_PATTERNS = (
-    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-    "q_gain", "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
-    "lane_merge", "attn_gate_proj", "attn_gate_w", "ve_layer_scales", "ve_shared.scale", "vr_lambda", "vrl_alpha",
-)
 
 
 # `starts` (B, T): document starts under doc attention (docs.py), else None.
@@ -149,7 +143,7 @@ class GPT(nn.Module):
         self.logit_softcap = logit_softcap
         self.rope_base, self.rope_train_seq_len = rope_base, rope_train_seq_len
         self.rope_dims = rope_dims or head_dim
-        self.tok_emb = nn.Embedding(vocab_size, model_dim)
+        self.tok_emb = with_role(nn.Embedding(vocab_size, model_dim), EMBED)
         # Embedding-path parts live under their records' attribute names (see embeddings.py).
         self.bigram_attr = BIGRAM_ATTR.get(bigram_hash, "bigram") if bigram_buckets else None
         if self.bigram_attr:
@@ -162,9 +156,12 @@ class GPT(nn.Module):
             setattr(self, SMEAR_ATTR[smear_gate], SigmoidSmear(model_dim, pre_norm=smear_gate == "pre_norm"))
         elif smear_gate in ("token", "window"):
             # PR #192: a plain nn.Linear on all dims; #1667: a CastedLinear on the first gate_window dims.
+            # #192's plain nn.Linear stays bf16 in a bf16 run (its record's placement).
             self.smear_gate = nn.Linear(model_dim, 1, bias=False) if smear_gate == "token" else CastedLinear(gate_window, 1)
+            set_role(self.smear_gate, "weight", replace(SMEAR, fp32=False) if smear_gate == "token" else SMEAR)
             self.smear_gate._zero_init = True
             self.smear_lambda = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+            set_role(self, "smear_lambda", SMEAR)
         # Document-aware attention (docs.py, #1530's VarLen): no position sees another document.
         self.doc_attention = doc_attention
         if doc_attention:
@@ -239,8 +236,12 @@ class GPT(nn.Module):
         self.ve_slot = {layer: k for k, layer in enumerate(_layer_list(ve_layers))} if ve_enabled else {}
         self.ve_shared = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if self.ve_slot else None
         if self.ve_slot:
-            self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot)
-        self.lm_head = None if tie_embeddings else CastedLinear(model_dim, vocab_size)
+            self.ve_layer_scales = with_role(nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot), CONTROL)
+        # Skip weights and gates, lane lambdas and lane_merge steer the stream: Adam at scalar_lr, fp32, kept float.
+        for name in ("skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas", "lane_merge"):
+            if self._parameters.get(name) is not None:
+                set_role(self, name, CONTROL)
+        self.lm_head = None if tie_embeddings else with_role(CastedLinear(model_dim, vocab_size), HEAD)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
         if tie_embeddings:
@@ -255,6 +256,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.weight)
         if phase_resid_mix_init:
             phase_resid_mix_init_(self.blocks)
+        roles_of(self)  # every parameter has a role (roles.py), else one error naming it
 
     def set_looping(self, passes: int) -> None:
         """Run `passes` extra passes over the loop span from the next forward on (0 = off).
@@ -373,27 +375,5 @@ class GPT(nn.Module):
                 m.qat_enabled.fill_(float(enabled))
 
     def optimizer_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Named parameters by optimizer role, following the baseline's split.
-
-        `matrix`: 2-D block weights (Muon). `scalar`: vectors and control tensors (Adam at
-        scalar_lr). `embed`: the token embedding (and the value-embedding table, as #549);
-        `head`: the untied head; `bigram` and `smear` are separate so their records' learning
-        rates can apply.
-        """
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"embed": [], "head": [], "matrix": [], "scalar": [],
-                                                              "bigram": [], "smear": []}
-        for name, p in self.named_parameters():
-            if name in ("tok_emb.weight", "ve_shared.embed.weight"):
-                groups["embed"].append((name, p))
-            elif name.startswith("lm_head."):
-                groups["head"].append((name, p))
-            elif name.split(".")[0] in ("smeargate", "smear", "smear_gate", "smear_lambda"):
-                groups["smear"].append((name, p))
-            elif self.bigram_attr and name.startswith(self.bigram_attr + "."):
-                role = "scalar" if p.ndim < 2 else ("matrix" if ".proj." in name else "bigram")
-                groups[role].append((name, p))
-            elif p.ndim == 2 and not any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
-                groups["matrix"].append((name, p))
-            else:
-                groups["scalar"].append((name, p))
-        return groups
+        """Named parameters by optimizer group, from the roles their parts declared (roles.py)."""
+        return param_groups(self)
