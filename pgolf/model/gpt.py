@@ -27,8 +27,7 @@ from pgolf.model.embeddings import (BIGRAM_ATTR, SMEAR_ATTR, BigramHash, Sigmoid
 from pgolf.model.linear import CastedLinear
 from pgolf.model.mlp import MLP
 from pgolf.model.recurrence import layer_plan, layer_schedule, num_skips
-from pgolf.model.residual import (SKIP_ALL_LANES, STEPS, TWO_LANE, Layer,
-                                  fork, merge_lanes)
+from pgolf.model.residual import Layer, Routing, fork
 from pgolf.model.roles import CONTROL, EMBED, HEAD, SMEAR, param_groups, roles_of, set_role, with_role
 from pgolf.model.rotary import rotary_tables
 from pgolf.model.value_residual import LayerValues
@@ -218,27 +217,19 @@ class GPT(nn.Module):
             for m in self.repeat_mlp.modules():
                 if isinstance(m, CastedLinear):
                     m._zero_init = True
-        # Residual routing per physical layer (residual.py); lane scalars for every layer, as the records.
-        self.parallel_residual, self.parallel_final_lane = parallel_residual, parallel_final_lane
-        parallel = [bool(parallel_start_layer) and i >= parallel_start_layer for i in range(num_layers)]
-        self.steps = [STEPS[parallel_residual] if p else STEPS["none"] for p in parallel]
-        self.two_lane = [p and parallel_residual in TWO_LANE for p in parallel]
-        self.skip_all_lanes = parallel_residual in SKIP_ALL_LANES
-        if parallel_start_layer and parallel_residual == "routed_2x2":
-            self.parallel_post_lambdas = nn.Parameter(torch.ones(num_layers, 2, 2))
-            self.parallel_resid_lambdas = nn.Parameter(torch.full((num_layers, 2), 1.1))
-        if parallel_start_layer and parallel_residual == "learned_2lane":
-            self.parallel_post_lambdas = nn.Parameter(torch.ones(num_layers, 2, 2))
-            self.parallel_resid_lambdas = nn.Parameter(torch.full((num_layers, 2), 1.1 ** 0.5))
-        if parallel_start_layer and parallel_residual == "lane_merge":
-            self.lane_merge = nn.Parameter(torch.tensor(0.5))
+        # Residual routing per physical layer (residual.py); its lane scalars cover every layer, as the
+        # records, and sit at top level under the records' names.
+        self.routing = Routing(parallel_residual, parallel_final_lane, num_layers, parallel_start_layer)
+        for name, (param, role) in self.routing.params.items():
+            setattr(self, name, param)
+            set_role(self, name, role)
         # Value embeddings on the listed physical layers (2026-03-22 #414 / #374).
         self.ve_slot = {layer: k for k, layer in enumerate(_layer_list(ve_layers))} if ve_enabled else {}
         self.ve_shared = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if self.ve_slot else None
         if self.ve_slot:
             self.ve_layer_scales = with_role(nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot), CONTROL)
-        # Skip weights and gates, lane lambdas and lane_merge steer the stream: Adam at scalar_lr, fp32, kept float.
-        for name in ("skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas", "lane_merge"):
+        # Skip weights and gates steer the stream: Adam at scalar_lr, fp32, kept float.
+        for name in ("skip_weights", "skip_gates"):
             if self._parameters.get(name) is not None:
                 set_role(self, name, CONTROL)
         self.lm_head = None if tie_embeddings else with_role(CastedLinear(model_dim, vocab_size), HEAD)
@@ -341,18 +332,20 @@ class GPT(nn.Module):
         # U-Net: the encoder stores skips, the decoder adds them back (to lane 0, or every lane
         # for #1204) in reverse order. b: block (scalars) index, i: physical index, r: repeat MLP.
         for b, i, r in encoder:
-            lanes = self.steps[i](self, self._layer(b, i, r), lanes, x0, rope, self._values(b, ve, v0), docs)
+            lanes = self.routing.steps[i](self.routing, self._layer(b, i, r), lanes, x0, rope,
+                                          self._values(b, ve, v0), docs)
             skips.append(lanes[0])
         for j, (b, i, r) in enumerate(decoder):
             # 2x2 lanes fork before the skip (it goes to lane 0 only); lane_merge after it (#1477).
-            lanes = fork(lanes, self.two_lane[i] and self.parallel_residual == "routed_2x2")
+            lanes = fork(lanes, self.routing.fork_before_skip[i])
             if skips and j < self.num_skip_weights:
                 skip = skips.pop()
-                lanes = tuple(self._skip(j, lane, skip) if k == 0 or self.skip_all_lanes else lane
+                lanes = tuple(self._skip(j, lane, skip) if k == 0 or self.routing.skip_all_lanes else lane
                               for k, lane in enumerate(lanes))
-            lanes = fork(lanes, self.two_lane[i])
-            lanes = self.steps[i](self, self._layer(b, i, r), lanes, x0, rope, self._values(b, ve, v0), docs)
-        x = merge_lanes(self, lanes)
+            lanes = fork(lanes, self.routing.two_lane[i])
+            lanes = self.routing.steps[i](self.routing, self._layer(b, i, r), lanes, x0, rope,
+                                          self._values(b, ve, v0), docs)
+        x = self.routing.merge_lanes(lanes)
         return F.rms_norm(x, (x.size(-1),))
 
     def logits(self, h: Tensor) -> Tensor:
