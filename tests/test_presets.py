@@ -106,6 +106,7 @@ TABLE = [
     ("optimizer.adam_weight_decay",         0.0,        0.0,        0.04,       0.0,        0.0),
     ("optimizer.smear_lr_mult",             NA,         1.0,        1.0,        0.01,       NA),
     ("optimizer.smear_beta2",               NA,         None,       None,       0.99,       NA),
+    ("optimizer.embed_proj_optimizer",      NA,         "muon",     "muon",     NA,         NA),
     ("optimizer.beta1",                     0.9,        0.9,        0.9,        0.9,        0.9),
     ("optimizer.beta2",                     0.95,       0.95,       0.95,       0.95,       0.95),
     ("optimizer.adam_eps",                  1e-8,       1e-8,       1e-8,       1e-8,       1e-8),
