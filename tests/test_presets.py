@@ -297,8 +297,15 @@ def test_optimizer_groups_follow_the_record(record):
 
 
 def group_options() -> list[tuple[str, str]]:
-    return sorted((d.name, f.stem) for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "experiment"
+    return sorted((d.name, f.stem) for d in CONF_DIR.iterdir() if d.is_dir() and d.name not in ("experiment", "debug")
                   for f in d.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", sorted(f.stem for f in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_debug_smoke_overlays_every_experiment(experiment):
+    """`debug=smoke` (a global overlay, not a group with a target) wins over any experiment."""
+    cfg = composed(f"experiment={experiment}", "debug=smoke")
+    assert cfg.data.source == "stdlib" and cfg.schedule.iterations == 300 and cfg.schedule.max_wallclock_seconds == 0
 
 
 def experiments() -> list[str]:

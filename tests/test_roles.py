@@ -23,7 +23,7 @@ from pgolf.model.roles import CONTROL, EMBED, MATRIX, control_names, roles_of
 from pgolf.optim import Optimizers
 from pgolf.quant.rules import PRESETS, get_rules, matches
 from test_compile import ALL_ON, TINY
-from test_records_frontier import GOLDENS, pgolf_kwargs
+from test_records_frontier import GOLDENS, model_kwargs as pgolf_kwargs
 
 OPT_GOLDENS = json.loads((Path(__file__).parent / "goldens" / "optimizer_groups_frontier.json").read_text())["records"]
 # The exclusive options ALL_ON leaves out, on a second model: dense gate, untied head, mul bigram, token smear.
@@ -211,6 +211,29 @@ def pgolf_grouping(name: str) -> dict[tuple, set[str]]:
 def test_optimizer_grouping_equals_the_records(name):
     ours, theirs = pgolf_grouping(name), record_grouping(name)
     assert {k: sorted(v) for k, v in ours.items()} == {k: sorted(v) for k, v in theirs.items()}
+
+
+# The preset files' own optimizer config gives the record's grouping; 04-04 #1334's preset sets
+# MuonEq-R (its folder and README) where the golden's Muon group carries no row_normalize.
+PRESET_GROUPING_DIFFERS = {"pr1334_lanemerge": "muon_row_normalize"}
+
+
+@pytest.mark.parametrize("name", sorted(set(GOLDENS) - set(PRESET_GROUPING_DIFFERS)))
+def test_preset_optimizer_grouping_equals_the_records(name):
+    from test_records_frontier import record_cfg
+
+    from pgolf.build import build
+
+    cfg = record_cfg(name)
+    torch.manual_seed(0)
+    model = build(cfg, "model")
+    opt = build(cfg, "optimizer")(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ours: dict[tuple, set[str]] = {}
+    for o in opt.all:
+        for g in o.param_groups:
+            ours.setdefault(settings("Muon" if o is opt.muon else "Adam", g), set()).update(names[id(p)] for p in g["params"])
+    assert {k: sorted(v) for k, v in ours.items()} == {k: sorted(v) for k, v in record_grouping(name).items()}
 
 
 def test_the_1667_smeargate_is_untrained_in_its_record():
