@@ -38,7 +38,7 @@ from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.model.docs import doc_backend
 from pgolf.quant import load_artifact
 from pgolf.runlog import RunLog, describe_environment
-from pgolf.schedule import EMA, SWA
+from pgolf.schedule import EMA, SWA, loop_passes
 
 SIZE_CAP_BYTES = 16_000_000
 
@@ -309,15 +309,14 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         # Every layer sequence the run will switch to is compiled here, outside the timed loop
         # (the records warm up 20 plain then 20 looped steps): the warm-up steps are split over
         # the distinct loop-pass counts in schedule order.
-        passes = sorted({base_model.loop_passes_at(f, s) for f, s in
-                         ((0.0, 0), (base_model.enable_looping_at, 0), (base_model.loop_phase2_at, 0), (1.0, None))})
+        passes = sorted({loop_passes(p, base_model.num_loops) for p in sched.loop_phases()})
         for i in range(sched.warmup_steps):
             base_model.set_looping(passes[i * len(passes) // sched.warmup_steps])
             train_step(0, 1.0)
             fault_point("warmup")
             if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
                 log(f"warmup_step:{i + 1}/{sched.warmup_steps}")
-        base_model.set_looping(base_model.loop_passes_at(0.0, 0))
+        base_model.set_looping(loop_passes(sched.loop_phase(0.0, 0), base_model.num_loops))
         base_model.load_state_dict(init_model, strict=True)
         opt.load_state_dict(init_opt)
         opt.zero_grad()
@@ -380,8 +379,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                 qat_on = point.qat
                 base_model.set_qat(qat_on)
                 log(f"qat:{'on' if qat_on else 'off'} step:{step} lr_scale:{scale:.4f}")
-            if base_model.loop_passes_at(point.frac, step) != base_model.loop_passes:  # depth recurrence: one recompile
-                base_model.set_looping(base_model.loop_passes_at(point.frac, step))
+            if loop_passes(point.loop_phase, base_model.num_loops) != base_model.loop_passes:  # one recompile
+                base_model.set_looping(loop_passes(point.loop_phase, base_model.num_loops))
                 log(f"looping:{base_model.loop_passes} extra pass(es) step:{step} frac:{point.frac:.3f}")
             train_loss = train_step(step, scale, point.wd_mul)
             step += 1

@@ -64,8 +64,8 @@ class GPT(nn.Module):
     over the physical layer's matrices) and makes `xsa_last_n`, `ve_layers` and LN scale count
     virtual layers (`parallel_start_layer` stays physical, as in #1204).
     Looping runs `num_loops` extra passes over [loop_start, loop_end]; a model is built with
-    looping on (what eval and a loaded checkpoint need) and the trainer turns it off until
-    `enable_looping_at` of the wall-clock budget (`set_looping`).
+    looping on (what eval and a loaded checkpoint need) and the trainer sets the passes from the
+    schedule's loop phase (`set_looping`; when is `pgolf.schedule`'s, which layers the model's).
     """
 
     def __init__(
@@ -104,10 +104,7 @@ class GPT(nn.Module):
         num_loops: int = 0,
         loop_start: int = 0,
         loop_end: int = 0,
-        enable_looping_at: float = 0.0,
-        loop_phase2_at: float = 0.0,
         loop_untie_mlp: bool = False,
-        recur_start_step: int = 0,
         layer_index: str = "physical",
         disable_layer0_attn: bool = False,
         num_skip_weights: int | None = None,
@@ -174,8 +171,7 @@ class GPT(nn.Module):
                      value_residual, "vr_lambda" if value_residual == "lambda" else "vrl_alpha")
         # Depth recurrence: one (encoder, decoder) schedule per number of extra passes.
         loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
-        self.num_loops, self.enable_looping_at, self.loop_phase2_at = num_loops, enable_looping_at, loop_phase2_at
-        self.recur_start_step = recur_start_step
+        self.num_loops = num_loops
         self.schedules = [layer_schedule(num_layers, passes=p, **loop) for p in range(num_loops + 1)]
         # Per virtual position: (block_idx, physical_idx, repeat_mlp_idx) (recurrence.layer_plan).
         virtual = layer_index == "virtual"
@@ -270,21 +266,6 @@ class GPT(nn.Module):
             if r >= 0:
                 self.repeat_mlp[r].load_state_dict(self.blocks[p].mlp.state_dict())
         log.info("depth recurrence: untied repeat MLPs copied from the shared MLPs")
-
-    def loop_passes_at(self, frac: float, step: int | None = None) -> int:
-        """Extra passes due at a fraction `frac` of the training budget (and training step `step`):
-        0 before enable_looping_at, 1 before loop_phase2_at (progressive, 2026-04-06 #1412), else
-        all. With `recur_start_step` (2026-03-31 #1204's RECUR_START_STEP) the start is that step
-        instead of a fraction; `step=None` means the end of training."""
-        if not self.num_loops:
-            return 0
-        if self.recur_start_step:
-            return self.num_loops if step is None or step >= self.recur_start_step else 0
-        if frac < self.enable_looping_at:
-            return 0
-        if self.loop_phase2_at and frac < self.loop_phase2_at:
-            return 1
-        return self.num_loops
 
     def _skip(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
         scaled = self.skip_weights[j].to(dtype=x.dtype)[None, None, :] * skip
