@@ -228,7 +228,7 @@ class BigramHash(nn.Module):
             nn.init.zeros_(self.proj.weight)
             # #65 flags it zero-init; the xor records zero it here but let OrthoInit overwrite it.
             self.proj._zero_init = hash == "mul"
-        self.scale_init = scale_init
+        self.scale_init, self.init = scale_init, init
         self.scale = None if scale_init is None else nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
         if self.scale is not None:
             set_role(self, "scale", CONTROL)
@@ -237,7 +237,8 @@ class BigramHash(nn.Module):
         table = getattr(self, self.table_name)
         scale = f", learned scale init {self.scale_init:g}" if self.scale_init is not None else ""
         record = "#65" if self.hash == "mul" else "2026-03-20 records"
-        return f"BigramHash: {self.buckets} buckets x {table.embedding_dim} dim, {self.hash} hash{scale} ({record})"
+        return (f"BigramHash: {self.buckets} buckets x {table.embedding_dim} dim, {self.hash} hash, {self.init} init"
+                f"{scale} ({record})")
 
     def indices(self, ids: Tensor, starts: Tensor | None = None) -> Tensor:
         """Bucket index of each (previous, current) pair: (B, T) -> (B, T) int64. Positions where

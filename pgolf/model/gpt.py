@@ -229,6 +229,7 @@ class GPT(nn.Module):
         if phase_resid_mix_init:
             phase_resid_mix_init_(self.blocks)
         roles_of(self)  # every parameter has a role (roles.py), else one error naming it
+        log.info("model parts: %s", "; ".join(self.describe()) or "the baseline's")
 
     def describe(self) -> list[str]:
         """One line per technique part this model wires (the parts describe themselves), for the
