@@ -187,8 +187,8 @@ def test_unmasked_smeargate_leaks_and_the_mask_stops_it():
         # Attention still crosses documents on the dense path, so compare at the BOS with a
         # one-layer view: the embedding stage alone.
         with torch.no_grad():
-            e = model.smear_part(model, model.tok_emb(x), x)[0, 37]
-            e_alt = model.smear_part(model, model.tok_emb(x_alt), x_alt)[0, 37]
+            e = model.smear_part(model.tok_emb(x), x)[0, 37]
+            e_alt = model.smear_part(model.tok_emb(x_alt), x_alt)[0, 37]
         assert bool((e != e_alt).any()) == leaks, name
         assert not torch.equal(a, b)  # dense attention sees the first document either way
 

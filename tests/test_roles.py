@@ -243,3 +243,20 @@ def test_the_1667_smeargate_is_untrained_in_its_record():
     assert OPT_GOLDENS["pr1667_smeargate_attngate"]["not_in_any_optimizer"] == ["smear_gate.weight", "smear_lambda"]
     assert "smear_lambda" in record_grouping("pr1855_lqer_bossmear")[settings("Adam", dict(
         lr=0.02, weight_decay=0.02, betas=[0.9, 0.99], eps=1e-8))]
+
+
+def test_the_record_readme_names_every_frontier_part():
+    """submit/record.techniques lists what the model's parts say of themselves (GPT.describe), so a
+    frontier run's README names XSA, the gate, the lanes and the loop, not only the early parts."""
+    from omegaconf import OmegaConf
+
+    from pgolf.submit.record import techniques
+
+    cfg = OmegaConf.to_container(pgolf.compose([]), resolve=True)
+    cfg["model"] = dict(pgolf_kwargs("pr1855_lqer_bossmear", "real"), _target_=cfg["model"]["_target_"])
+    lines = techniques(cfg)
+    for needle in ("LeakyReLU(0.5)^2", "partial RoPE on 16 of 64", "XSA on 11 of 11 layers", "sparse attention gate",
+                   "BOS-masked", "sigmoid-gated U-Net skips", "2x2 routed parallel lanes", "depth recurrence"):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
+    assert not [line for line in techniques(OmegaConf.to_container(pgolf.compose([]), resolve=True))
+                if "XSA" in line or "gate" in line]  # the baseline lists none of them

@@ -175,9 +175,26 @@ def check_output(out: Path, *, non_record: bool) -> None:
 
 # -------------------------------- describing the config --------------------------------
 
-SMEAR = {"pre_norm": "SmearGate before the embedding norm, gate init 3 (#65)",
-         "post_norm": "SmearGate after the embedding norm, gate init 0 (2026-03-20 records)",
-         "token": "per-token SmearGate x_t + lam*sigmoid(w.x_t)*x_{t-1} (PR #192)"}
+def model_parts(model: dict) -> list[str]:
+    """The model's own one-line descriptions of its parts (GPT.describe), from the run's model
+    config, built on the meta device (no memory, no init cost)."""
+    import logging
+
+    import torch
+
+    from pgolf.model import GPT
+
+    kwargs = {k: v for k, v in model.items() if not k.startswith("_")}
+    quiet = logging.getLogger("pgolf.model")
+    level, quiet.level = quiet.level, logging.ERROR  # its construction notes are for the run log
+    try:
+        with torch.device("meta"):
+            return GPT(**kwargs).describe()
+    except (TypeError, PgolfError) as e:
+        raise PgolfError(f"the run's model options do not build with this pgolf ({e}); write the record with the "
+                         "pgolf version that trained the run") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def quantization(config: dict) -> tuple[str, str]:
@@ -207,12 +224,7 @@ def techniques(config: dict) -> list[str]:
     out = [f"{m.get('num_layers')} layers x {dim} dim, {m.get('num_heads')} heads / {m.get('num_kv_heads')} KV "
            f"heads, MLP {m.get('mlp_mult')}x (hidden {hidden}), vocab {m.get('vocab_size')}"
            + (", tied embeddings" if m.get("tie_embeddings") else "")]
-    if m.get("smear_gate", "none") != "none":
-        out.append(SMEAR.get(m["smear_gate"], f"SmearGate {m['smear_gate']}"))
-    if m.get("bigram_buckets", 0):
-        scale = f", learned scale init {m['bigram_scale_init']}" if m.get("bigram_scale_init") is not None else ""
-        out.append(f"BigramHash: {m['bigram_buckets']} buckets x {m.get('bigram_dim')} dim, {m.get('bigram_hash')} "
-                   f"hash, {m.get('bigram_init')} init{scale}")
+    out += model_parts(m)
     if m.get("ortho_init"):
         out.append(f"orthogonal init (matrices with min dim >= {m.get('ortho_min_dim', 0)})"
                    + (", output projections scaled by 1/sqrt(2L)" if m.get("ortho_proj_scale") else ""))
