@@ -30,7 +30,7 @@ MODULES = (
     "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "model/linear",
     "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
     "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/gpt", "optim", "schedule",
-    "evaluate", "data/shards", "data/loader", "data/loaders", "data/caseops", "data/byte_counts", "data/spec",
+    "evaluate", "data/shards", "data/loader", "data/loaders", "data/packing", "data/caseops", "data/byte_counts", "data/spec",
     "runlog", "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"
