@@ -32,6 +32,7 @@ from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemp
                               final_state, final_state_bytes, restore_checkpoint, resume_source, rng_state,
                               save_checkpoint)
 from pgolf.data import load_validation_tokens
+from pgolf.config_checks import check_bos
 from pgolf.data.byte_counts import check_validation, load_sidecar
 from pgolf.data.packing import PackedRows, pack_documents
 from pgolf.errors import PgolfError
@@ -218,6 +219,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     eval_seq_len, stride = spec.resolve(sched.train_seq_len)
     sp = spm.SentencePieceProcessor(model_file=str(paths.tokenizer_path))
     vocab = int(job.config["model"]["vocab_size"])
+    check_bos(sp.bos_id(), model_bos=job.config["model"].get("bos_id"), data_bos=job.config["data"].get("bos_id"),
+              tokenizer_path=paths.tokenizer_path)  # every part that looks for a BOS uses the tokenizer's
     if int(sp.vocab_size()) != vocab:
         raise PgolfError(f"model.vocab_size={vocab} does not match the tokenizer {paths.tokenizer_path} "
                          f"(vocab {sp.vocab_size()}); set model.vocab_size={sp.vocab_size()}")

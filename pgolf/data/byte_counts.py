@@ -90,8 +90,8 @@ def _culprit(sp, ids: np.ndarray, charged: np.ndarray) -> str:
         if int(charged[i:j].sum()) != want:
             pieces = "".join(sp.id_to_piece(int(t)) for t in ids[i:min(j, i + 12)]) + ("..." if j - i > 12 else "")
             hint = " (it has no standalone '▁' piece)" if "▁" in text and sp.piece_to_id("▁") == sp.unk_id() else ""
-            return (f"{j - i} pieces {pieces} at token {i} spell {_shown(text)} ({want} bytes) but are charged "
-                    f"{int(charged[i:j].sum())}{hint}")
+            return (f"pieces {pieces} spell {_shown(text)} ({want} bytes) but are charged {int(charged[i:j].sum())}"
+                    f"{hint} (a run of {j - i} pieces at token {i})")
         i = j
     return "no single piece explains it"
 
@@ -204,7 +204,10 @@ def check_span(sp, luts, toks: torch.Tensor, a: int, b: int, *, pattern: str) ->
             text = text[1:]
     want = len(text.encode())
     if int(charged.sum()) != want:
-        where = f"validation tokens {a}..{b - 1} of {pattern}"
+        doc = int((toks[:a + 1] == sp.bos_id()).sum()) - 1  # the document the span is in (-1: before any BOS)
+        whole = sp.bos_id() in (int(toks[a]), int(toks[a - 1])) and (b == toks.numel() or int(toks[b]) == sp.bos_id())
+        where = (f"validation document {doc} of {pattern}" if whole else
+                 f"validation tokens {a}..{b - 1} (document {doc}) of {pattern}")
         raise PgolfError(f"tokenizer byte tables disagree with {where}: {int(charged.sum())} bytes charged for "
                          f"{want} bytes of text; {_culprit(sp, ids, charged)}; {_REBUILD}")
     return want
