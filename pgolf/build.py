@@ -159,9 +159,12 @@ def check_values(cfg: DictConfig) -> None:
         check_model_args(**{k: v for k, v in to_container(cfg.model).items() if not k.startswith("_")})
     if "schedule" in cfg and "eval" in cfg:
         build(cfg, "eval").resolve(build(cfg, "schedule").train_seq_len)
-    for group in ("quant", "data"):
+    for group in ("quant", "data", "checkpoint", "distributed", "logger"):  # cheap, side-effect-free constructors
         if group in cfg:
             build(cfg, group)
+    from pgolf.config_checks import check_groups
+
+    check_groups(to_container(cfg))  # across groups, and the optimizer's (built later with the model)
 
 
 def build(cfg: DictConfig, group: str, *args: Any) -> Any:

@@ -32,7 +32,9 @@ from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemp
                               final_state, final_state_bytes, restore_checkpoint, resume_source, rng_state,
                               save_checkpoint)
 from pgolf.data import load_validation_tokens
+from pgolf.config_checks import check_bos
 from pgolf.data.byte_counts import check_validation, load_sidecar
+from pgolf.data.packing import PackedRows, pack_documents
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.model.docs import doc_backend
@@ -218,6 +220,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     eval_seq_len, stride = spec.resolve(sched.train_seq_len)
     sp = spm.SentencePieceProcessor(model_file=str(paths.tokenizer_path))
     vocab = int(job.config["model"]["vocab_size"])
+    check_bos(sp.bos_id(), model_bos=job.config["model"].get("bos_id"), data_bos=job.config["data"].get("bos_id"),
+              tokenizer_path=paths.tokenizer_path)  # every part that looks for a BOS uses the tokenizer's
     if int(sp.vocab_size()) != vocab:
         raise PgolfError(f"model.vocab_size={vocab} does not match the tokenizer {paths.tokenizer_path} "
                          f"(vocab {sp.vocab_size()}); set model.vocab_size={sp.vocab_size()}")
@@ -263,10 +267,11 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
 
         job.logger = NullLogger()
     job.logger.start(config=job.config, run_dir=run_dir, log=log, resuming=can_resume(job.resume, run_dir))
-    new_loader = lambda: job.data.make_loader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size,  # noqa: E731
-                                              device=rt.device, seq_len=sched.train_seq_len, vocab_size=vocab)
+    new_loader = lambda: pack_documents(job.data.make_loader(  # noqa: E731  (doc attention: one packed row, #1530)
+        paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device, seq_len=sched.train_seq_len,
+        vocab_size=vocab), base_model, job.data.loader, sched.train_seq_len)
     loader = new_loader()
-    log(f"data_loader:{job.data.loader}")
+    log(f"data_loader:{job.data.loader} train_rows:{'packed' if isinstance(loader, PackedRows) else 'rows'}")
     has_qat = any(getattr(m, "qat_bits", 0) for m in base_model.modules())
     autocast = lambda: torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)  # noqa: E731
 
@@ -276,8 +281,9 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
             if rt.distributed:  # DDP syncs gradients on the last micro-step only
                 train_model.require_backward_grad_sync = micro == grad_accum - 1
             x, y = loader.next_batch(sched.train_batch_tokens, sched.train_seq_len, grad_accum)
+            docs = (loader.doc_mask(doc_backend(rt.device)),) if isinstance(loader, PackedRows) else ()
             with autocast():
-                loss = train_model(x, y)
+                loss = train_model(x, y, *docs)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
         opt.step(step, scale, wd_mul)

@@ -30,8 +30,8 @@ MODULES = (
     "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "model/roles",
     "model/linear", "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
     "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/gpt", "optim", "schedule",
-    "evaluate", "data/shards", "data/loader", "data/loaders", "data/caseops", "data/byte_counts", "data/spec",
-    "runlog", "checkpoint", "trainer", "submit/entry",
+    "evaluate", "data/shards", "data/loader", "data/loaders", "data/packing", "data/caseops", "data/byte_counts", "data/spec",
+    "config_checks", "runlog", "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"
 # Groups a bundled script does not use: it logs to its run dir only, and torchrun starts the workers.
