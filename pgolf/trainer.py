@@ -37,7 +37,7 @@ from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.model.docs import doc_backend
 from pgolf.quant import load_artifact
-from pgolf.quant.calibrate import NO_CALIBRATION
+from pgolf.quant.calibrate import NO_CALIBRATION, keep_calibration
 from pgolf.runlog import RunLog, describe_environment
 from pgolf.schedule import EMA, SWA
 
@@ -479,8 +479,6 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     final_model.pt and final_state.json come first: a signal from then on stops the run at the
     next phase boundary, and a resume exports and evaluates again without training (the
     calibration is saved beside them, since training data cannot be read again after the cap)."""
-    from pgolf.quant.calibrate import keep_calibration
-
     calibration = keep_calibration(run_dir, calibration, job.quant, master=rt.master)
     identical = ranks_identical(base_model, rt)
     log(f"ranks_identical:{identical} world_size:{rt.world_size}")

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -220,8 +221,6 @@ CALIBRATION_FILE = "calibration.pt"
 def keep_calibration(run_dir, calibration: Calibration | None, spec=None, *, master: bool = True) -> Calibration | None:
     """Save a fresh calibration beside final_model.pt (rank 0), or load the saved one when a resumed
     run exports again: training data cannot be read a second time once the budget is spent."""
-    from pathlib import Path
-
     path = Path(run_dir) / CALIBRATION_FILE
     if calibration is not None:
         if master:

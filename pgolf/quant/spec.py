@@ -8,6 +8,7 @@ minutes, `calibrate` once at the end of training (GPTQ presets), and `export` af
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -94,8 +95,6 @@ class QuantSpec:
     def calibrate(self, model, *, next_batch, train_s: float, cap_s: float | None, log, vocab_size: int,
                   device="cpu", autocast=None) -> Calibration | None:
         """Collect the Hessians this plan needs from `calibration` (calibrate.calibrate); None if none."""
-        from contextlib import nullcontext
-
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
         generate = dict(num_seqs=self.calib_num_seqs, seq_len=self.calib_seq_len, temperature=self.calib_temperature,
                         seed=self.calib_seed, batch_size=self.calib_batch_size)
