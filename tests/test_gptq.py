@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from golden import gptq_inputs, gptq_state_dict, seeded_tokens
+from runs import FAST, metrics, run_py
 from pgolf.errors import PgolfError
 from pgolf.quant import (PRESETS, HessianHooks, QuantSpec, Treatment, collect_hessians, export, generate_tokens,
                          load_artifact, quantize_state_dict, quantize_weight)
@@ -185,6 +186,31 @@ def test_calibration_sources_are_checked_before_training():
         check_calibration_budget(spec, types.SimpleNamespace(max_wallclock_seconds=600.0, gptq_reserve_seconds=0.0))
     check_calibration_budget(spec, types.SimpleNamespace(max_wallclock_seconds=600.0, gptq_reserve_seconds=4.0))
     check_calibration_budget(spec, types.SimpleNamespace(max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0))
+    import pgolf
+
+    with pytest.raises(PgolfError, match="validation data is never calibration data"):  # at compose time
+        pgolf.compose(["experiment=smoke", "quant=gptq_1855", "quant.calibration=val"])
+    with pytest.raises(PgolfError, match="after the cap"):
+        pgolf.compose(["experiment=smoke", "quant=gptq_1855", "schedule.max_wallclock_seconds=600"])
+
+
+@pytest.mark.slow
+def test_smoke_run_calibrates_inside_the_budget_exports_and_scores(tmp_path, fast_cache):
+    """The issue's done-when on a short smoke job: train-data Hessians after the loop, inside a
+    600 s cap with a reserve; GPTQ rows in the export table; the artifact reloads and scores."""
+    r = run_py([*FAST, fast_cache, "quant=gptq_1855", "quant.small_numel=4096", "quant.gptq_calibration_batches=2",
+                "schedule.max_wallclock_seconds=600", "schedule.gptq_reserve_seconds=5", "logger=none",
+                "hydra.run.dir=run"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = metrics(tmp_path / "run")
+    cal = m["calibration"]
+    assert cal["source"] == "train" and cal["batches"] == 2 and cal["cap_s"] == 600.0 and not cal["after_cap"]
+    assert 0 < cal["last_train_token_s"] < 600.0 and m["quant/gap_bpb"]["standard"] == m["final/quant_gap_bpb"]
+    log = r.stdout + r.stderr
+    assert "calibration: source:train batches:2" in log and "last training token read" in log
+    assert any(line.startswith("tok_emb.weight") and "gptq:int7:sdclip:k14" in line and line.rstrip().endswith(" H")
+               for line in log.splitlines())
+    assert 0 < m["final/quant_bpb"] < 20 and (tmp_path / "run" / "calibration.pt").is_file()
 
 
 def test_treatment_specs_round_trip_and_bad_ones_name_the_fix():
