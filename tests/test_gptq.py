@@ -221,3 +221,15 @@ def test_treatment_specs_round_trip_and_bad_ones_name_the_fix():
         Treatment.parse("gptq:int6:sdclip")
     with pytest.raises(PgolfError, match="drop the :g group"):
         Treatment.parse("gptq:int6:sdclip:k12:g64")
+
+
+def test_saved_calibration_reloads_for_a_resumed_export(tmp_path):
+    from pgolf.quant.calibrate import Calibration, keep_calibration
+
+    _, cal = _calibration()
+    made = Calibration(cal.hessians, cal.act_rms, source="train", batches=16, seconds=1.5, last_train_token_s=596.2,
+                       cap_s=600.0)
+    assert keep_calibration(tmp_path, made) is made and keep_calibration(tmp_path / "none", None) is None
+    back = keep_calibration(tmp_path, None)
+    assert back.record() == made.record()
+    assert all(torch.equal(back.hessians[k], v) for k, v in made.hessians.items())
