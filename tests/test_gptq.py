@@ -233,3 +233,13 @@ def test_saved_calibration_reloads_for_a_resumed_export(tmp_path):
     back = keep_calibration(tmp_path, None)
     assert back.record() == made.record()
     assert all(torch.equal(back.hessians[k], v) for k, v in made.hessians.items())
+
+
+def test_collection_damping_of_the_march_records(model_1855):
+    x = seeded_tokens(1)[0]
+    kw = dict(source="train", model=model_1855, names=["blocks.0.mlp.fc.weight"], num_batches=1, train_s=0.0,
+              cap_s=None, log=lambda _: None, generate={}, vocab_size=1024)
+    plain = calibrate(next_batch=lambda: x, **kw).hessians["blocks.0.mlp.fc.weight"]
+    damped = calibrate(next_batch=lambda: x, damp=0.01, **kw).hessians["blocks.0.mlp.fc.weight"]
+    want = plain + 0.01 * torch.diag(plain).mean().clamp_min(1e-6) * torch.eye(plain.shape[0])  # 03-29 _finalize_hessians
+    assert torch.equal(damped, want) and not torch.equal(damped, plain)

@@ -171,13 +171,15 @@ def generate_tokens(model: nn.Module, *, num_seqs: int, seq_len: int, vocab_size
 def calibrate(*, source: str, model: nn.Module, names: Iterable[str], num_batches: int,
               next_batch: Callable[[], Tensor], train_s: float, cap_s: float | None, log: Callable[[str], None],
               generate: dict, vocab_size: int, device: torch.device | str = "cpu",
-              autocast: Callable = nullcontext) -> Calibration | None:
+              autocast: Callable = nullcontext, damp: float = 0.0) -> Calibration | None:
     """The one call at the end of training: collect the Hessians of `names` from `source`.
 
     `train`: `num_batches` batches from `next_batch()` (the training loader, continued), timed from
     `train_s` (training seconds used, eval excluded) so the run records when it read its last
     training token against `cap_s`; past the cap is logged as an error (the audit flags it).
-    `generated`: `generate` holds generate_tokens' count, length, temperature, seed and batch size."""
+    `generated`: `generate` holds generate_tokens' count, length, temperature, seed and batch size.
+    `damp` > 0 adds damp * mean(diag H) I (floor 1e-6) to each H at collection, as 03-25 / 03-29 did
+    before their GPTQ damped it again (`_finalize_hessians`, `collect_hessians_from_tokens`)."""
     names = sorted(names)
     if source == "none" or not names:
         return None
@@ -198,6 +200,8 @@ def calibrate(*, source: str, model: nn.Module, names: Iterable[str], num_batche
         last_token_s = None
     else:
         raise PgolfError(f"quant.calibration={source!r} is not a calibration source; use one of {', '.join(SOURCES)}")
+    if damp > 0:
+        hessians = {k: H + damp * torch.diag(H).mean().clamp_min(1e-6) * torch.eye(H.shape[0]) for k, H in hessians.items()}
     cal = Calibration(hessians, act_rms, source=source, batches=n, seconds=time.perf_counter() - t0,
                       last_train_token_s=None if last_token_s is None else round(last_token_s, 3), cap_s=cap_s)
     missing = [k for k in names if k not in hessians]

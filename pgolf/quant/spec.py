@@ -30,7 +30,8 @@ class QuantSpec:
     GPTQ presets need input Hessians: `calibration` is `train` (the training loader, right after
     the loop, `gptq_calibration_batches` batches: GPTQ_CALIBRATION_BATCHES), `generated` (the
     model's own samples: `calib_num_seqs` x `calib_seq_len` tokens at `calib_temperature`, seed
-    `calib_seed`, `calib_batch_size` at a time; 03-25 #1019) or `none`. Validation data is refused."""
+    `calib_seed`, `calib_batch_size` at a time; 03-25 #1019) or `none`. Validation data is refused.
+    `calib_damp` pre-damps each Hessian at collection (0.01 in 03-25 / 03-29, 0 from 04-05 on)."""
 
     preset: str = "int8"
     rules: Sequence[Sequence[str]] | None = None
@@ -48,6 +49,7 @@ class QuantSpec:
     calib_temperature: float = 0.8
     calib_seed: int = 1337
     calib_batch_size: int = 8
+    calib_damp: float = 0.0
 
     def __post_init__(self) -> None:
         check_codec(self.compressor, self.level)
@@ -101,7 +103,7 @@ class QuantSpec:
         return calibrate(source=self.calibration, model=model, names=self.hessian_names(shapes),
                          num_batches=self.gptq_calibration_batches, next_batch=next_batch, train_s=train_s,
                          cap_s=cap_s, log=log, generate=generate, vocab_size=vocab_size, device=device,
-                         autocast=autocast or nullcontext)
+                         autocast=autocast or nullcontext, damp=self.calib_damp)
 
     def check_names(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, str]:
         """Validate the rules against {name: shape}; return {name: treatment label}."""
