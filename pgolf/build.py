@@ -165,6 +165,10 @@ def check_values(cfg: DictConfig) -> None:
     from pgolf.config_checks import check_groups
 
     check_groups(to_container(cfg))  # across groups, and the optimizer's (built later with the model)
+    if "quant" in cfg and "schedule" in cfg:  # GPTQ calibration must fit in the training budget
+        from pgolf.quant.calibrate import check_calibration_budget
+
+        check_calibration_budget(build(cfg, "quant"), build(cfg, "schedule"))
 
 
 def build(cfg: DictConfig, group: str, *args: Any) -> Any:

@@ -208,6 +208,8 @@ class GPT(nn.Module):
         for name in ("skip_weights", "skip_gates"):
             if self._parameters.get(name) is not None:
                 set_role(self, name, CONTROL)
+        # The final RMSNorm as a module (no parameters): calibration hooks its output, the tied head's input.
+        self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)
         self.lm_head = None if tie_embeddings else with_role(CastedLinear(model_dim, vocab_size), HEAD)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -329,7 +331,7 @@ class GPT(nn.Module):
             lanes = self.routing.steps[i](self.routing, self._layer(b, i, r), lanes, x0, rope,
                                           self._values(b, ve, v0), docs)
         x = self.routing.merge_lanes(lanes)
-        return F.rms_norm(x, (x.size(-1),))
+        return self.final_norm(x)
 
     def logits(self, h: Tensor) -> Tensor:
         """Softcapped logits for hidden states of any leading shape (..., D) -> (..., V)."""

@@ -102,6 +102,10 @@ class TensorRow:
     numel: int
     payload_bytes: int
     est_compressed_bytes: int
+    bits: int = 0
+    error: float = 0.0  # relative reconstruction error (state._recon_error)
+    weighted: bool = False  # error weighted by the input Hessian
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,11 +122,13 @@ class ExportReport:
 
     def format_table(self) -> str:
         """A fixed-width table for the run log, largest share first."""
-        lines = [f"{'tensor':<40} {'treatment':<18} {'numel':>10} {'payload_B':>11} {'est_zip_B':>11} {'share':>6}"]
+        lines = [f"{'tensor':<40} {'treatment':<32} {'bits':>4} {'numel':>10} {'payload_B':>11} {'est_zip_B':>11} "
+                 f"{'share':>6} {'rel_err':>9} {'H':>1}"]
         for r in sorted(self.rows, key=lambda r: -r.est_compressed_bytes):
             share = r.est_compressed_bytes / max(self.total_bytes, 1)
-            lines.append(f"{r.name:<40} {r.treatment:<18} {r.numel:>10} {r.payload_bytes:>11} "
-                         f"{r.est_compressed_bytes:>11} {share:>6.1%}")
+            lines.append(f"{r.name:<40} {r.treatment:<32} {r.bits:>4} {r.numel:>10} {r.payload_bytes:>11} "
+                         f"{r.est_compressed_bytes:>11} {share:>6.1%} {r.error:>9.3e} {'H' if r.weighted else '-'}"
+                         + (f" {r.note}" if r.note else ""))
         lines.append(
             f"total {self.compressor}-{self.level}: {self.total_bytes} bytes "
             f"(raw {self.raw_bytes}, payload {self.payload_bytes}) -> {self.path}"
@@ -164,6 +170,7 @@ def export(
     compressor: str = "zlib",
     level: int | None = None,
     estimate_level: int | None = None,
+    calibration: object = None,
 ) -> ExportReport:
     """Quantize, serialize, compress and atomically write `path`; return the report.
 
@@ -175,7 +182,7 @@ def export(
     """
     level = check_codec(compressor, level)  # before the slow part, not after it
     estimate_level = check_codec(compressor, FAST_LEVEL if estimate_level is None else estimate_level)
-    obj, stats = quantize_state_dict(state_dict, rules=rules)
+    obj, stats = quantize_state_dict(state_dict, rules=rules, calibration=calibration)
     raw = serialize(obj)
     blob = compress(raw, compressor=compressor, level=level)
     _write_atomic(Path(path), blob)
@@ -184,7 +191,8 @@ def export(
     scale = len(blob) / max(sum(alone.values()), 1)
     rows = tuple(
         TensorRow(name=n, treatment=r["treatment"], numel=r["numel"], payload_bytes=r["payload_bytes"],
-                  est_compressed_bytes=round(alone[n] * scale))
+                  est_compressed_bytes=round(alone[n] * scale), bits=r["bits"], error=r["error"],
+                  weighted=r["weighted"], note=r["note"])
         for n, r in table.items()
     )
     return ExportReport(path=str(path), compressor=compressor, level=level, total_bytes=len(blob), raw_bytes=len(raw),
