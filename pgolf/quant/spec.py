@@ -20,11 +20,14 @@ from pgolf.quant.rules import QuantRules, get_rules, validate_rules
 @dataclass(frozen=True)
 class QuantSpec:
     """An export plan: `preset` (a PRESETS name), optionally with its rule list replaced by
-    `rules` ([[pattern, treatment], ...]) and its `default` treatment replaced."""
+    `rules` ([[pattern, treatment], ...]) and its `default` treatment replaced, and `lqer`
+    (rank, factor_bits, asym, asym_group, top_k, scope; see pgolf.quant.lqer) set or, with
+    `false`, switched off."""
 
     preset: str = "int8"
     rules: Sequence[Sequence[str]] | None = None
     default: str | None = None
+    lqer: Mapping[str, object] | bool | None = None
     compressor: str = "zlib"
     level: int | None = None
     estimate_level: int | None = None
@@ -44,6 +47,8 @@ class QuantSpec:
             changes["name"] = f"{base.name}+rules"
         if self.default is not None:
             changes["default"] = self.default
+        if self.lqer is not None:
+            changes["lqer"] = None if self.lqer is False else ({} if self.lqer is True else dict(self.lqer))
         return replace(base, **changes) if changes else base
 
     def check_names(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, str]:

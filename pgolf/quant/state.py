@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from pgolf.errors import PgolfError
+from pgolf.quant import lqer
 from pgolf.quant.rules import PRESETS, QuantRules, get_rules
 from pgolf.quant.treatments import Treatment, dequantize_tensor, quantize_tensor
 
@@ -114,6 +115,13 @@ def quantize_state_dict(
         obj["qmeta"] = qmeta
     if orig_dtypes:
         obj["passthrough_orig_dtypes"] = orig_dtypes
+    if rules.lqer is not None:  # after every tensor has its codes: the top-K errors are global
+        obj["lqer"] = lqer.apply_lqer(state_dict, obj, rules.lqer)
+        for name, entry in obj["lqer"].items():
+            extra = sum(_nbytes(t) for t in entry.values())
+            table[name]["treatment"] += "+" + lqer.label(entry)
+            table[name]["payload_bytes"] += extra
+            stats["int8_payload_bytes"] += extra
     stats["tensors"] = table
     return obj, stats
 
@@ -126,9 +134,15 @@ def dequantize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
                          "from pgolf.quant.export")
     qmeta = obj.get("qmeta", {})
     orig_dtypes = obj.get("passthrough_orig_dtypes", {})
+    factors = obj.get("lqer", {})
     out: dict[str, Tensor] = {}
     for name, q in obj["quantized"].items():
-        out[name] = dequantize_tensor(q, obj["scales"][name], dtype=_dtype(obj["dtypes"][name]), meta=qmeta.get(name))
+        dtype = _dtype(obj["dtypes"][name])
+        if name in factors:  # W_hat + A_hat @ B_hat in float32, then the cast (#1855 dequantize_mixed)
+            w = dequantize_tensor(q, obj["scales"][name], dtype=torch.float32, meta=qmeta.get(name))
+            out[name] = (w + lqer.correction(factors[name])).to(dtype=dtype).contiguous()
+            continue
+        out[name] = dequantize_tensor(q, obj["scales"][name], dtype=dtype, meta=qmeta.get(name))
     for name, t in obj["passthrough"].items():
         t = t.detach().to("cpu").contiguous()
         orig = orig_dtypes.get(name)
