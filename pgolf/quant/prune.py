@@ -18,15 +18,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import re
+
 import torch
+
+_BITS = re.compile(r"(?:^|:)int([0-9]+)")  # "int6", "int6:rowmax+lqer", "gptq:int6:sdclip:k12.85"
 
 
 def candidates(obj: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]], max_bits: int = 6):
     """(names, flat indices, costs) of the +-1 codes, sorted by cost (stable)."""
     names, index, costs = [], [], []
     for i, (name, q) in enumerate(obj["quantized"].items()):
-        label = str(tensors[name]["treatment"]) if name in tensors else ""
-        bits = int(label[3:].split(":")[0].split("+")[0]) if label.startswith("int") else 8
+        m = _BITS.search(str(tensors[name]["treatment"])) if name in tensors else None
+        bits = int(m[1]) if m else 8
         s = obj["scales"][name]
         if bits > max_bits or q.ndim != 2 or s.ndim != 1 or obj.get("qmeta", {}).get(name, {}).get("scheme") != "per_row":
             continue
