@@ -162,6 +162,10 @@ def check_values(cfg: DictConfig) -> None:
     for group in ("quant", "data"):
         if group in cfg:
             build(cfg, group)
+    if "quant" in cfg and "schedule" in cfg:  # GPTQ calibration must fit in the training budget
+        from pgolf.quant.calibrate import check_calibration_budget
+
+        check_calibration_budget(build(cfg, "quant"), build(cfg, "schedule"))
 
 
 def build(cfg: DictConfig, group: str, *args: Any) -> Any:

@@ -37,6 +37,7 @@ from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.model.docs import doc_backend
 from pgolf.quant import load_artifact
+from pgolf.quant.calibrate import NO_CALIBRATION
 from pgolf.runlog import RunLog, describe_environment
 from pgolf.schedule import EMA, SWA
 
@@ -428,9 +429,15 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         base_model.load_state_dict(avg.average(base_model.state_dict()), strict=True)
         pre_loss, pre_bpb = evaluate("standard")
         log(f"{kind} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} pre_averaging_val_bpb:{raw_bpb:.4f}")
+    # GPTQ calibration (pgolf/quant/calibrate.py): train batches right after the loop, inside the budget
+    # the GPTQ reserve kept free (eval time excluded, as from train_ms), or the model's own samples.
+    calibration = job.quant.calibrate(
+        base_model, next_batch=lambda: loader.next_batch(sched.train_batch_tokens, sched.train_seq_len, grad_accum)[0],
+        train_s=train_ms / 1000.0, cap_s=sched.max_wallclock_seconds or None, log=log, vocab_size=vocab,
+        device=rt.device, autocast=autocast)
     metrics = finish(job, rt, run_dir, log, base_model, evaluate, dict(
         pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=n_params, steps=step, train_ms=train_ms, peak_mib=peak_mib,
-        unigram_bpb=floor, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb), preemption)
+        unigram_bpb=floor, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb), preemption, calibration)
     rt.close()
     return metrics
 
@@ -466,11 +473,15 @@ def ranks_identical(model: nn.Module, rt: Runtime) -> bool:
 
 
 def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Module, evaluate, t: dict,
-           preemption: Preemption) -> dict:
+           preemption: Preemption, calibration: Any = None) -> dict:
     """Export, reload the artifact into the model, score it, and write metrics.json (rank 0).
 
     final_model.pt and final_state.json come first: a signal from then on stops the run at the
-    next phase boundary, and a resume exports and evaluates again without training."""
+    next phase boundary, and a resume exports and evaluates again without training (the
+    calibration is saved beside them, since training data cannot be read again after the cap)."""
+    from pgolf.quant.calibrate import keep_calibration
+
+    calibration = keep_calibration(run_dir, calibration, job.quant, master=rt.master)
     identical = ranks_identical(base_model, rt)
     log(f"ranks_identical:{identical} world_size:{rt.world_size}")
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
@@ -492,7 +503,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     stop_if_preempted()
     if rt.master:
         fault_point("export")
-        report = job.quant.export(state, artifact, code_bytes=ncode)
+        report = job.quant.export(state, artifact, calibration, code_bytes=ncode)
         log(report.format_table())
     if rt.distributed:
         dist.barrier()
@@ -521,6 +532,8 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         "final/prequant_bpb": t["pre_bpb"],
         "final/prequant_loss_nats": t["pre_loss"],
         "final/quant_gap_bpb": quant_bpb - t["pre_bpb"],
+        "quant/gap_bpb": {"standard": quant_bpb - t["pre_bpb"]},
+        "calibration": calibration.record() if calibration is not None else dict(NO_CALIBRATION),
         "data/unigram_bpb": t["unigram_bpb"],
         "artifact/model_bytes": nmodel,
         "artifact/code_bytes": ncode,
@@ -543,6 +556,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     if pre_sliding is not None:
         metrics.update({"final/prequant_sliding_bpb": pre_sliding[1], "final/prequant_sliding_loss_nats": pre_sliding[0],
                         "final/quant_sliding_gap_bpb": quant_sliding[1] - pre_sliding[1]})
+        metrics["quant/gap_bpb"]["sliding"] = quant_sliding[1] - pre_sliding[1]
     log(f"final_prequant val_loss:{t['pre_loss']:.8f} val_bpb:{t['pre_bpb']:.8f}"
         + (f" sliding_bpb:{pre_sliding[1]:.8f}" if pre_sliding is not None else ""))
     log(f"final_roundtrip val_loss:{quant_loss:.8f} val_bpb:{quant_bpb:.8f}")

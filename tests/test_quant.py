@@ -32,6 +32,7 @@ import torch
 from pgolf.errors import PgolfError
 from pgolf.quant import (
     PRESETS,
+    GPTQ_PRESETS,
     QuantRules,
     QuantSpec,
     Treatment,
@@ -138,7 +139,7 @@ def quantized(sd):
 # -----------------------------
 
 
-@pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p != "none"))
+@pytest.mark.parametrize("preset", sorted(p for p in PRESETS if p != "none" and p not in GPTQ_PRESETS))
 def test_matches_reference_golden(quantized, preset):
     obj, _ = quantized(preset)
     parts = fingerprint_parts(entries_of(obj))

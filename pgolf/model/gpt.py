@@ -240,6 +240,8 @@ class GPT(nn.Module):
         self.ve_shared = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if self.ve_slot else None
         if self.ve_slot:
             self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot)
+        # The final RMSNorm as a module (no parameters): calibration hooks its output, the tied head's input.
+        self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)
         self.lm_head = None if tie_embeddings else CastedLinear(model_dim, vocab_size)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -350,8 +352,7 @@ class GPT(nn.Module):
                               for k, lane in enumerate(lanes))
             lanes = fork(lanes, self.two_lane[i])
             lanes = self.steps[i](self, self._layer(b, i, r), lanes, x0, rope, self._values(b, ve, v0), docs)
-        x = merge_lanes(self, lanes)
-        return F.rms_norm(x, (x.size(-1),))
+        return self.final_norm(merge_lanes(self, lanes))
 
     def logits(self, h: Tensor) -> Tensor:
         """Softcapped logits for hidden states of any leading shape (..., D) -> (..., V)."""

@@ -56,6 +56,10 @@ class TensorRow:
     numel: int
     payload_bytes: int
     est_compressed_bytes: int
+    bits: int = 0
+    error: float = 0.0  # relative reconstruction error (state._recon_error)
+    weighted: bool = False  # error weighted by the input Hessian
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,13 @@ class ExportReport:
 
     def format_table(self) -> str:
         """A fixed-width table for the run log, largest share first."""
-        lines = [f"{'tensor':<40} {'treatment':<24} {'numel':>10} {'payload_B':>11} {'est_zip_B':>11} {'share':>6}"]
+        lines = [f"{'tensor':<40} {'treatment':<32} {'bits':>4} {'numel':>10} {'payload_B':>11} {'est_zip_B':>11} "
+                 f"{'share':>6} {'rel_err':>9} {'H':>1}"]
         for r in sorted(self.rows, key=lambda r: -r.est_compressed_bytes):
             share = r.est_compressed_bytes / max(self.total_bytes, 1)
-            lines.append(f"{r.name:<40} {r.treatment:<24} {r.numel:>10} {r.payload_bytes:>11} "
-                         f"{r.est_compressed_bytes:>11} {share:>6.1%}")
+            lines.append(f"{r.name:<40} {r.treatment:<32} {r.bits:>4} {r.numel:>10} {r.payload_bytes:>11} "
+                         f"{r.est_compressed_bytes:>11} {share:>6.1%} {r.error:>9.3e} {'H' if r.weighted else '-'}"
+                         + (f" {r.note}" if r.note else ""))
         if self.pruned is not None:
             p = self.pruned
             lines.append(f"selective_prune: zeroed {p['pruned']:,} of {p['candidates']:,} +-1 codes "
@@ -137,6 +143,7 @@ def export(
     compressor: str = "zlib",
     level: int | None = None,
     estimate_level: int | None = None,
+    calibration: object = None,
     byte_shuffle: int = 0,
     backend: str = "zpaq",
     prune_target_bytes: int | None = None,
@@ -158,7 +165,7 @@ def export(
     level = check_codec(compressor, level)
     est_codec = "brotli" if compressor == "pergroup" else compressor
     estimate_level = check_codec(est_codec, FAST_LEVEL if estimate_level is None else estimate_level)
-    obj, stats = quantize_state_dict(state_dict, rules=rules)
+    obj, stats = quantize_state_dict(state_dict, rules=rules, calibration=calibration)
     pruned = None
     if prune_target_bytes is not None:
         from pgolf.quant.prune import prune_to_target
@@ -178,7 +185,8 @@ def export(
     scale = len(blob) / max(sum(alone.values()), 1)
     rows = tuple(
         TensorRow(name=n, treatment=r["treatment"], numel=r["numel"], payload_bytes=r["payload_bytes"],
-                  est_compressed_bytes=round(alone[n] * scale))
+                  est_compressed_bytes=round(alone[n] * scale), bits=r["bits"], error=r["error"],
+                  weighted=r["weighted"], note=r["note"])
         for n, r in table.items()
     )
     return ExportReport(path=str(path), compressor=compressor, level=level, total_bytes=len(blob),

@@ -19,7 +19,7 @@ is not Hessian-weighted, as in the record.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,19 +107,24 @@ def label(entry: Mapping[str, Tensor]) -> str:
     return "lqer_asym" if entry["A_scale"].ndim == 0 else "lqer"
 
 
-def apply_lqer(state_dict: Mapping[str, Tensor], obj: Mapping[str, Any], spec: LQER) -> dict[str, dict[str, Tensor]]:
+def apply_lqer(state_dict: Mapping[str, Tensor], obj: Mapping[str, Any], spec: LQER,
+               dequant: Callable[[Tensor, Tensor, Any], Tensor] | None = None) -> dict[str, dict[str, Tensor]]:
     """Fit LQER factors for the quantized object `obj` of `state_dict`: {name: packed factors}.
 
     Candidates are `obj["quantized"]` 2-D tensors matching `spec.scope`, in state-dict order;
-    ties in error norm keep that order (#1855 sorts the same way, stably).
+    ties in error norm keep that order (#1855 sorts the same way, stably). `dequant(q, s, meta)`
+    gives a tensor's float32 weights back (default: `dequantize_tensor`; the state module
+    passes its own, which also reads AWQ-lite's codes, as #1908 fits LQER after AWQ).
     """
+    if dequant is None:
+        dequant = lambda q, s, meta: dequantize_tensor(q, s, dtype=torch.float32, meta=meta)  # noqa: E731
     from pgolf.quant.rules import matches  # rules imports this module
 
     qmeta = obj.get("qmeta", {})
 
     def error(name: str) -> Tensor:
         q = obj["quantized"][name]
-        w_hat = dequantize_tensor(q, obj["scales"][name], dtype=torch.float32, meta=qmeta.get(name))
+        w_hat = dequant(q, obj["scales"][name], qmeta.get(name))
         return state_dict[name].detach().cpu().float() - w_hat
 
     norms = {}
