@@ -97,6 +97,8 @@ def test_lqer_through_the_export_lowers_the_error_and_is_reported():
         e1 = float((d1[k] - sd[k]).norm())
         assert (e1 < err[k]) if k in top2 else (e1 == err[k]), k
         assert ("+lqer" in st1["tensors"][k]["treatment"]) == (k in top2)
+        if k in top2:  # the table's error is the corrected one
+            assert st1["tensors"][k]["error"] == pytest.approx(e1 ** 2 / float(sd[k].float().pow(2).sum()), rel=1e-4)
     assert torch.equal(o1["quantized"]["tok_emb.weight"], o0["quantized"]["tok_emb.weight"])  # codes untouched
 
 

@@ -26,7 +26,7 @@ from pgolf.quant import (
 from pgolf.quant import pergroup
 from pgolf.quant.codecs import byte_shuffle, byte_unshuffle
 from pgolf.quant.lqer import LQER, apply_lqer
-from pgolf.quant.prune import _zeroed, candidates, prune_to_target
+from pgolf.quant.prune import _prune_zeroed, prune_candidates, prune_to_target
 
 brotli = pytest.importorskip("brotli")
 RAW = bytes(range(256)) * 300 + b"pgolf" * 1000 + os.urandom(999)
@@ -69,7 +69,7 @@ def test_similarity_order_is_the_records_greedy_l1_walk():
 def test_group_bytes_and_permutations_equal_1855(golden_object, monkeypatch):  # noqa: F811
     _, obj = golden_object
     monkeypatch.setattr(pergroup, "backend_compress", lambda data, backend: data)  # the bytes before the back end
-    streams = pergroup._unpack(pergroup.encode(obj, backend="brotli"))
+    streams = pergroup.pergroup_streams(pergroup.pergroup_encode(obj, backend="brotli"))
     want = GOLDEN["pergroup_raw"]
     assert len(streams) == len(want) + 2
     for stream, (label, w) in zip(streams, want.items()):
@@ -86,7 +86,7 @@ def test_pergroup_round_trip(golden_object, backend, tmp_path):  # noqa: F811
         pytest.importorskip("zpaq")
     sd, obj = golden_object
     obj = {**obj, "lqer": apply_lqer(sd, obj, LQER())}
-    blob = pergroup.encode(obj, backend=backend)
+    blob = pergroup.pergroup_encode(obj, backend=backend)
     assert detect_compressor(blob) == "pergroup"
     path = tmp_path / "a.ptz"
     path.write_bytes(blob)
@@ -99,12 +99,12 @@ def test_pergroup_round_trip(golden_object, backend, tmp_path):  # noqa: F811
 def test_pergroup_bad_input(golden_object):  # noqa: F811
     _, obj = golden_object
     with pytest.raises(PgolfError, match="backend 'paq' is unknown"):
-        pergroup.encode(obj, backend="paq")
+        pergroup.pergroup_encode(obj, backend="paq")
     with pytest.raises(PgolfError, match="pergroup_backend='paq' is unknown"):
         QuantSpec(compressor="pergroup", pergroup_backend="paq")
-    blob = pergroup.encode(obj, backend="brotli")
+    blob = pergroup.pergroup_encode(obj, backend="brotli")
     with pytest.raises(PgolfError, match="more or fewer"):
-        pergroup._unpack(blob + b"x")
+        pergroup.pergroup_streams(blob + b"x")
 
 
 # -----------------------------
@@ -115,7 +115,7 @@ def test_pergroup_bad_input(golden_object):  # noqa: F811
 def test_prune_zeroes_the_fewest_cheapest_ones_to_fit(golden_object):  # noqa: F811
     _, obj = golden_object
     tensors = {n: {"treatment": "int7" if "tok_emb" in n else "int6"} for n in obj["quantized"]}
-    keys, which, flat = candidates(obj, tensors)
+    keys, which, flat = prune_candidates(obj, tensors)
     assert "tok_emb.weight" not in {keys[i] for i in which.tolist()}  # int7: not a candidate at max_bits 6
     costs = torch.stack([obj["scales"][keys[i]].float()[j // obj["quantized"][keys[i]].shape[1]] ** 2
                          for i, j in zip(which.tolist(), flat.tolist())])
@@ -127,7 +127,7 @@ def test_prune_zeroes_the_fewest_cheapest_ones_to_fit(golden_object):  # noqa: F
     n = info["pruned"]
     changed = sum(int((out["quantized"][k] != obj["quantized"][k]).sum()) for k in obj["quantized"])
     assert changed == n
-    assert len(encode(_zeroed(obj, keys, which[:n - 1], flat[:n - 1]))) > full - 3000  # the fewest
+    assert len(encode(_prune_zeroed(obj, keys, which[:n - 1], flat[:n - 1]))) > full - 3000  # the fewest
     same, info = prune_to_target(obj, encode, target_bytes=full, tensors=tensors)
     assert info["pruned"] == 0 and same["quantized"] == obj["quantized"]
 

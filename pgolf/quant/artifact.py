@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from pgolf.errors import PgolfError
-from pgolf.quant import pergroup
+from pgolf.quant.pergroup import check_pergroup_backend, pergroup_decode, pergroup_encode
 from pgolf.quant.codecs import (  # noqa: F401  (re-exported: pgolf.quant's public names)
     COMPRESSORS,
     DEFAULT_LEVELS,
@@ -130,8 +130,8 @@ def encoder(compressor: str = "zlib", level: int | None = None, *, byte_shuffle:
     if byte_shuffle < 0 or byte_shuffle > 255:
         raise PgolfError(f"byte_shuffle={byte_shuffle} is out of range; use 0 (off) or a stride 2..255 (records: 2)")
     if compressor == "pergroup":
-        pergroup.check_backend(backend)
-        return lambda obj: pergroup.encode(obj, backend=backend)
+        check_pergroup_backend(backend)
+        return lambda obj: pergroup_encode(obj, backend=backend)
     return lambda obj: compress(serialize(obj), compressor=compressor, level=level, byte_shuffle_stride=byte_shuffle)
 
 
@@ -179,7 +179,11 @@ def export(
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # the codecs release the GIL: the estimate is free
         alone = pool.submit(estimate)
-        blob = encode(obj)
+        if compressor == "pergroup":
+            blob, raw_bytes = encode(obj), len(serialize(obj))
+        else:  # encode's steps, keeping the torch.save size for the report
+            raw = serialize(obj)
+            blob, raw_bytes = compress(raw, compressor=compressor, level=level, byte_shuffle_stride=byte_shuffle), len(raw)
         alone = alone.result()
     _write_atomic(Path(path), blob)
     scale = len(blob) / max(sum(alone.values()), 1)
@@ -190,7 +194,7 @@ def export(
         for n, r in table.items()
     )
     return ExportReport(path=str(path), compressor=compressor, level=level, total_bytes=len(blob),
-                        raw_bytes=len(serialize(obj)), payload_bytes=stats["int8_payload_bytes"], rows=rows,
+                        raw_bytes=raw_bytes, payload_bytes=stats["int8_payload_bytes"], rows=rows,
                         pruned=pruned)
 
 
@@ -199,7 +203,7 @@ def load_quantized(path: str | os.PathLike[str]) -> dict[str, object]:
     blob = Path(path).read_bytes()
     try:
         if detect_compressor(blob) == "pergroup":
-            obj = pergroup.decode(blob, source=str(path))
+            obj = pergroup_decode(blob, source=str(path))
         else:
             obj = torch.load(io.BytesIO(decompress(blob, source=str(path))), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

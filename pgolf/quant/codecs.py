@@ -86,7 +86,7 @@ def compress(raw: bytes, *, compressor: str = "zlib", level: int | None = None, 
     brotli.compress(quality=)), so for the same bytes the output is theirs, byte for byte."""
     level = check_codec(compressor, level)
     if compressor == "pergroup":
-        raise PgolfError("compressor 'pergroup' codes a quantized object, not bytes; use pgolf.quant.pergroup.encode")
+        raise PgolfError("compressor 'pergroup' codes a quantized object, not bytes; use pgolf.quant.pergroup.pergroup_encode")
     raw = byte_shuffle(raw, byte_shuffle_stride)
     if compressor == "zlib":
         return zlib.compress(raw, level=level)

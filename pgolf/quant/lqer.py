@@ -56,7 +56,7 @@ def _fp16(x: Tensor) -> Tensor:
     return x.to(torch.float16)
 
 
-def pack_asym(A: Tensor, B: Tensor, group: int) -> dict[str, Tensor]:
+def lqer_pack_asym(A: Tensor, B: Tensor, group: int) -> dict[str, Tensor]:
     """A (rows, r), B (r, cols) float32 -> int8 codes and fp16 scales (#1855 `_lqer_pack_asym`)."""
     sA = _fp16(A.abs().amax().clamp_min(1e-10) / 1.5)  # 0-dim: one scale for all of A
     qA = torch.clamp(torch.round(A / sA.float()), -2, 1).to(torch.int8)
@@ -66,7 +66,7 @@ def pack_asym(A: Tensor, B: Tensor, group: int) -> dict[str, Tensor]:
     return {"A": qA, "A_scale": sA, "B": qB, "B_scale": sB}
 
 
-def pack_sym(A: Tensor, B: Tensor, bits: int) -> dict[str, Tensor]:
+def lqer_pack_sym(A: Tensor, B: Tensor, bits: int) -> dict[str, Tensor]:
     """A (rows, r), B (r, cols) float32 -> per-row int codes in [-R, R] (#1855 `_lqer_pack`)."""
     r = 2 ** (bits - 1) - 1
     out = {}
@@ -77,7 +77,7 @@ def pack_sym(A: Tensor, B: Tensor, bits: int) -> dict[str, Tensor]:
     return out
 
 
-def factors(E: Tensor, spec: LQER) -> dict[str, Tensor]:
+def lqer_factors(E: Tensor, spec: LQER) -> dict[str, Tensor]:
     """Error E (rows, cols) float32 -> packed rank-`spec.rank` factors (the asym form when B's
     size divides into groups, else the symmetric one)."""
     U, S, Vh = torch.linalg.svd(E, full_matrices=False)
@@ -85,11 +85,11 @@ def factors(E: Tensor, spec: LQER) -> dict[str, Tensor]:
     A = (U[:, :r] * S[:r]).contiguous()  # (rows, r)
     B = Vh[:r, :].contiguous()  # (r, cols)
     if spec.asym and B.numel() % spec.asym_group == 0:
-        return pack_asym(A, B, spec.asym_group)
-    return pack_sym(A, B, spec.factor_bits)
+        return lqer_pack_asym(A, B, spec.asym_group)
+    return lqer_pack_sym(A, B, spec.factor_bits)
 
 
-def correction(entry: Mapping[str, Tensor]) -> Tensor:
+def lqer_correction(entry: Mapping[str, Tensor]) -> Tensor:
     """Packed factors -> A_hat @ B_hat, float32 (rows, cols)."""
     qA, sA, qB, sB = entry["A"], entry["A_scale"], entry["B"], entry["B_scale"]
     if sA.ndim == 0:  # asymmetric: one scale for A, one per group of flattened B
@@ -102,7 +102,7 @@ def correction(entry: Mapping[str, Tensor]) -> Tensor:
     return A @ B
 
 
-def label(entry: Mapping[str, Tensor]) -> str:
+def lqer_label(entry: Mapping[str, Tensor]) -> str:
     """'lqer_asym' or 'lqer', the suffix the records log after a tensor's treatment."""
     return "lqer_asym" if entry["A_scale"].ndim == 0 else "lqer"
 
@@ -132,4 +132,4 @@ def apply_lqer(state_dict: Mapping[str, Tensor], obj: Mapping[str, Any], spec: L
         if q.ndim == 2 and (not spec.scope or any(matches(p, name) for p in spec.scope)):
             norms[name] = float(error(name).norm())
     top = sorted(norms.items(), key=lambda kv: -kv[1])[: spec.top_k]
-    return {name: factors(error(name), spec) for name, _ in top}
+    return {name: lqer_factors(error(name), spec) for name, _ in top}

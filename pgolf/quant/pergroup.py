@@ -40,18 +40,21 @@ try:
 except ImportError:
     brotli = None
 
-# #1855's `_GROUP_ORDER` and `_SIMSORT_KEYS`. Roles not listed follow in name order.
-GROUP_ORDER = ("tok_emb.weight", "attn.c_k.weight", "attn.c_q.weight", "attn.c_v.weight", "attn.proj.weight",
+# #1855's `_GROUP_ORDER` and `_SIMSORT_KEYS`. Other roles follow in name order when they hold at
+# least PERGROUP_MIN_CODES codes (the records' float-passthrough threshold); smaller ones, like the
+# attention-gate codes, stay with the rest, as in the record.
+PERGROUP_ORDER = ("tok_emb.weight", "attn.c_k.weight", "attn.c_q.weight", "attn.c_v.weight", "attn.proj.weight",
                "mlp.fc.weight", "mlp.proj.weight")
-HOT_GROUPS = ("tok_emb.weight", "attn.c_q.weight", "mlp.fc.weight")
-BACKENDS = ("zpaq", "lrzip", "lzma", "brotli")
-MAX_SORT_ROWS = 65_535  # uint16 permutations
+PERGROUP_HOT = ("tok_emb.weight", "attn.c_q.weight", "mlp.fc.weight")
+PERGROUP_BACKENDS = ("zpaq", "lrzip", "lzma", "brotli")
+PERGROUP_MAX_SORT_ROWS = 65_535  # uint16 permutations
+PERGROUP_MIN_CODES = 65_536
 
 
-def check_backend(backend: str) -> None:
+def check_pergroup_backend(backend: str) -> None:
     """Raise PgolfError unless `backend` is known and usable here."""
-    if backend not in BACKENDS:
-        raise PgolfError(f"pergroup backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if backend not in PERGROUP_BACKENDS:
+        raise PgolfError(f"pergroup backend {backend!r} is unknown; use one of {', '.join(PERGROUP_BACKENDS)}")
     if backend == "lrzip" and shutil.which("lrzip") is None:
         raise PgolfError("pergroup backend 'lrzip' needs the lrzip binary (apt-get install lrzip); or use 'zpaq'")
     if backend == "zpaq":
@@ -122,7 +125,7 @@ def backend_compress(data: bytes, backend: str) -> bytes:
 def backend_decompress(data: bytes, backend: str) -> bytes:
     if not data:
         return b""
-    check_backend(backend)
+    check_pergroup_backend(backend)
     if backend == "zpaq":
         import zpaq
 
@@ -139,27 +142,28 @@ def backend_decompress(data: bytes, backend: str) -> bytes:
 # -----------------------------
 
 
-def _role(name: str) -> str:
+def _pergroup_role(name: str) -> str:
     parts = name.split(".")
     return ".".join(parts[2:]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else name
 
 
-def _groups(codes: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
-    # {role: [names, layers in index order]} for every int8 code tensor, in GROUP_ORDER first.
+def _pergroup_groups(codes: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    # {role: [names, layers in index order]} for every int8 code tensor, in PERGROUP_ORDER first.
     found: dict[str, list[tuple[int, str]]] = {}
     for name, t in codes.items():
         if t.dtype == torch.int8 and t.ndim == 2:
-            layer = int(name.split(".")[1]) if _role(name) != name else 0
-            found.setdefault(_role(name), []).append((layer, name))
-    roles = [r for r in GROUP_ORDER if r in found] + sorted(set(found) - set(GROUP_ORDER))
+            layer = int(name.split(".")[1]) if _pergroup_role(name) != name else 0
+            found.setdefault(_pergroup_role(name), []).append((layer, name))
+    big = {r for r, entries in found.items() if sum(codes[n].numel() for _, n in entries) >= PERGROUP_MIN_CODES}
+    roles = [r for r in PERGROUP_ORDER if r in found] + sorted(big - set(PERGROUP_ORDER))
     return {r: [n for _, n in sorted(found[r])] for r in roles}
 
 
-def _pack(streams: list[bytes]) -> bytes:
+def _pergroup_frame(streams: list[bytes]) -> bytes:
     return PGRP_MAGIC + struct.pack(f"<{1 + len(streams)}I", len(streams), *map(len, streams)) + b"".join(streams)
 
 
-def _unpack(blob: bytes) -> list[bytes]:
+def pergroup_streams(blob: bytes) -> list[bytes]:
     (n,) = struct.unpack_from("<I", blob, 4)
     lengths = struct.unpack_from(f"<{n}I", blob, 8)
     off, out = 8 + 4 * n, []
@@ -171,18 +175,18 @@ def _unpack(blob: bytes) -> list[bytes]:
     return out
 
 
-def encode(obj: Mapping[str, Any], *, backend: str = "zpaq", hot: tuple[str, ...] = HOT_GROUPS,
+def pergroup_encode(obj: Mapping[str, Any], *, backend: str = "zpaq", hot: tuple[str, ...] = PERGROUP_HOT,
            threads: int | None = None) -> bytes:
     """Quantized object -> per-group artifact bytes. Groups are sorted and coded on `threads`
     threads (default: one per CPU, at most one per group)."""
-    check_backend(backend)
-    groups = _groups(obj["quantized"])
+    check_pergroup_backend(backend)
+    groups = _pergroup_groups(obj["quantized"])
 
     def payload(role: str) -> tuple[bytes, bytes, list]:
         data, perms, layout = [], [], []
         for name in groups[role]:
             arr = obj["quantized"][name].numpy()
-            sort = role in hot and arr.shape[0] <= MAX_SORT_ROWS
+            sort = role in hot and arr.shape[0] <= PERGROUP_MAX_SORT_ROWS
             if sort:
                 order = similarity_order(arr)
                 perms.append(order.tobytes())
@@ -212,15 +216,15 @@ def encode(obj: Mapping[str, Any], *, backend: str = "zpaq", hot: tuple[str, ...
     buf = io.BytesIO()
     torch.save({"obj": rest, "layout": layout}, buf)
     perms = b"".join(p for _, p, _ in done)
-    return _pack([c for c, _, _ in done] + [brotli.compress(buf.getvalue(), quality=11, lgwin=24),
+    return _pergroup_frame([c for c, _, _ in done] + [brotli.compress(buf.getvalue(), quality=11, lgwin=24),
                                             brotli.compress(perms, quality=11) if perms else b""])
 
 
-def decode(blob: bytes, *, source: str = "artifact") -> dict[str, Any]:
+def pergroup_decode(blob: bytes, *, source: str = "artifact") -> dict[str, Any]:
     """Per-group artifact bytes -> the quantized object `encode` was given."""
     if brotli is None:
         raise PgolfError(f"{source} is a per-group artifact; pip install brotli to read it")
-    streams = _unpack(blob)
+    streams = pergroup_streams(blob)
     head = torch.load(io.BytesIO(brotli.decompress(streams[-2])), map_location="cpu", weights_only=True)
     obj, layout = head["obj"], head["layout"]
     perms = np.frombuffer(brotli.decompress(streams[-1]), dtype=np.uint16) if streams[-1] else np.empty(0, np.uint16)

@@ -22,14 +22,14 @@ import re
 
 import torch
 
-_BITS = re.compile(r"(?:^|:)int([0-9]+)")  # "int6", "int6:rowmax+lqer", "gptq:int6:sdclip:k12.85"
+_PRUNE_BITS = re.compile(r"(?:^|:)int([0-9]+)")  # "int6", "int6:rowmax+lqer", "gptq:int6:sdclip:k12.85"
 
 
-def candidates(obj: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]], max_bits: int = 6):
+def prune_candidates(obj: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]], max_bits: int = 6):
     """(names, flat indices, costs) of the +-1 codes, sorted by cost (stable)."""
     names, index, costs = [], [], []
     for i, (name, q) in enumerate(obj["quantized"].items()):
-        m = _BITS.search(str(tensors[name]["treatment"])) if name in tensors else None
+        m = _PRUNE_BITS.search(str(tensors[name]["treatment"])) if name in tensors else None
         bits = int(m[1]) if m else 8
         s = obj["scales"][name]
         if bits > max_bits or q.ndim != 2 or s.ndim != 1 or obj.get("qmeta", {}).get(name, {}).get("scheme") != "per_row":
@@ -44,7 +44,7 @@ def candidates(obj: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]],
     return list(obj["quantized"]), torch.cat(names)[order], torch.cat(index)[order]
 
 
-def _zeroed(obj: Mapping[str, Any], keys: list[str], which: torch.Tensor, flat: torch.Tensor) -> dict[str, Any]:
+def _prune_zeroed(obj: Mapping[str, Any], keys: list[str], which: torch.Tensor, flat: torch.Tensor) -> dict[str, Any]:
     codes = dict(obj["quantized"])
     for i in torch.unique(which).tolist():
         q = codes[keys[i]].clone()
@@ -57,22 +57,22 @@ def prune_to_target(obj: Mapping[str, Any], encode: Callable[[Mapping[str, Any]]
                     tensors: Mapping[str, Mapping[str, Any]], max_bits: int = 6) -> tuple[dict[str, Any], dict]:
     """Quantized object -> (object with the fewest cheapest +-1 codes zeroed so that
     len(encode(obj)) <= target_bytes, figures for the report)."""
-    keys, which, flat = candidates(obj, tensors, max_bits)
+    keys, which, flat = prune_candidates(obj, tensors, max_bits)
     size = len(encode(obj))
     info = {"target_bytes": int(target_bytes), "candidates": len(flat), "unpruned_bytes": size, "pruned": 0,
             "fits": size <= target_bytes}
     if size <= target_bytes or not len(flat):
         return dict(obj), info
     lo, hi = 0, len(flat)
-    if len(encode(_zeroed(obj, keys, which, flat))) <= target_bytes:
+    if len(encode(_prune_zeroed(obj, keys, which, flat))) <= target_bytes:
         while lo < hi:  # smallest n with size(n) <= target
             mid = (lo + hi) // 2
-            if len(encode(_zeroed(obj, keys, which[:mid], flat[:mid]))) <= target_bytes:
+            if len(encode(_prune_zeroed(obj, keys, which[:mid], flat[:mid]))) <= target_bytes:
                 hi = mid
             else:
                 lo = mid + 1
     else:
         lo = len(flat)
-    out = _zeroed(obj, keys, which[:lo], flat[:lo])
+    out = _prune_zeroed(obj, keys, which[:lo], flat[:lo])
     info.update(pruned=lo, fits=len(encode(out)) <= target_bytes)
     return out, info

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from pgolf.errors import PgolfError
-from pgolf.quant import lqer
+from pgolf.quant.lqer import apply_lqer, lqer_correction, lqer_label
 from pgolf.quant.gptq import awq_candidates, dequantize_awq, quantize_weight
 from pgolf.quant.rules import PRESETS, QuantRules, get_rules
 from pgolf.quant.treatments import GPTQ_CLIPS, Treatment, dequantize_tensor, quantize_tensor
@@ -168,10 +168,12 @@ def quantize_state_dict(
     if orig_dtypes:
         obj["passthrough_orig_dtypes"] = orig_dtypes
     if rules.lqer is not None:  # after every tensor has its codes: the top-K errors are global
-        obj["lqer"] = lqer.apply_lqer(state_dict, obj, rules.lqer, dequant=dequantize_codes)
+        obj["lqer"] = apply_lqer(state_dict, obj, rules.lqer, dequant=dequantize_codes)
         for name, entry in obj["lqer"].items():
             extra = sum(_nbytes(t) for t in entry.values())
-            table[name]["treatment"] += "+" + lqer.label(entry)
+            table[name]["treatment"] += "+" + lqer_label(entry)
+            deq = dequantize_codes(quantized[name], scales[name], qmeta.get(name)) + lqer_correction(entry)
+            table[name]["error"] = _recon_error(state_dict[name].detach().cpu(), deq, hessians.get(name))
             table[name]["payload_bytes"] += extra
             stats["int8_payload_bytes"] += extra
     stats["tensors"] = table
@@ -200,7 +202,7 @@ def dequantize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
         dtype = _dtype(obj["dtypes"][name])
         w = dequantize_codes(q, obj["scales"][name], meta)
         if name in factors:  # W_hat + A_hat @ B_hat in float32, then the cast (#1855 dequantize_mixed)
-            w = w + lqer.correction(factors[name])
+            w = w + lqer_correction(factors[name])
         out[name] = w.to(dtype=dtype).contiguous()
     for name, t in obj["passthrough"].items():
         t = t.detach().to("cpu").contiguous()
