@@ -144,3 +144,17 @@ def test_prune_through_the_spec_counts_code_bytes(tmp_path):
     assert "selective_prune: zeroed" in report.format_table()
     with pytest.raises(PgolfError, match="prune_target_bytes=0"):
         QuantSpec(prune=True, prune_target_bytes=0)
+
+
+def test_size_command_reports_the_plans_bytes_against_the_cap(capsys):
+    # #1855's plan (GPTQ on identity Hessians, LQER, per-group) on the smoke model's shape.
+    from pgolf.quant.size import main
+
+    assert main(["experiment=smoke", "quant=pr1855", "quant.small_numel=4096", "quant.pergroup_backend=brotli"]) == 0
+    out = capsys.readouterr().out
+    assert "+lqer_asym" in out and "total pergroup-0:" in out
+    line = out.strip().splitlines()[-1]
+    fields = dict(kv.split(":") for kv in line.split(" ")[:5])
+    assert int(fields["total_bytes"]) == int(fields["model_bytes"]) + int(fields["code_bytes"])
+    assert fields["cap"] == "16000000" and "to spare" in line
+    assert main(["experiment=smoke", "--std", "0"]) == 2
