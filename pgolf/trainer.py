@@ -507,7 +507,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     stop_if_preempted()
     if rt.master:
         fault_point("export")
-        report = job.quant.export(state, artifact, calibration)
+        report = job.quant.export(state, artifact, calibration, code_bytes=ncode)
         log(report.format_table())
     if rt.distributed:
         dist.barrier()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pgolf.errors import PgolfError
+from pgolf.quant.lqer import LQER
 from pgolf.quant.treatments import FP16, FP32, GPTQ_CLIPS, INT8, Treatment
 
 # Baseline CONTROL_TENSOR_NAME_PATTERNS: per-channel gains and mixes that stay fp32.
@@ -42,6 +43,8 @@ class QuantRules:
     `quant_format` is the artifact's `__quant_format__` tag; None writes the baseline's (or
     pgolf's grouped tag when a rule groups). A preset whose record writes its own tag uses
     it, so that for the same codes the artifact is the record's, byte for byte.
+    `lqer` (an LQER or its keyword mapping) adds low-rank error factors to the `top_k` worst
+    integer tensors after every tensor has its codes, whatever treatment made them.
     `awq_lite_bits` > 0 turns on AWQ-lite (#1908): the model's top `awq_lite_group_top_k`
     salient `awq_lite_group_size`-column groups of GPTQ tensors get that many bits (state.py).
     """
@@ -55,6 +58,7 @@ class QuantRules:
     control_large: Treatment | None = None
     vector: Treatment | None = None
     quant_format: str | None = None
+    lqer: LQER | None = None
     first: tuple[tuple[str, Treatment], ...] = ()
     awq_lite_bits: int = 0
     awq_lite_group_size: int = 64
@@ -74,6 +78,14 @@ class QuantRules:
             value = getattr(self, key)
             if value is not None:
                 object.__setattr__(self, key, Treatment.parse(value))
+        if isinstance(self.lqer, Mapping):
+            try:
+                object.__setattr__(self, "lqer", LQER(**self.lqer))
+            except TypeError:
+                raise PgolfError(f"lqer options {sorted(self.lqer)} are not understood; use rank, factor_bits, asym, "
+                                 "asym_group, top_k, scope") from None
+        for pattern in self.lqer.scope if self.lqer else ():
+            _check_pattern(pattern)
         if self.small_numel < 0:
             raise PgolfError(f"small_numel={self.small_numel} is negative; use 0 to quantize every float tensor")
 
@@ -176,6 +188,9 @@ def validate_rules(
                 f"quant rule {treatment.label!r} on {name} {shape}: group_size {g} does not divide {shape[1]} columns; "
                 "pick a divisor or a narrower pattern"
             )
+    for pattern in rules.lqer.scope if rules.lqer else ():
+        if not pattern.startswith("?") and not any(matches(pattern, n) for n in names):
+            raise PgolfError(f"lqer scope pattern {pattern!r} matches no parameter; fix it or mark it optional with '?'")
     for i, (pattern, _) in enumerate((*rules.rules, *rules.first)):
         if pattern.startswith("?") or i in took_effect:
             continue

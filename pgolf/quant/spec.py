@@ -17,7 +17,10 @@ from torch import Tensor
 from pgolf.errors import PgolfError
 from pgolf.quant.artifact import ExportReport, check_codec, export
 from pgolf.quant.calibrate import SOURCES, Calibration, calibrate
+from pgolf.quant.pergroup import PERGROUP_BACKENDS
 from pgolf.quant.rules import QuantRules, get_rules, validate_rules
+
+CAP_BYTES_DEFAULT = 16_000_000  # the challenge's cap on code + compressed model, decimal bytes (as trainer.SIZE_CAP_BYTES)
 
 
 @dataclass(frozen=True)
@@ -25,22 +28,35 @@ class QuantSpec:
     """An export plan: `preset` (a PRESETS name), optionally with its rule list replaced by
     `rules` ([[pattern, treatment], ...]), its `default` treatment, its `small_numel` (tensors at
     or under it stay float; 65,536 in the records, smaller for CPU-sized models) or its AWQ-lite
-    bits replaced.
+    bits replaced, and `lqer` (rank, factor_bits, asym, asym_group, top_k, scope; see
+    pgolf.quant.lqer) set or, with `false`, switched off.
 
     GPTQ presets need input Hessians: `calibration` is `train` (the training loader, right after
     the loop, `gptq_calibration_batches` batches: GPTQ_CALIBRATION_BATCHES), `generated` (the
     model's own samples: `calib_num_seqs` x `calib_seq_len` tokens at `calib_temperature`, seed
     `calib_seed`, `calib_batch_size` at a time; 03-25 #1019) or `none`. Validation data is refused.
-    `calib_damp` pre-damps each Hessian at collection (0.01 in 03-25 / 03-29, 0 from 04-05 on)."""
+    `calib_damp` pre-damps each Hessian at collection (0.01 in 03-25 / 03-29, 0 from 04-05 on).
+
+    The artifact: `compressor` (zlib, zstd, lzma, brotli, pergroup) at `level`, after a byte
+    shuffle of stride `byte_shuffle` (0: none; the brotli records use 2); `pergroup_backend`
+    codes the per-group streams (zpaq, lrzip, lzma, brotli). `prune: true` zeroes the cheapest
+    +-1 codes of tensors of at most `prune_max_bits` bits until model + code bytes fit
+    `prune_target_bytes` (decimal bytes; the cap)."""
 
     preset: str = "int8"
     rules: Sequence[Sequence[str]] | None = None
     default: str | None = None
+    lqer: Mapping[str, object] | bool | None = None
     small_numel: int | None = None
     awq_lite_bits: int | None = None
     compressor: str = "zlib"
     level: int | None = None
     estimate_level: int | None = None
+    byte_shuffle: int = 0
+    pergroup_backend: str = "zpaq"
+    prune: bool = False
+    prune_target_bytes: int = CAP_BYTES_DEFAULT
+    prune_max_bits: int = 6
     artifact_name: str = "final_model.int8.ptz"
     calibration: str = "none"
     gptq_calibration_batches: int = 16
@@ -52,7 +68,17 @@ class QuantSpec:
     calib_damp: float = 0.0
 
     def __post_init__(self) -> None:
+        # Options the config alone can check (the lrzip binary or the zpaq package are looked
+        # for at export, on the machine that exports).
         check_codec(self.compressor, self.level)
+        if not 0 <= self.byte_shuffle <= 255:
+            raise PgolfError(f"quant.byte_shuffle={self.byte_shuffle} is out of range; use 0 (off) or a stride 2..255")
+        if self.pergroup_backend not in PERGROUP_BACKENDS:
+            raise PgolfError(f"quant.pergroup_backend={self.pergroup_backend!r} is unknown; use one of {', '.join(PERGROUP_BACKENDS)}")
+        if self.prune and self.prune_target_bytes <= 0:
+            raise PgolfError(f"quant.prune_target_bytes={self.prune_target_bytes} must be positive (the cap: {CAP_BYTES_DEFAULT})")
+        if not 2 <= self.prune_max_bits <= 8:
+            raise PgolfError(f"quant.prune_max_bits={self.prune_max_bits} is out of range; use 2..8 (#1019: 6)")
         plan = self.plan  # parse the rules now: a typo fails at config time
         if self.calibration in ("val", "validation"):
             raise PgolfError(f"quant.calibration={self.calibration!r}: validation data is never calibration data "
@@ -77,6 +103,8 @@ class QuantSpec:
             changes["name"] = f"{base.name}+rules"
         if self.default is not None:
             changes["default"] = self.default
+        if self.lqer is not None:
+            changes["lqer"] = None if self.lqer is False else ({} if self.lqer is True else dict(self.lqer))
         if self.small_numel is not None:
             changes["small_numel"] = self.small_numel
         if self.awq_lite_bits is not None:
@@ -110,7 +138,10 @@ class QuantSpec:
         return validate_rules(self.plan, shapes)
 
     def export(self, state_dict: Mapping[str, Tensor], path: str | os.PathLike[str],
-               calibration: Calibration | None = None) -> ExportReport:
-        """Quantize (with the Hessians of `calibration`, if any), compress and atomically write the artifact."""
+               calibration: Calibration | None = None, *, code_bytes: int = 0) -> ExportReport:
+        """Quantize (with the Hessians of `calibration`, if any), compress and atomically write the
+        artifact; with `prune`, the model's byte target is prune_target_bytes - code_bytes."""
+        target = self.prune_target_bytes - code_bytes if self.prune else None
         return export(state_dict, path, rules=self.plan, compressor=self.compressor, level=self.level,
-                      estimate_level=self.estimate_level, calibration=calibration)
+                      estimate_level=self.estimate_level, calibration=calibration, byte_shuffle=self.byte_shuffle,
+                      backend=self.pergroup_backend, prune_target_bytes=target, prune_max_bits=self.prune_max_bits)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from pgolf.errors import PgolfError
+from pgolf.quant.lqer import apply_lqer, lqer_correction, lqer_label
 from pgolf.quant.gptq import awq_candidates, dequantize_awq, quantize_weight
 from pgolf.quant.rules import PRESETS, QuantRules, get_rules
 from pgolf.quant.treatments import GPTQ_CLIPS, Treatment, dequantize_tensor, quantize_tensor
@@ -166,8 +167,24 @@ def quantize_state_dict(
         obj["qmeta"] = qmeta
     if orig_dtypes:
         obj["passthrough_orig_dtypes"] = orig_dtypes
+    if rules.lqer is not None:  # after every tensor has its codes: the top-K errors are global
+        obj["lqer"] = apply_lqer(state_dict, obj, rules.lqer, dequant=dequantize_codes)
+        for name, entry in obj["lqer"].items():
+            extra = sum(_nbytes(t) for t in entry.values())
+            table[name]["treatment"] += "+" + lqer_label(entry)
+            deq = dequantize_codes(quantized[name], scales[name], qmeta.get(name)) + lqer_correction(entry)
+            table[name]["error"] = _recon_error(state_dict[name].detach().cpu(), deq, hessians.get(name))
+            table[name]["payload_bytes"] += extra
+            stats["int8_payload_bytes"] += extra
     stats["tensors"] = table
     return obj, stats
+
+
+def dequantize_codes(q: Tensor, s: Tensor, meta: dict[str, object] | None) -> Tensor:
+    """One tensor's codes and scales -> float32 weights (per-row, grouped, or AWQ-lite's)."""
+    if isinstance(meta, dict) and meta.get("scheme") == "per_row_awq":
+        return dequantize_awq(q, s, meta)
+    return dequantize_tensor(q, s, dtype=torch.float32, meta=meta)
 
 
 def dequantize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -178,13 +195,15 @@ def dequantize_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
                          "from pgolf.quant.export")
     qmeta = obj.get("qmeta", {})
     orig_dtypes = obj.get("passthrough_orig_dtypes", {})
+    factors = obj.get("lqer", {})
     out: dict[str, Tensor] = {}
     for name, q in obj["quantized"].items():
         meta = qmeta.get(name)
-        if isinstance(meta, dict) and meta.get("scheme") == "per_row_awq":
-            out[name] = dequantize_awq(q, obj["scales"][name], meta).to(_dtype(obj["dtypes"][name])).contiguous()
-            continue
-        out[name] = dequantize_tensor(q, obj["scales"][name], dtype=_dtype(obj["dtypes"][name]), meta=meta)
+        dtype = _dtype(obj["dtypes"][name])
+        w = dequantize_codes(q, obj["scales"][name], meta)
+        if name in factors:  # W_hat + A_hat @ B_hat in float32, then the cast (#1855 dequantize_mixed)
+            w = w + lqer_correction(factors[name])
+        out[name] = w.to(dtype=dtype).contiguous()
     for name, t in obj["passthrough"].items():
         t = t.detach().to("cpu").contiguous()
         orig = orig_dtypes.get(name)

@@ -27,8 +27,8 @@ from pgolf.errors import PgolfError
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Dependency order: a module comes after every module whose names it uses at import time.
 MODULES = (
-    "errors", "quant/treatments", "quant/gptq", "quant/rules", "quant/state", "quant/artifact", "quant/calibrate",
-    "quant/spec", "model/roles", "model/linear",
+    "errors", "quant/treatments", "quant/lqer", "quant/rules", "quant/gptq", "quant/state", "quant/codecs",
+    "quant/pergroup", "quant/prune", "quant/artifact", "quant/calibrate", "quant/spec", "model/roles", "model/linear",
     "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
     "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/gpt", "optim", "schedule",
     "evaluate", "data/shards", "data/loader", "data/loaders", "data/packing", "data/caseops", "data/byte_counts", "data/spec",
