@@ -24,7 +24,7 @@ API (h-tilt's n-gram tilt and audit build on this):
     scorer.update(positions)                 # before an optimizer step trained on these targets
         raises ScoringError unless every position has been committed (by this rank, or by any
         rank as of the last `sync()`); records the event.
-    scorer.sync()                            # all ranks: merge the committed sets (global phases)
+    scorer.sync(lo=0, hi=None)               # all ranks: merge the committed sets of [lo, hi)
     scorer.totals()                          # (loss_sum nats, tokens, bytes) float64, this rank
     scorer.result()                          # all ranks: (val_loss, val_bpb); checks C4 globally
     scorer.ledger                            # [Event(kind "score"|"update", runs (k, 2) int64)]
@@ -172,15 +172,19 @@ class Scorer:
         if self.keep_ledger:
             self.ledger.append(Event("update", to_runs(pos)))
 
-    def sync(self) -> None:
-        """Merge every rank's committed targets into `known` (call on all ranks, e.g. before a global phase)."""
+    def sync(self, lo: int = 0, hi: int | None = None) -> None:
+        """Merge every rank's committed targets in [lo, hi) into `known` (call on all ranks, before
+        training on targets another rank may have scored; a range keeps the all-reduce small)."""
         if not _distributed():
             return
-        merged = self.committed.to(torch.uint8)
+        hi = self.num_targets if hi is None else hi
+        merged = self.committed[lo:hi].to(torch.uint8)
         if dist.get_backend() == "nccl":
             merged = merged.cuda()
         dist.all_reduce(merged, op=dist.ReduceOp.MAX)
-        self.known = merged.cpu().bool() | self.committed
+        if self.known is self.committed:
+            self.known = self.committed.clone()
+        self.known[lo:hi] |= merged.cpu().bool()
 
     # ---------------------------------------------------------------- results
     def totals(self) -> tuple[float, float, float]:
