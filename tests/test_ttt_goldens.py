@@ -65,3 +65,35 @@ def test_chunked_sgd_training_takes_effect():
     ChunkedSGD(ttt_epochs=0, ttt_chunk_tokens=256).run(model, scorer, quiet(), seq_len=64, stride=64)
     assert abs(scorer.result()[0] - g["val_loss"]) > 1e-4
     assert not any(e.kind == "update" for e in scorer.ledger)
+
+
+def lora_spec(h: dict, cls=None, **extra):
+    from pgolf.ttt.lora import LoRATTT
+
+    cls = cls or LoRATTT
+    return cls(ttt_lora_rank=h["ttt_lora_rank"], ttt_lora_lr=h["ttt_lora_lr"], ttt_chunk_size=h["ttt_chunk_size"],
+               ttt_eval_seq_len=h["ttt_eval_seq_len"], ttt_batch_size=h["ttt_batch_size"],
+               ttt_grad_steps=h["ttt_grad_steps"], ttt_beta1=h["ttt_beta1"], ttt_beta2=h["ttt_beta2"],
+               ttt_weight_decay=h["ttt_weight_decay"], ttt_k_lora=h["ttt_k_lora"], ttt_mlp_lora=h["ttt_mlp_lora"],
+               ttt_o_lora=h["ttt_o_lora"], **extra)
+
+
+def run_lora_golden(key: str, model_name: str = "pr1530_varlen", cls=None, **extra) -> Scorer:
+    g = GOLDEN[key]
+    model = record_model(model_name)
+    st = g["stream"]
+    scorer = Scorer(seeded_stream(st["n_targets"], st["seed"], doc_lens=st["doc_lens"]), seeded_luts())
+    spec = lora_spec(g["h"], cls, **extra)
+    torch.manual_seed(g["rng_seed"])  # A's draws, in the record's order
+    spec.run(model, scorer, quiet(), seq_len=g["h"].get("eval_seq_len", 48))
+    assert check_ledger(scorer.ledger, scorer.num_targets) is None
+    loss, bpb = scorer.result()
+    assert loss == pytest.approx(g["val_loss"], rel=REL)
+    assert bpb == pytest.approx(g["val_bpb"], rel=REL)
+    return scorer
+
+
+@pytest.mark.parametrize("key", ["lora", "lora_no_k_mlp"])
+def test_lora_equals_1530_eval_val_ttt_lora(key):
+    scorer = run_lora_golden(key)
+    assert any(e.kind == "update" for e in scorer.ledger)
