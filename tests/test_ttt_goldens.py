@@ -97,3 +97,18 @@ def run_lora_golden(key: str, model_name: str = "pr1530_varlen", cls=None, **ext
 def test_lora_equals_1530_eval_val_ttt_lora(key):
     scorer = run_lora_golden(key)
     assert any(e.kind == "update" for e in scorer.ledger)
+
+
+def test_phased_equals_1626_eval_val_ttt_phased():
+    """Two global phases (boundaries 3 and 6 documents), each training the base model on the
+    documents scored so far, then fresh adapters (#1626, on #1530's architecture and weights)."""
+    from pgolf.ttt.phased import PhasedTTT
+
+    h = GOLDEN["phased"]["h"]
+    scorer = run_lora_golden("phased", cls=PhasedTTT, phased_ttt_prefix_docs=h["phased_ttt_prefix_docs"],
+                             phased_ttt_num_phases=h["phased_ttt_num_phases"], global_ttt_lr=h["global_ttt_lr"],
+                             global_ttt_momentum=h["global_ttt_momentum"], global_ttt_epochs=h["global_ttt_epochs"],
+                             global_ttt_chunk_tokens=h["global_ttt_chunk_tokens"],
+                             global_ttt_batch_seqs=h["global_ttt_batch_seqs"],
+                             global_ttt_grad_clip=h["global_ttt_grad_clip"])
+    assert scorer.result()[0] != pytest.approx(GOLDEN["lora"]["val_loss"], rel=1e-4)  # the phases took effect

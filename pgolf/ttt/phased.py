@@ -79,6 +79,7 @@ class PhasedRun(LoRARun):
             docs = [doc for _, _, doc in scored[:boundary]]
             self.rt.log(f"ttt_phased: phase:{self.phase + 1}/{len(self.boundaries)} scored_docs:{self.scored_docs} "
                         f"trained_docs:{len(docs)}")
+            self.adapters.enabled = False  # the base model trains alone
             self.global_sgd(docs)
         self.phase += 1
         for p in self.model.parameters():
