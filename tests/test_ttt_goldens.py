@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from golden import seeded_luts, seeded_stream
 from test_records_frontier import record_model
 from pgolf.ttt.chunked import ChunkedSGD
-from pgolf.ttt.common import Runtime
+from pgolf.ttt.common import TTTRuntime
 from pgolf.ttt.scorer import Scorer, check_ledger
 
 GOLDEN = json.loads((Path(__file__).parent / "goldens" / "ttt.json").read_text())
 REL = 2e-6
 
 
-def quiet() -> Runtime:
-    return Runtime(log=lambda s: None)
+def quiet() -> TTTRuntime:
+    return TTTRuntime(log=lambda s: None)
 
 
 @pytest.mark.parametrize("stride", [64, 16])

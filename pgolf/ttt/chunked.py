@@ -25,12 +25,13 @@ from torch import nn
 
 from pgolf.errors import PgolfError
 from pgolf.evaluate import sliding_windows
-from pgolf.ttt.common import PhaseTimer, Runtime, cosine_lr, sgd_step, split_rows
+from pgolf.ttt.common import PhaseTimer, TTTRuntime, cosine_lr, sgd_step, split_rows
+from pgolf.ttt.run import TTTVariant
 from pgolf.ttt.scorer import Scorer
 
 
 @dataclass(frozen=True, kw_only=True)
-class ChunkedSGD:
+class ChunkedSGD(TTTVariant):
     """eval.ttt for `conf/eval/ttt_sgd.yaml`; names are the records' TTT_* variables lower-cased.
     Defaults: 2026-03-23 #549 (lr 0.002; 0.005 from 04-06), run with TTT_FREEZE_BLOCKS=0."""
 
@@ -49,7 +50,7 @@ class ChunkedSGD:
             raise PgolfError(f"eval.ttt: chunk_tokens={self.ttt_chunk_tokens}, epochs={self.ttt_epochs}, "
                              f"batch_seqs={self.ttt_batch_seqs}, lr={self.ttt_lr} must be >=1, >=0, >=1, >=0")
 
-    def run(self, model: nn.Module, scorer: Scorer, rt: Runtime, *, seq_len: int, stride: int,
+    def run(self, model: nn.Module, scorer: Scorer, rt: TTTRuntime, *, seq_len: int, stride: int,
             batch_seqs: int = 32) -> dict[str, float]:
         """Score the whole stream with TTT; returns the seconds per phase (score, train)."""
         n = scorer.num_targets
@@ -100,7 +101,7 @@ class ChunkedSGD:
         return timer.seconds
 
     @torch.no_grad()
-    def _score(self, model: nn.Module, scorer: Scorer, rt: Runtime, starts: list[int], offsets: list[int],
+    def _score(self, model: nn.Module, scorer: Scorer, rt: TTTRuntime, starts: list[int], offsets: list[int],
                seq_len: int, batch_seqs: int) -> None:
         model.eval()
         pos = torch.arange(seq_len, device=rt.device)

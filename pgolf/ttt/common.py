@@ -10,7 +10,6 @@ per-rank mean losses with AVG, which equals it when the rows split evenly, as in
 
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,11 +22,9 @@ from torch import Tensor, nn
 
 from pgolf.model.docs import build_doc_mask
 
-log = logging.getLogger("pgolf.ttt")
-
 
 @dataclass
-class Runtime:
+class TTTRuntime:
     """What a TTT variant runs with (runtime objects, never config): rank, world size, device,
     autocast dtype, the log function, the eval context length and the base model's seed."""
     rank: int = 0

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from pgolf.errors import PgolfError
 from pgolf.ttt.adapters import KINDS, MASKS, DocAdapters
-from pgolf.ttt.common import PhaseTimer, Runtime
+from pgolf.ttt.common import PhaseTimer, TTTRuntime
+from pgolf.ttt.run import TTTVariant
 from pgolf.ttt.scorer import Scorer
 
 
@@ -64,7 +65,7 @@ def parse_short_steps(spec: str) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoRATTT:
+class LoRATTT(TTTVariant):
     """eval.ttt for `conf/eval/ttt_lora.yaml`; names are the records' TTT_* variables lower-cased.
     Defaults: #1530 (rank 96, lr 1e-4, chunk 32, batch 64, AdamW beta1 0, WD 0.5, no alpha scale).
     `ttt_eval_seq_len` None: the eval's context length (eval.seq_len)."""
@@ -117,7 +118,7 @@ class LoRATTT:
         return torch.optim.AdamW(adapters.parameters(), lr=self.ttt_lora_lr * self.ttt_local_lr_mult,
                                  betas=(self.ttt_beta1, self.ttt_beta2), eps=1e-10, weight_decay=self.ttt_weight_decay)
 
-    def run(self, model: nn.Module, scorer: Scorer, rt: Runtime, *, seq_len: int, stride: int = 0,
+    def run(self, model: nn.Module, scorer: Scorer, rt: TTTRuntime, *, seq_len: int, stride: int = 0,
             batch_seqs: int = 0) -> dict[str, float]:
         """Score the whole stream with per-document LoRA TTT; returns the seconds per phase."""
         return LoRARun(self, model, scorer, rt, seq_len).run()
@@ -126,7 +127,7 @@ class LoRATTT:
 class LoRARun:
     """One pass of the LoRA TTT queue (phased.py extends it with global phases)."""
 
-    def __init__(self, spec: LoRATTT, model: nn.Module, scorer: Scorer, rt: Runtime, seq_len: int):
+    def __init__(self, spec: LoRATTT, model: nn.Module, scorer: Scorer, rt: TTTRuntime, seq_len: int):
         self.spec, self.model, self.scorer, self.rt = spec, model, scorer, rt
         self.window = spec.ttt_eval_seq_len or seq_len
         self.seq_len = seq_len

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pgolf.errors import PgolfError
-from pgolf.ttt.common import Runtime, cosine_lr, sgd_step, split_rows
+from pgolf.ttt.common import TTTRuntime, cosine_lr, sgd_step, split_rows
 from pgolf.ttt.lora import LoRARun, LoRATTT
 from pgolf.ttt.scorer import Scorer
 
@@ -54,13 +54,13 @@ class PhasedTTT(LoRATTT):
             raise PgolfError(f"eval.ttt: phased_ttt_num_phases={self.phased_ttt_num_phases} must be >= 1 and "
                              f"phased_ttt_prefix_docs={self.phased_ttt_prefix_docs} >= 0")
 
-    def run(self, model: nn.Module, scorer: Scorer, rt: Runtime, *, seq_len: int, stride: int = 0,
+    def run(self, model: nn.Module, scorer: Scorer, rt: TTTRuntime, *, seq_len: int, stride: int = 0,
             batch_seqs: int = 0) -> dict[str, float]:
         return PhasedRun(self, model, scorer, rt, seq_len).run()
 
 
 class PhasedRun(LoRARun):
-    def __init__(self, spec: PhasedTTT, model: nn.Module, scorer: Scorer, rt: Runtime, seq_len: int):
+    def __init__(self, spec: PhasedTTT, model: nn.Module, scorer: Scorer, rt: TTTRuntime, seq_len: int):
         super().__init__(spec, model, scorer, rt, seq_len)
         prefix = max(0, min(len(self.docs), spec.phased_ttt_prefix_docs))
         self.boundaries = [prefix * (k + 1) // spec.phased_ttt_num_phases for k in range(spec.phased_ttt_num_phases)]

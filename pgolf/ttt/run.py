@@ -16,7 +16,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from pgolf.ttt.common import Runtime
+import torch
+
+from pgolf.ttt.common import TTTRuntime
 from pgolf.ttt.scorer import Scorer, Tilt
 
 FINEWEB_VAL_TARGETS = 62_021_632  # pgolf.bench's full-split figure (SP1024)
@@ -29,7 +31,7 @@ def projected_full_val_s(seconds: float, targets: int, world_size: int, gpus: in
 
 
 def eval_ttt(spec, model: nn.Module, val_tokens: Tensor, luts, *, seq_len: int, stride: int, batch_seqs: int,
-             rt: Runtime, token_bytes: Tensor | None = None, run_dir: Path | None = None,
+             rt: TTTRuntime, token_bytes: Tensor | None = None, run_dir: Path | None = None,
              tilt: Tilt | None = None) -> tuple[float, float, dict]:
     """Score `val_tokens` with TTT variant `spec`; (val_loss nats/token, val_bpb, figures)."""
     spec.check(seq_len)
@@ -50,3 +52,17 @@ def eval_ttt(spec, model: nn.Module, val_tokens: Tensor, luts, *, seq_len: int, 
     figures = {"eval/ttt_time_s": seconds, "eval/ttt_projected_8gpu_s": projected, "eval/ttt_updates": scorer.num_updates}
     figures.update({f"eval/ttt_{k}_s": v for k, v in phases.items()})
     return loss, bpb, figures
+
+
+class TTTVariant:
+    """Base of the eval.ttt options: `evaluate` is what the trainer calls (plain runtime values in),
+    so a run without TTT reaches, and bundles, none of this package."""
+
+    name = "ttt"
+
+    def evaluate(self, model: nn.Module, val_tokens: Tensor, luts, *, seq_len: int, stride: int, batch_seqs: int,
+                 rank: int, world_size: int, device: torch.device, dtype: torch.dtype, log, seed: int = 0,
+                 token_bytes: Tensor | None = None, run_dir: Path | None = None) -> tuple[float, float, dict]:
+        rt = TTTRuntime(rank, world_size, device, dtype, log, seed)
+        return eval_ttt(self, model, val_tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=batch_seqs, rt=rt,
+                        token_bytes=token_bytes, run_dir=run_dir)
