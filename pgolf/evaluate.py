@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ class EvalSpec:
     stride = seq_len (so the sliding figures equal the standard ones); 64 in the records.
     `prequant_sliding` adds a sliding eval of the unquantized weights, for the quantization
     gap under the headline metric; off by default, as in the records, since it is a whole
-    extra sliding eval.
+    extra sliding eval. `ttt`: a test-time-training variant (pgolf/ttt: chunked SGD, LoRA,
+    phased; conf/eval/ttt_*.yaml) scored after the quantized sliding eval, or None.
     """
 
     val_batch_size: int = 524_288
@@ -44,6 +46,7 @@ class EvalSpec:
     stride: int | None = 64
     batch_seqs: int = 32
     prequant_sliding: bool = False
+    ttt: Any = None
 
     def resolve(self, train_seq_len: int) -> tuple[int, int]:
         seq_len = self.seq_len or train_seq_len
@@ -55,6 +58,8 @@ class EvalSpec:
                              f"use e.g. eval.stride={min(64, seq_len)} (the records use 64), or null for no overlap")
         if self.batch_seqs <= 0:
             raise PgolfError(f"eval.batch_seqs={self.batch_seqs} must be positive")
+        if self.ttt is not None:
+            self.ttt.check(seq_len)
         return seq_len, stride
 
 

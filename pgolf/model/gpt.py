@@ -333,9 +333,12 @@ class GPT(nn.Module):
         x = self.routing.merge_lanes(lanes)
         return self.final_norm(x)
 
-    def logits(self, h: Tensor) -> Tensor:
-        """Softcapped logits for hidden states of any leading shape (..., D) -> (..., V)."""
+    def logits(self, h: Tensor, head_delta: Tensor | None = None) -> Tensor:
+        """Softcapped logits for hidden states of any leading shape (..., D) -> (..., V).
+        `head_delta` (..., V) is added before the softcap: the LM-head LoRA of TTT (pgolf/ttt/lora.py)."""
         proj = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        if head_delta is not None:
+            proj = proj + head_delta
         return self.logit_softcap * torch.tanh(proj / self.logit_softcap)
 
     def forward_logits(self, input_ids: Tensor, docs: DocMask | None = None) -> Tensor:
