@@ -10,6 +10,7 @@ Eval time does not count as train time.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -288,8 +289,18 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
             return eval_standard(train_model, val_tokens, luts, seq_len=eval_seq_len,
                                  batch_tokens=spec.val_batch_size // (rt.world_size * grad_accum),
                                  token_bytes=token_bytes, **common)
-        return eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                            batch_seqs=spec.batch_seqs, token_bytes=token_bytes, **common)
+        out = eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
+                           batch_seqs=spec.batch_seqs, token_bytes=token_bytes, tilt=tilt(), **common)
+        if spec.ngram_tilt_enabled:  # the switch shows in the log with how often it fired
+            log(tilt().describe())
+        return out
+
+    @functools.cache
+    def tilt():  # built at the first sliding eval, inside the eval timer (#2135 counts it there)
+        from pgolf.ttt.ngram import NgramTilt
+
+        return NgramTilt(val_tokens.to(rt.device), token_order=spec.token_order, token_threshold=spec.token_threshold,
+                         token_boost=spec.token_boost) if spec.ngram_tilt_enabled else None
 
     figures = final_state(job.resume, run_dir, job.config)
     if figures is not None:  # training finished in an earlier attempt: export and evaluate final_model.pt again

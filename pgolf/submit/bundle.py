@@ -29,8 +29,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 MODULES = (
     "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "model/linear",
     "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
-    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/gpt", "optim", "schedule",
-    "evaluate", "data/shards", "data/loader", "data/loaders", "data/caseops", "data/byte_counts", "data/spec",
+    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim", "schedule",
+    "evaluate", "ttt/ngram", "data/shards", "data/loader", "data/loaders", "data/caseops", "data/byte_counts", "data/spec",
     "runlog", "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"
