@@ -101,3 +101,15 @@ def test_update_before_score_fails(legal_run, tmp_path):
 def test_missing_run_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pgolf.audit", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "config.yaml" in r.stderr
+
+
+def test_rescore_reproduces_the_run_and_isolates_each_option(legal_run):
+    """pgolf.ttt.rescore: the artifact's score equals the run's; the tilt lowers it; caps never
+    updated (the records' AsymLogit) score exactly as the scalar cap."""
+    from pgolf.ttt.rescore import rescore
+
+    rows = {name: bpb for name, _, bpb, _ in rescore(legal_run)}
+    m = json.loads((legal_run / "metrics.json").read_text())
+    assert rows["artifact"] == pytest.approx(m["final/quant_sliding_bpb"], rel=1e-12)
+    assert rows["tilt on"] == rows["artifact"] and rows["tilt on"] < rows["tilt off"]
+    assert rows["caps at 30, tilt off"] == rows["tilt off"]
