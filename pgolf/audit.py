@@ -11,8 +11,9 @@ metrics.json and artifact, and the data its config names. One line per check, `P
   when every later token is redrawn;
 - normalised (C2): the scored distribution sums to 1 (1e-6) at every sampled position and the
   scorer's NLL is that distribution's (the tilt's closed form, #886/#1872's failure);
-- score_first / single_pass (C3, C4): from the scorer's ledger of score and update events, or,
-  for a sliding eval that updates nothing, the window plan covers each target exactly once;
+- score_first / single_pass (C3, C4): from the TTT scorer's ledgers of score and update events
+  (pgolf.ttt.scorer, one per rank), or, for a sliding eval that updates nothing, the window plan
+  covers each target exactly once;
 - calibration: metrics.json's `calibration` object (GPTQ): training data only, none after the cap;
 - bytes: the artifact's size on disk plus the bundled code against 16,000,000.
 """
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from pgolf.errors import PgolfError
 
 SIZE_CAP = 16_000_000
-LEDGER = "ttt_ledger.pt"  # [(kind "score" | "update", target indices (n,) int64), ...] in event order
+LEDGER_GLOB = "ttt_ledger.rank*.jsonl"  # pgolf.ttt.scorer.Scorer.save_ledger, one file per rank
 
 
 def _line(ok: bool, name: str, detail: str) -> tuple[bool, str]:
@@ -87,30 +88,49 @@ def check_calibration(metrics: dict) -> tuple[bool, str]:
                  f"last_train_token_s:{last} cap_s:{cap} after_cap:{after}{why}")
 
 
-def check_ledger(events: list[tuple[str, torch.Tensor]], num_targets: int) -> list[tuple[bool, str]]:
-    """C3: no update contains a target not scored before it; C4: every target scored exactly once."""
-    scored = torch.zeros(num_targets, dtype=torch.int64)
-    early, n_updates = 0, 0
-    for kind, idx in events:
-        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
-        if kind == "score":
-            scored.index_add_(0, idx, torch.ones_like(idx))
-        else:
-            n_updates += 1
-            early += int((scored[idx] == 0).sum())
-    once, missing, twice = int((scored == 1).sum()), int((scored == 0).sum()), int((scored > 1).sum())
-    return [_line(early == 0, "score_first", f"{n_updates} updates; {early} trained targets not scored before"),
+def check_ledger(ranks: list[list[tuple[str, np.ndarray]]], num_targets: int) -> list[tuple[bool, str]]:
+    """C3: no update trains on a target its rank had not scored before it (or, across ranks, that no
+    rank scored: ledgers carry no cross-rank order); C4: every target scored exactly once overall.
+    `ranks`: per rank, its events in order as (kind "score" | "update", target indices)."""
+    per_rank = []
+    for events in ranks:
+        c = np.zeros(num_targets, dtype=np.int64)
+        for kind, idx in events:
+            if kind == "score":
+                np.add.at(c, idx, 1)
+        per_rank.append(c)
+    counts = sum(per_rank) if per_rank else np.zeros(num_targets, dtype=np.int64)
+    early = n_updates = 0
+    for events, mine in zip(ranks, per_rank):
+        others, own = counts - mine, np.zeros(num_targets, dtype=np.int64)
+        for kind, idx in events:
+            if kind == "score":
+                np.add.at(own, idx, 1)
+            else:
+                n_updates += 1
+                early += int(((own[idx] == 0) & (others[idx] == 0)).sum())
+    once, missing, twice = int((counts == 1).sum()), int((counts == 0).sum()), int((counts > 1).sum())
+    return [_line(early == 0, "score_first", f"{n_updates} updates over {len(ranks)} rank(s); {early} trained "
+                  "targets not scored before"),
             _line(missing == 0 and twice == 0, "single_pass",
                   f"{once} of {num_targets} targets scored once, {missing} never, {twice} more than once")]
 
 
-def sliding_ledger(num_targets: int, seq_len: int, stride: int) -> list[tuple[str, torch.Tensor]]:
-    """The sliding eval's plan as score events (it updates nothing)."""
+def load_ledgers(run_dir: Path) -> list[list[tuple[str, np.ndarray]]] | None:
+    """The TTT scorer's ledgers (pgolf.ttt.run: `ttt_ledger.rank{R}.jsonl`), or None for a run without TTT."""
+    from pgolf.ttt.scorer import load_ledger
+
+    paths = sorted(run_dir.glob(LEDGER_GLOB))
+    return [[(e.kind, e.positions()) for e in load_ledger(p)] for p in paths] if paths else None
+
+
+def sliding_ledger(num_targets: int, seq_len: int, stride: int) -> list[list[tuple[str, np.ndarray]]]:
+    """The sliding eval's plan as one rank's score events (it updates nothing)."""
     from pgolf.evaluate import sliding_windows
 
     seq_len = min(seq_len, num_targets)
     starts, offsets = sliding_windows(num_targets, seq_len, stride)
-    return [("score", torch.arange(s + o, s + seq_len)) for s, o in zip(starts, offsets)]
+    return [[("score", np.arange(s + o, s + seq_len)) for s, o in zip(starts, offsets)]]
 
 
 def scored(model, tilt, stream: torch.Tensor, start: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,9 +253,7 @@ def audit(run_dir: str | Path, *, num_windows: int = 2) -> list[tuple[bool, str]
     starts = sorted({int(k * (n - window) / max(num_windows - 1, 1)) for k in range(num_windows)})
     lines.append(check_causal(model, make_tilt, val, window, starts, vocab))
     lines.append(check_normalised(model, make_tilt(val), val, window, starts))
-    ledger = run_dir / LEDGER
-    events = torch.load(ledger, weights_only=True) if ledger.is_file() else sliding_ledger(n, seq_len, stride)
-    lines += check_ledger(events, n)
+    lines += check_ledger(load_ledgers(run_dir) or sliding_ledger(n, seq_len, stride), n)
     lines.append(check_calibration(metrics))
     lines.append(check_bytes(run_dir, run["quant"].artifact_name, config, metrics))
     return lines

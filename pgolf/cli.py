@@ -180,7 +180,8 @@ def run_guarded(cfg, *, run_dir: str, multirun: bool, overrides: list[str] = ())
             metrics = launch_workers(launch.nproc_per_node, [*overrides, *labels], run_dir)
         else:
             metrics = train(cfg, run_dir=run_dir)
-        return float(metrics["final/quant_sliding_bpb"])
+        # the headline: the TTT score when eval.ttt is on, else the quantized sliding score
+        return float(metrics.get("final/ttt_bpb", metrics["final/quant_sliding_bpb"]))
     except (PgolfError, Exception) as exc:
         user_error = isinstance(exc, PgolfError)
         message = str(exc) if user_error else f"{type(exc).__name__}: {exc}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,10 +36,11 @@ class EvalSpec:
     stride = seq_len (so the sliding figures equal the standard ones); 64 in the records.
     `prequant_sliding` adds a sliding eval of the unquantized weights, for the quantization
     gap under the headline metric; off by default, as in the records, since it is a whole
-    extra sliding eval.
-    `ngram_tilt_enabled` tilts the sliding scores with the token-only n-gram hints of #2135
-    (pgolf/ttt/ngram.py: `token_order`, `token_threshold`, `token_boost`; its hints are built
-    inside the eval timer).
+    extra sliding eval. `ttt`: a test-time-training variant (pgolf/ttt: chunked SGD, LoRA,
+    phased; conf/eval/ttt_*.yaml) scored after the quantized sliding eval, or None.
+    `ngram_tilt_enabled` tilts the headline score (the TTT score when `ttt` is set, else the
+    sliding score) with the token-only n-gram hints of #2135 (pgolf/ttt/ngram.py: `token_order`,
+    `token_threshold`, `token_boost`; hints built inside the eval timer).
     """
 
     val_batch_size: int = 524_288
@@ -47,6 +49,7 @@ class EvalSpec:
     stride: int | None = 64
     batch_seqs: int = 32
     prequant_sliding: bool = False
+    ttt: Any = None
     ngram_tilt_enabled: bool = False
     token_order: int = 16
     token_threshold: float = 0.8
@@ -62,6 +65,8 @@ class EvalSpec:
                              f"use e.g. eval.stride={min(64, seq_len)} (the records use 64), or null for no overlap")
         if self.batch_seqs <= 0:
             raise PgolfError(f"eval.batch_seqs={self.batch_seqs} must be positive")
+        if self.ttt is not None:
+            self.ttt.check(seq_len)
         if self.ngram_tilt_enabled:
             from pgolf.ttt.ngram import check_tilt_args
 

@@ -289,14 +289,20 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
             return eval_standard(train_model, val_tokens, luts, seq_len=eval_seq_len,
                                  batch_tokens=spec.val_batch_size // (rt.world_size * grad_accum),
                                  token_bytes=token_bytes, **common)
-        out = eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                           batch_seqs=spec.batch_seqs, token_bytes=token_bytes, tilt=tilt(), **common)
-        if spec.ngram_tilt_enabled:  # the switch shows in the log with how often it fired
+        if kind == "ttt":  # legal score-first TTT on the artifact (pgolf/ttt); trains base_model in place
+            out = spec.ttt.evaluate(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
+                                    batch_seqs=spec.batch_seqs, token_bytes=token_bytes, log=log, seed=job.seed,
+                                    run_dir=run_dir, tilt=tilt(), **common)
+        else:  # the tilt goes to the headline scorer: TTT's when it is on, else this one
+            out = eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
+                               batch_seqs=spec.batch_seqs, token_bytes=token_bytes,
+                               tilt=tilt() if spec.ttt is None else None, **common)
+        if tilt() is not None and (kind == "ttt" or spec.ttt is None):  # the switch shows how often it fired
             log(tilt().describe())
         return out
 
     @functools.cache
-    def tilt():  # built at the first sliding eval, inside the eval timer (#2135 counts it there)
+    def tilt():  # built at its first use, inside the eval timer (#2135 counts it there)
         from pgolf.ttt.ngram import NgramTilt
 
         return NgramTilt(val_tokens.to(rt.device), token_order=spec.token_order, token_threshold=spec.token_threshold,
@@ -523,6 +529,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     stop_if_preempted()
     fault_point("sliding")
     quant_sliding = evaluate("sliding")  # a signal from here on: the run completes (metrics.json), exit 0
+    ttt = evaluate("ttt") if job.eval_spec.ttt is not None else None  # last: it trains the model
     eval_s = time.perf_counter() - t_eval
     metrics = {
         "final/quant_sliding_bpb": quant_sliding[1],
@@ -551,6 +558,9 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         "hardware": hardware(rt),
         "status": "finished",
     }
+    if ttt is not None:  # the headline when TTT is on (pgolf.cli), beside the quantized sliding score
+        metrics.update({"final/ttt_bpb": ttt[1], "final/ttt_loss_nats": ttt[0],
+                        "final/ttt_gain_bpb": ttt[1] - quant_sliding[1], **ttt[2]})
     if pre_sliding is not None:
         metrics.update({"final/prequant_sliding_bpb": pre_sliding[1], "final/prequant_sliding_loss_nats": pre_sliding[0],
                         "final/quant_sliding_gap_bpb": quant_sliding[1] - pre_sliding[1]})
@@ -559,6 +569,9 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     log(f"final_roundtrip val_loss:{quant_loss:.8f} val_bpb:{quant_bpb:.8f}")
     log(f"final_quant_sliding val_loss:{quant_sliding[0]:.8f} val_bpb:{quant_sliding[1]:.8f} "
         f"(unigram baseline {t['unigram_bpb']:.4f})")
+    if ttt is not None:
+        log(f"final_ttt val_loss:{ttt[0]:.8f} val_bpb:{ttt[1]:.8f} (quantized sliding {quant_sliding[1]:.8f}, "
+            f"gain {ttt[1] - quant_sliding[1]:+.8f})")
     if rt.master:
         write_atomic(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
         job.logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=t["steps"])

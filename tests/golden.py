@@ -17,3 +17,31 @@ def seeded_weights(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[st
 def seeded_tokens(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 1024, (2, 128), generator=g), torch.randint(0, 1024, (2, 128), generator=g)
+
+
+# ---- test-time training goldens (tests/test_ttt_goldens.py; issue 20) ----
+def seeded_stream(n_targets: int, seed: int, vocab: int = 1024, doc_lens: list[int] | None = None) -> torch.Tensor:
+    """A validation stream of n_targets + 1 tokens: randint(2, vocab) with, when `doc_lens` is given,
+    a BOS (id 1) at the start of each document of those lengths (the rest one last document)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(2, vocab, (n_targets + 1,), generator=g)
+    if doc_lens is not None:
+        at = 0
+        for n in [0, *doc_lens]:
+            at += n
+            if at < s.numel():
+                s[at] = 1
+    return s
+
+
+def seeded_luts(vocab: int = 1024, seed: int = 7):
+    """Byte tables (base bytes 1..4, leading space with p=.5; ids 0, 1 boundary tokens)."""
+    from pgolf.evaluate import ByteLUTs
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(1, 5, (vocab,), generator=g).to(torch.int16)
+    space = torch.rand(vocab, generator=g) < 0.5
+    boundary = torch.zeros(vocab, dtype=torch.bool)
+    boundary[:2] = True
+    base[:2] = 0
+    return ByteLUTs(base, space, boundary)

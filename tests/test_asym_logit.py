@@ -13,11 +13,21 @@ from golden import seeded_tokens, seeded_weights
 from pgolf.errors import PgolfError
 from pgolf.model import GPT, check_model_args
 from pgolf.model.head import asym_softcap
-from test_records_frontier import pgolf_kwargs
 
 GOLDENS = Path(__file__).parent / "goldens"
 HEAD = json.loads((GOLDENS / "asym_logit_2135.json").read_text())
 MODEL = json.loads((GOLDENS / "asym_logit_2135_model.json").read_text())
+# #2135's GPT at refload's small shape in pgolf's options: the #1855 architecture (11 -> 7 layers, loop 1-3
+# twice, two lanes from 5, partial RoPE 16, XSA all, sparse gate .5, SmearGate) with the BOS mask off
+# (SMEAR_GATE_BOS_FIX=0) and AsymLogit on.
+PR2135_SMALL = dict(
+    vocab_size=1024, num_layers=7, model_dim=256, num_heads=4, num_kv_heads=2, mlp_mult=4.0, tie_embeddings=True,
+    tied_embed_init_std=0.005, logit_softcap=30.0, rope_base=10000.0, qk_gain_init=5.0, xsa_last_n=7, rope_dims=16,
+    ln_scale=True, skip_gates_enabled=True, num_loops=2, loop_start=1, loop_end=3, gate_window=12,
+    sparse_attn_gate_enabled=True, sparse_attn_gate_init_std=0.0, sparse_attn_gate_scale=0.5,
+    parallel_final_lane="mean", rope_train_seq_len=0, mlp_activation="leaky_relu2", negative_slope=0.5,
+    parallel_start_layer=5, parallel_residual="routed_2x2", smear_gate="window", smear_bos_mask=False,
+    asym_logit_rescale=True)
 TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
 
 
@@ -29,10 +39,8 @@ def test_head_equals_2135():
 
 
 def test_model_logits_equal_2135_on_identical_weights():
-    """#2135's GPT = the #1855 translation with its SmearGate unmasked (SMEAR_GATE_BOS_FIX=0) + AsymLogit."""
-    kw = dict(pgolf_kwargs("pr1855_lqer_bossmear"), smear_bos_mask=False, asym_logit_rescale=True)
     torch.manual_seed(0)
-    model = GPT(**kw).eval()
+    model = GPT(**PR2135_SMALL).eval()
     w = seeded_weights({k: tuple(v) for k, v in MODEL["state_dict_small"].items()})  # caps included, as the golden
     w["tok_emb.weight"] = w["tok_emb.weight"] * 60  # the golden's logits reach the caps
     w["softcap_pos"], w["softcap_neg"] = torch.tensor(MODEL["softcap_pos"]), torch.tensor(MODEL["softcap_neg"])

@@ -90,9 +90,8 @@ def test_update_before_score_fails(legal_run, tmp_path):
     run = doctored(legal_run, tmp_path, "ledger")
     cache = yaml.safe_load((run / "config.yaml").read_text())["data"]["cache_dir"]
     n = load_validation_tokens(f"{cache}/fineweb_val_*.bin", 128).numel() - 1  # FAST: eval seq_len 128
-    events = [("score", torch.arange(0, 100)), ("update", torch.arange(0, 150)), ("score", torch.arange(100, n)),
-              ("score", torch.arange(10, 12))]
-    torch.save(events, run / audit.LEDGER)
+    events = [("score", [[0, 100]]), ("update", [[0, 150]]), ("score", [[100, n]]), ("score", [[10, 12]])]
+    (run / "ttt_ledger.rank0.jsonl").write_text("".join(json.dumps({"kind": k, "runs": r}) + "\n" for k, r in events))
     bad = fails(run)
     assert [b.split(":")[0] for b in bad] == ["FAIL score_first", "FAIL single_pass"]
     assert "50 trained targets not scored before" in bad[0] and "2 more than once" in bad[1]
@@ -113,3 +112,14 @@ def test_rescore_reproduces_the_run_and_isolates_each_option(legal_run):
     assert rows["artifact"] == pytest.approx(m["final/quant_sliding_bpb"], rel=1e-12)
     assert rows["tilt on"] == rows["artifact"] and rows["tilt on"] < rows["tilt off"]
     assert rows["caps at 30, tilt off"] == rows["tilt off"]
+
+
+def test_ledger_check_across_ranks():
+    """Rank 1 may train on targets rank 0 scored (phased TTT's global step); nobody may train on a
+    target no rank scored, and every target is scored once over all ranks."""
+    r0 = [("score", np.arange(0, 50)), ("update", np.arange(0, 50))]
+    r1 = [("score", np.arange(50, 100)), ("update", np.arange(0, 100))]
+    assert all(ok for ok, _ in audit.check_ledger([r0, r1], 100))
+    r1_bad = [("update", np.arange(90, 110)), ("score", np.arange(50, 100))]
+    lines = audit.check_ledger([r0, r1_bad], 110)
+    assert [ok for ok, _ in lines] == [False, False] and "20 trained targets" in lines[0][1] and "10 never" in lines[1][1]

@@ -100,3 +100,20 @@ def test_tilt_normalises_and_closed_form_matches():
 def test_bad_order_is_one_line():
     with pytest.raises(PgolfError, match="token_order"):
         token_ngram_hints(torch.arange(10), token_order=40)
+
+
+def test_tilt_through_the_ttt_scorer_equals_the_closed_form():
+    """The same NgramTilt as pgolf.ttt.scorer's hook (what TTT scores with) and as the sliding
+    eval's closed form commit the same losses."""
+    from pgolf.evaluate import ByteLUTs
+    from pgolf.ttt.scorer import Scorer
+
+    toks = synthetic_stream(600) % 64
+    luts = ByteLUTs(torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool))
+    tilt = NgramTilt(toks, token_order=3, token_threshold=0.3)
+    logits = torch.randn(599, 64, generator=torch.Generator().manual_seed(1)) * 3
+    scorer = Scorer(toks, luts, tilt=tilt)
+    scorer.score(torch.arange(599), logits)
+    via_hook, fired = scorer.totals()[0], tilt.fired
+    closed = float(tilt.nll(logits, toks[1:], torch.arange(599)).sum())
+    assert fired == int(tilt.hints.fired.sum()) > 50 and via_hook == pytest.approx(closed, rel=1e-6)

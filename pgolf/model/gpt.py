@@ -362,9 +362,12 @@ class GPT(nn.Module):
         x = merge_lanes(self, lanes)
         return F.rms_norm(x, (x.size(-1),))
 
-    def logits(self, h: Tensor) -> Tensor:
-        """Softcapped logits for hidden states of any leading shape (..., D) -> (..., V)."""
+    def logits(self, h: Tensor, head_delta: Tensor | None = None) -> Tensor:
+        """Softcapped logits for hidden states of any leading shape (..., D) -> (..., V).
+        `head_delta` (..., V) is added before the softcap: the LM-head LoRA of TTT (pgolf/ttt/lora.py)."""
         proj = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        if head_delta is not None:
+            proj = proj + head_delta
         if self.asym_logit_rescale:
             return asym_softcap(proj, self.softcap_pos, self.softcap_neg)
         return self.logit_softcap * torch.tanh(proj / self.logit_softcap)

@@ -29,8 +29,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 MODULES = (
     "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "model/linear",
     "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
-    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim", "schedule",
-    "evaluate", "ttt/ngram", "data/shards", "data/loader", "data/loaders", "data/caseops", "data/byte_counts", "data/spec",
+    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim",
+    "schedule", "evaluate", "ttt/scorer", "ttt/common", "ttt/adapters", "ttt/run", "ttt/chunked", "ttt/lora",
+    "ttt/phased", "ttt/ngram", "data/shards", "data/loader", "data/loaders", "data/caseops", "data/byte_counts",
+    "data/spec",
     "runlog", "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"
@@ -176,7 +178,13 @@ def render(config: dict) -> str:
     """The source of a standalone train_gpt.py for a resolved run config (a plain dict); a run's
     counted code bytes are the length of this text."""
     config_run_id, config = config.get("run_id"), bundle_config(config)
-    targets = sorted({node["_target_"] for node in config.values() if isinstance(node, dict) and "_target_" in node})
+    def nested(node):  # a group's `_target_` and those of its sub-nodes (eval.ttt)
+        if isinstance(node, dict):
+            yield from ([node["_target_"]] if "_target_" in node else [])
+            for value in node.values():
+                yield from nested(value)
+
+    targets = sorted({t for node in config.values() for t in nested(node)})
     names = {t: t.rsplit(".", 1)[1] for t in targets}
     everything, unbundled = _statements()
     statements = _prune(everything, set(names.values()))

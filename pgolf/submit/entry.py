@@ -79,7 +79,8 @@ def apply_env(config: dict, environ: dict) -> list[str]:
 
 def make(node: dict) -> Any:
     """Instantiate a group as Hydra would: `_target_(**keys)`, or a partial with `_partial_`."""
-    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    kwargs = {k: make(v) if isinstance(v, dict) and "_target_" in v else v  # nested, as eval.ttt
+              for k, v in node.items() if not k.startswith("_")}
     target = TARGETS.get(node["_target_"])
     if target is None:  # inside the package (not bundled): import it
         module, name = node["_target_"].rsplit(".", 1)

@@ -124,13 +124,14 @@ def token_ngram_hints(tokens: Tensor, *, token_order: int = 16, token_threshold:
 
 
 class NgramTilt:
-    """The tilt hook: hints for a whole validation stream, applied to the model's logits.
+    """The tilt hook: hints for a whole validation stream, applied to the model's distribution.
 
     Built inside the eval timer from `val_tokens` (M,) for its M-1 targets (target j predicts
-    val_tokens[j+1]). `log_probs(logits (N, V), target_idx (N,))` returns the tilted, renormalised
-    log-distribution; `nll(logits, y, target_idx)` the closed form for the scored tokens (same
-    numbers, no (N, V) copy). Counters (`scored`, `fired`, `hits`, `loss_delta`) are logged to show
-    the switch took effect. `target_idx` is the index j into the stream's targets.
+    val_tokens[j+1] from val_tokens[:j+1]). Three views of the same tilt:
+    `tilt(logp (N, V), ctx)` is pgolf.ttt.scorer's hook (ctx.positions (N,) target indices, ctx.stream);
+    `log_probs(logits (N, V), target_idx (N,))` the tilted log-distribution (N, V) float64;
+    `nll(logits, y, target_idx)` the record's closed form for the scored tokens (the sliding eval).
+    Counters (`scored`, `fired`, `hits`, `loss_delta` nats) show the switch took effect (`describe`).
     """
 
     def __init__(self, val_tokens: Tensor, *, token_order: int = 16, token_threshold: float = 0.8,
@@ -154,25 +155,42 @@ class NgramTilt:
         """log Z = log1p(q (e^beta - 1)) for log q = log p(hint) (any shape, float64)."""
         return torch.log1p(log_q.exp() * math.expm1(self.beta))
 
-    def log_probs(self, logits: Tensor, target_idx: Tensor) -> Tensor:
-        """Tilted log-distribution (N, V) float64: log_softmax + beta at the hint - log Z where fired."""
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        hint, fired = self._gather(target_idx, logits.device)
+    def _tilt(self, logp: Tensor, target_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(tilted log-distribution (N, V) float64, hint (N,), fired (N,)) from log-probs (N, V)."""
+        logp = logp.double()
+        hint, fired = self._gather(target_idx, logp.device)
         boost = torch.zeros_like(logp).scatter_(1, hint[:, None], self.beta)
         shift = boost - self.log_z(logp.gather(1, hint[:, None]))
-        return torch.where(fired[:, None], logp + shift, logp)
+        return torch.where(fired[:, None], logp + shift, logp), hint, fired
+
+    def _count(self, base: Tensor, out: Tensor, y: Tensor, hint: Tensor, fired: Tensor) -> None:
+        self.scored += out.numel()
+        self.fired += int(fired.sum())
+        self.hits += int((fired & (y == hint)).sum())
+        self.loss_delta += float((out - base).sum())
+
+    def __call__(self, logp: Tensor, ctx) -> Tensor:
+        """pgolf.ttt.scorer's hook: the tilted log-distribution of targets ctx.positions."""
+        pos = ctx.positions.reshape(-1)
+        out, hint, fired = self._tilt(logp, pos)
+        y = ctx.stream[pos.to(ctx.stream.device) + 1].to(out.device).long()
+        self._count(-logp.double().gather(1, y[:, None]).squeeze(1), -out.gather(1, y[:, None]).squeeze(1),
+                    y, hint, fired)
+        return out
+
+    def log_probs(self, logits: Tensor, target_idx: Tensor) -> Tensor:
+        """Tilted log-distribution (N, V) float64: log_softmax + beta at the hint - log Z where fired."""
+        return self._tilt(torch.log_softmax(logits.double(), dim=-1), target_idx)[0]
 
     def nll(self, logits: Tensor, y: Tensor, target_idx: Tensor) -> Tensor:
         """Tilted NLL (N,) float64 of the scored tokens y (N,): the record's closed form."""
         logp = torch.log_softmax(logits.double(), dim=-1)
         hint, fired = self._gather(target_idx, logits.device)
-        base = -logp.gather(1, y.reshape(-1, 1)).squeeze(1)
-        tilted = base - self.beta * (y.reshape(-1) == hint).double() + self.log_z(logp.gather(1, hint[:, None]).squeeze(1))
+        y = y.reshape(-1)
+        base = -logp.gather(1, y[:, None]).squeeze(1)
+        tilted = base - self.beta * (y == hint).double() + self.log_z(logp.gather(1, hint[:, None]).squeeze(1))
         out = torch.where(fired, tilted, base)
-        self.scored += out.numel()
-        self.fired += int(fired.sum())
-        self.hits += int((fired & (y.reshape(-1) == hint)).sum())
-        self.loss_delta += float((out - base).sum())
+        self._count(base, out, y, hint, fired)
         return out
 
     def describe(self) -> str:
