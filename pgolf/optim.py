@@ -251,7 +251,8 @@ class Muon(torch.optim.Optimizer):
 
 
 class Optimizers:
-    """The records' optimizer split, built from a model's `optimizer_groups()`.
+    """The records' optimizer split, built from a model's `optimizer_groups()`: each parameter's
+    group is the role its part declared (pgolf.model.roles), never a guess from its name.
 
     token embedding (+ bigram table) -> Adam at tied_embed_lr (or embed_lr untied), decay
     `embed_weight_decay` (records' EMBED_WD; None = adam_weight_decay); untied head -> Adam at
@@ -260,7 +261,10 @@ class Optimizers:
     `adam_weight_decay` (ADAM_WD). Any group with decay uses AdamW (the records' choice).
     `embed_betas` / `scalar_betas` / `head_betas` override (beta1, beta2) per group. SmearGate goes
     with the scalars at scalar_lr * smear_lr_mult, or, with `smear_beta2` set, into its own Adam
-    (PR #192: lr mult 0.01, betas (0.9, 0.99)). `step(step, lr_scale, wd_mul)` applies the Muon
+    (PR #192: lr mult 0.01, betas (0.9, 0.99)); `smear_lr_mult=0` leaves it untrained, as 2026-04-16
+    #1667 did (its SmearGate is in no optimizer). The embedding path's small projections
+    (`bigram.proj`, `ve_shared.proj`) go to Muon, or with `embed_proj_optimizer=adam` to the scalar
+    Adam (2026-03-23 #549 and 03-31 #1204: "not worth banking"). `step(step, lr_scale, wd_mul)` applies the Muon
     momentum warmup, the LR multiplier, the Muon WD multiplier and optional grad clipping, then
     steps all optimizers. `ns_dtype` is the Newton-Schulz dtype on every device ("bf16" as the
     records; "fp32" is an explicit choice, never one made by the hardware).
@@ -288,6 +292,7 @@ class Optimizers:
         embed_weight_decay: float | None = None,
         smear_lr_mult: float = 1.0,
         smear_beta2: float | None = None,
+        embed_proj_optimizer: str = "muon",
         beta1: float = 0.9,
         beta2: float = 0.95,
         embed_betas: list[float] | None = None,
@@ -309,13 +314,21 @@ class Optimizers:
         for name, betas in (("embed_betas", embed_betas), ("scalar_betas", scalar_betas), ("head_betas", head_betas)):
             if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
                 raise PgolfError(f"optimizer.{name}={betas} must be two numbers in [0, 1), e.g. [0.9, 0.99]")
+        if embed_proj_optimizer not in ("muon", "adam"):
+            raise PgolfError(f"optimizer.embed_proj_optimizer={embed_proj_optimizer!r} is unknown; use muon (the "
+                             "records up to 03-22 and from 04-01) or adam (03-23 #549, 03-31 #1204)")
         self.model = model
         self.muon_momentum = muon_momentum
         self.muon_momentum_warmup_start = muon_momentum_warmup_start
         self.muon_momentum_warmup_steps = muon_momentum_warmup_steps
         self.grad_clip_norm = grad_clip_norm
         groups = model.optimizer_groups()
-        params = lambda role: [p for _, p in groups[role]]  # noqa: E731
+        proj_to = "matrix" if embed_proj_optimizer == "muon" else "scalar"
+        order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+
+        def params(group: str) -> list[nn.Parameter]:  # in named_parameters order, with the projections joined
+            found = [p for _, p in groups[group]] + ([p for _, p in groups["embed_proj"]] if group == proj_to else [])
+            return sorted(found, key=lambda p: order[id(p)])
         device = next(model.parameters()).device
         # Fused Adam as the baseline (fused=True). On CPU too: there it is the baseline's exact update and
         # about 2x faster than the default foreach path.

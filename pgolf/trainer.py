@@ -115,19 +115,20 @@ def setup_runtime(job: Job) -> Runtime:
 
 
 def place_model(model: nn.Module, rt: Runtime) -> nn.Module:
-    """Move to the device; in bf16 runs keep linear weights and small/control params in fp32 (baseline)."""
+    """Move to the device; in bf16 runs each parameter takes its role's dtype (roles.py: fp32 for
+    matrices and control tensors, bf16 for embedding tables, as the baseline places them)."""
     from pgolf.model.linear import CastedLinear
-    from pgolf.model import CONTROL_TENSOR_NAME_PATTERNS
+    from pgolf.model.roles import roles_of
 
     model = model.to(rt.device)
     if rt.dtype == torch.bfloat16:
+        roles = roles_of(model)
         model = model.bfloat16()
         for m in model.modules():
             if isinstance(m, CastedLinear):
-                m.float()
+                m.float()  # its QAT switch buffer stays fp32
         for name, p in model.named_parameters():
-            if p.ndim < 2 or any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
-                p.data = p.data.float()
+            p.data = p.data.to(torch.float32 if roles[name].fp32 else torch.bfloat16)
     return model
 
 

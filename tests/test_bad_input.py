@@ -1,4 +1,4 @@
-"""The README's bad-input table, row by row, through `python run.py` as a user types it.
+"""The bad-input table of docs/bad-input.md, row by row, through `python run.py` as a user types it.
 
 Every row must give one `error: ...` line naming the value and the fix, exit 2, and leave
 nothing half-done: a config error leaves no directory at all; an error found inside the

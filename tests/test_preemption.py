@@ -58,34 +58,61 @@ def straight(tmp_path_factory, fast_cache) -> Path:
     return cwd / "run"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("moment", MOMENTS, ids=str)
-def test_sigterm_then_resume_ends_like_a_straight_run(moment, straight, fast_cache, tmp_path):
+def attempt(run_dir: Path, cache: str, moment: str, first: bool = False) -> subprocess.CompletedProcess:
+    """One attempt of the run in `run_dir`, signalled at `moment`; returns the finished process."""
     phase, code, says = MOMENTS[moment]
-    run_dir = tmp_path / "run"
-    r = run_py([*JOB, fast_cache, f"hydra.run.dir={run_dir}"], tmp_path, env={"PGOLF_FAULT_AT": phase})
-    assert r.returncode == code, r.stdout[-2000:] + r.stderr[-2000:]
+    where = f"hydra.run.dir={run_dir}" if first else f"resume={run_dir}"
+    r = run_py([*JOB, cache, where], run_dir.parent, env={"PGOLF_FAULT_AT": phase})
+    assert r.returncode == code, moment + r.stdout[-2000:] + r.stderr[-2000:]
     if code:
         assert f"preempted: {says}; continue with resume={run_dir} (or rerun in the same hydra.run.dir)" in r.stdout
         assert not (run_dir / "metrics.json").exists() and not (run_dir / ".lock").exists()
-        r = run_py([*JOB, fast_cache, f"resume={run_dir}"], tmp_path)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert ("training done; exporting and evaluating again" in r.stdout) == (phase == "export")
     else:
         assert "preempted after the final eval: the run is complete" in r.stdout
+    return r
+
+
+def assert_ends_like(run_dir: Path, straight: Path, attempts: int) -> list[Path]:
+    """metrics.json equals the straight run's; one W&B run id across `attempts` offline dirs."""
     assert figures(run_dir) == figures(straight)
     assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == [
         "config.yaml", "final_model.int8.ptz", "final_model.pt", "metrics.json", "run.log", "train.log", "wandb",
         "wandb_run_id"]
-    # One W&B run: every attempt resumed the id stored in the run dir, and the last one holds the final summary.
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     dirs = wandb_dirs(run_dir)
-    assert len(dirs) == (2 if code else 1) and all(d.name.endswith(f"-{run_id}") for d in dirs)
+    assert len(dirs) == attempts and all(d.name.endswith(f"-{run_id}") for d in dirs)
     summary = json.loads(inspect(dirs[-1], "--summary"))["summary"]
     assert summary["final/quant_sliding_bpb"] == metrics(run_dir)["final/quant_sliding_bpb"]
+    return dirs
+
+
+
+@pytest.mark.slow
+def test_sigterm_at_every_moment_of_one_run_then_resume_ends_like_a_straight_run(straight, fast_cache, tmp_path):
+    """One run stopped four times, each resume signalled at the next moment: warm-up, mid-training,
+    export, final sliding eval (which completes). Every attempt resumes the same W&B run, and its
+    history holds every step exactly once across the attempts."""
+    run_dir = tmp_path / "run"
+    attempt(run_dir, fast_cache, "warm-up", first=True)
+    attempt(run_dir, fast_cache, "mid-training")
+    r = attempt(run_dir, fast_cache, "export")
+    assert "training done; exporting and evaluating again" not in r.stdout  # it trained steps 6..8 first
+    r = attempt(run_dir, fast_cache, "final sliding eval")
+    assert "training done; exporting and evaluating again" in r.stdout and "train_loss" not in r.stdout
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
     assert f"`wandb sync {run_dir / 'wandb'}/offline-run-*-{run_id}`" in r.stdout
-    if phase == "step:5":  # the history goes on where it stopped: every step once, none twice
-        assert [history_steps(d) for d in dirs] == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]
+    dirs = assert_ends_like(run_dir, straight, attempts=4)
+    steps = [history_steps(d) for d in dirs]
+    assert steps[1:3] == [[0, 1, 2, 3, 4, 5], [6, 7, 8]] and not set(steps[0]) & set(steps[1])
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_periodic_eval_then_resume_ends_like_a_straight_run(straight, fast_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    attempt(run_dir, fast_cache, "periodic eval", first=True)
+    r = run_py([*JOB, fast_cache, f"resume={run_dir}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_ends_like(run_dir, straight, attempts=2)
 
 
 @pytest.mark.slow

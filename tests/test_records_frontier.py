@@ -1,87 +1,114 @@
 """pgolf against the frontier records' own GPTs (issue 13): names, losses, parameter counts.
 
 tests/goldens/records_frontier.json was computed by the records' own scripts at a small shape
-(see tests/goldens/README.md). For each record, pgolf's GPT is built from options equivalent to
-the record's constructor arguments (`pgolf_kwargs`, the translation a user writes as overrides)
-and must have the record's per-layer state-dict names and shapes, the record's eval-mode loss on
-golden.py's seeded weights and tokens (dense path; NTK lengths; BOS-containing tokens; looping
-off), and, at the real shape, exactly the parameter count the record's log printed.
+(see tests/goldens/README.md). Each record's model is composed from its preset file
+(conf/experiment/record_*.yaml, `PRESETS`) through Hydra and built by pgolf's own build path,
+with only the golden's small-shape overrides on top, and must have the record's per-layer
+state-dict names and shapes, the record's eval-mode loss on golden.py's seeded weights and
+tokens (dense path; NTK lengths; BOS-containing tokens; looping off), and, at the real shape
+(the preset as it is), exactly the parameter count the record's log printed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+import pgolf
 from golden import seeded_tokens, seeded_weights
+from pgolf.build import build, to_container
 from pgolf.model import GPT
 from pgolf.model.banks import rebank_state_dict, unbank_state_dict
 
 GOLDENS = json.loads((Path(__file__).parent / "goldens" / "records_frontier.json").read_text())["records"]
-SHAPE = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
-         "tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "xsa_last_n", "rope_dims", "ln_scale",
-         "skip_gates_enabled", "ve_dim", "num_loops", "loop_start", "loop_end", "gate_window", "attn_out_gate_src",
-         "gated_attn_enabled", "gated_attn_init_std", "sparse_attn_gate_enabled", "sparse_attn_gate_init_std",
-         "sparse_attn_gate_scale", "attn_out_gate_enabled", "parallel_final_lane")
+# golden name -> its preset, conf/experiment/<preset>.yaml
+PRESETS = {
+    "pr265_xsa3": "record_0320_pr265_xsa",
+    "pr315_prope_lnscale": "record_0321_pr315_partial_rope",
+    "pr414_ve": "record_0322_pr414_ve",
+    "pr549_leaky_banks": "record_0323_pr549_leaky_ttt",
+    "pr1204_parresid_recur": "record_0331_pr1204_parresid_recur",
+    "pr1218_vocab4096": "record_0401_pr1218_vocab4096",
+    "pr1334_lanemerge": "record_0404_pr1334_lanemerge",
+    "pr1394_loop45": "record_0405_pr1394_loop45",
+    "pr1412_progrecur": "record_0406_pr1412_progrecur",
+    "pr1477_lanemerge_ttt": "record_0408_pr1477_lanemerge_ttt",
+    "pr1493_recur3_parresid": "record_0409_pr1493_recur3_ttt",
+    "pr1530_varlen": "record_0410_pr1530_varlen",
+    "pr1667_smeargate_attngate": "record_0416_pr1667_smeargate",
+    "pr1736_gatedattn": "record_0419_pr1736_gatedattn",
+    "pr1787_sparsegate_fusedce": "record_0423_pr1787_sparsegate",
+    "pr1855_lqer_bossmear": "record_0427_pr1855_lqer",
+}
 # Every record is built (03-31 #1204 through layer_index=virtual, loop_untie_mlp, learned_2lane).
 NOT_BUILT: dict[str, str] = {}
-# Records up to 03-31 build RoPE for 1024 while training at 2048 (NTK always on past 1024).
-NTK_1024 = {"pr265_xsa3", "pr315_prope_lnscale", "pr414_ve", "pr549_leaky_banks", "pr1204_parresid_recur"}
-RELU2 = {"pr265_xsa3", "pr315_prope_lnscale", "pr414_ve"}
 REL = 1e-6
+# The goldens load weights (init is not compared: orthogonal init off saves seconds) and use the
+# dense (B, T) path: the VarLen presets' doc_attention is switched off for them.
+DENSE = ("model.ortho_init=false", "model.doc_attention=false")
 
 
-def pgolf_kwargs(name: str, preset: str = "small") -> dict:
-    """pgolf GPT options equivalent to a record's constructor arguments (the overrides a user writes)."""
-    return translate(name, GOLDENS[name][f"ctor_kwargs_{preset}"], GOLDENS[name][f"switches_{preset}"])
-
-
-def translate(name: str, kw: dict, switches: dict) -> dict:
-    out = {k: kw[k] for k in SHAPE if k in kw}
-    if kw.get("bigram_vocab_size"):  # 03-20 .. 03-31: xor hash, zero-init table, learned scale 0.05
-        out.update(bigram_buckets=kw["bigram_vocab_size"], bigram_dim=kw["bigram_dim"], bigram_hash="xor",
-                   bigram_init="zeros", bigram_scale_init=0.05, smear_gate="post_norm")
-    if name in NTK_1024:
-        out["rope_train_seq_len"] = 1024
-    else:  # built for train_seq_len; the 04-10+ records pass yarn=False (no rescale at any length)
-        out["rope_train_seq_len"] = 0 if kw.get("rope_yarn") is False else kw["train_seq_len"]
-    if name not in RELU2:
-        out.update(mlp_activation="leaky_relu2", negative_slope=0.5)
-    if kw.get("ve_enabled"):
-        out.update(ve_enabled=True, ve_layers=[int(s) for s in kw["ve_layers"].split(",")])
-    if kw.get("recur_layers") and kw.get("repeat_untie_mlp"):  # 03-31 #1204: per-virtual-layer blocks
-        layers = [int(s) for s in kw["recur_layers"]]
-        out.update(num_loops=1, loop_start=min(layers), loop_end=max(layers), layer_index="virtual",
-                   loop_untie_mlp=kw["repeat_untie_mlp"] == "full", disable_layer0_attn=kw["disable_layer0_attn"],
-                   skip_gates_enabled=True)
-    elif kw.get("recur_layers"):  # 04-04 #1334: one extra pass over the listed span
-        layers = [int(s) for s in str(kw["recur_layers"]).split(",")]
-        out.update(num_loops=1, loop_start=min(layers), loop_end=max(layers), num_skip_weights=kw["num_layers"] // 2)
-    if kw.get("parallel_residual") is True:  # 03-31 #1204: learned two-lane routing from a physical layer
-        out.update(parallel_start_layer=kw["parallel_start_layer"], parallel_residual="learned_2lane",
-                   parallel_final_lane="mean")
-    elif kw.get("parallel_residual_start", -1) >= 0:  # 04-06 #1412, 04-09 #1493
-        out.update(parallel_start_layer=kw["parallel_residual_start"], parallel_residual="gptj")
-    elif "parallel_final_lane" in kw:  # 04-10 on: 2x2 routed lanes
-        out.update(parallel_start_layer=kw["parallel_start_layer"], parallel_residual="routed_2x2")
-    elif name in ("pr1334_lanemerge", "pr1477_lanemerge_ttt"):
-        # 04-08 reads PARALLEL_START_LAYER from the environment at construction (7; 5 at the small shape)
-        out.update(parallel_start_layer=switches["parallel_start_layer"], parallel_residual="lane_merge")
-    if kw.get("smear_gate_enabled"):  # 04-16 unmasked (reproduction only), 04-27 BOS-masked
-        out.update(smear_gate="window", smear_bos_mask=name != "pr1667_smeargate_attngate")
-        out["gate_window"] = kw.get("smear_gate_width", kw.get("gate_window", 12))
-    if kw.get("gate_attn_out"):  # 04-16's names for the AttnOutGate
-        out.update(attn_out_gate_enabled=True, attn_out_gate_src=kw["gate_attn_src"], gate_window=kw["gate_width"])
+def small_overrides(kw: dict) -> list[str]:
+    """The record's small-shape constructor values (golden `small_overrides`, its env at
+    construction, or a converter's `overrides`) as pgolf overrides over the record's preset."""
+    out = []
+    for key, value in kw.items():
+        key = key.lower()
+        if key in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "xsa_last_n", "ve_dim",
+                   "num_loops", "loop_start", "loop_end", "bigram_dim"):
+            out.append(f"model.{key}={value}")
+        elif key == "bigram_vocab_size":
+            out.append(f"model.bigram_buckets={value}")
+        elif key == "ve_layers":
+            out.append(f"model.ve_layers=[{value}]")
+        elif key in ("parallel_start_layer", "parallel_residual_start"):
+            out.append(f"model.parallel_start_layer={value}")
+        elif key in ("recur_layers", "recur_layers_str"):  # 03-31 / 04-04: one extra pass over the span
+            layers = [int(s) for s in str(value).split(",")]
+            out += [f"model.loop_start={min(layers)}", f"model.loop_end={max(layers)}"]
+        elif key in ("embedding_dim", "repeat_untie_mlp_layers"):  # = model_dim / the loop span in pgolf
+            continue
+        else:
+            raise KeyError(f"no pgolf override for the record's {key}")
     return out
+
+
+def golden_overrides(name: str) -> list[str]:
+    rec = GOLDENS[name]
+    out = small_overrides({**rec["small_overrides"], **rec["ctor_env"].get("small", {})})
+    if name == "pr1334_lanemerge":  # 04-04 sizes its skips by the unlooped split: num_layers // 2 (5 of 11)
+        out.append(f"model.num_skip_weights={rec['small_overrides']['num_layers'] // 2}")
+    return out
+
+
+@functools.cache
+def _composed(preset: str, overrides: tuple[str, ...]):
+    return pgolf.compose([f"experiment={preset}", *overrides])
+
+
+def record_cfg(name: str, preset: str = "small", extra: tuple[str, ...] = ()):
+    """The record's preset composed at the golden's small shape (or as it is, `real`)."""
+    shape = golden_overrides(name) if preset == "small" else []
+    return _composed(PRESETS[name], (*shape, *DENSE, *extra))
+
+
+def build_record(name: str, preset: str = "small", extra: tuple[str, ...] = ()) -> GPT:
+    torch.manual_seed(0)
+    return build(record_cfg(name, preset, extra), "model")
+
+
+def model_kwargs(name: str, preset: str = "small", extra: tuple[str, ...] = ()) -> dict:
+    cfg = record_cfg(name, preset, extra)
+    return {k: v for k, v in to_container(cfg.model).items() if not k.startswith("_")}
 
 
 def record_model(name: str) -> GPT:
     rec = GOLDENS[name]
-    torch.manual_seed(0)
-    model = GPT(**pgolf_kwargs(name))
+    model = build_record(name)
     shapes = {k: tuple(v) for k, v in rec["state_dict_small"].items()}
     model.load_state_dict(seeded_weights(shapes), strict=True)
     return model.eval()
@@ -112,7 +139,7 @@ BUILT = sorted(set(GOLDENS) - set(NOT_BUILT))
 def test_state_dict_names_and_shapes_are_the_records(name):
     if name in NOT_BUILT:
         pytest.xfail(NOT_BUILT[name])
-    model = GPT(**pgolf_kwargs(name))
+    model = build_record(name)
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert ours == GOLDENS[name]["state_dict_small"]
 
@@ -170,9 +197,9 @@ def test_real_shape_parameter_count_equals_the_log(name):
     if name in NOT_BUILT:
         pytest.xfail(NOT_BUILT[name])
     rec = GOLDENS[name]
-    kw = pgolf_kwargs(name, "real")
+    kw = model_kwargs(name, "real")
     with torch.device("meta"):
-        model = GPT(**kw)
+        model = build_record(name, "real")
     # 03-31 #1204's banks hold layer 0's attention matrices although DISABLE_LAYER0_ATTN never runs
     # them, and its export drops them; pgolf builds no dead matrices (its state dict is the export's),
     # so the log counts exactly those on top: q and out (d x d), k and v (kv_dim x d).
@@ -208,7 +235,7 @@ def test_bank_converter_matches_the_records_own_unbank_and_round_trips(name):
     back = rebank_state_dict(flat)
     assert sorted(back) == sorted(banked) and all(torch.equal(back[k], banked[k]) for k in banked)
     torch.manual_seed(0)
-    model = GPT(**translate(name, conv["ctor_kwargs"], GOLDENS[name]["switches_small"])).eval()
+    model = build(_composed(PRESETS[name], (*small_overrides(conv["overrides"]), *DENSE)), "model").eval()
     model.load_state_dict(flat, strict=True)
     assert loss(model, *seeded_tokens()) == pytest.approx(conv["loss_seeded_tokens"], rel=REL)
 
@@ -219,12 +246,19 @@ VR = json.loads((Path(__file__).parent / "goldens" / "value_residual.json").read
 VR_REAL = {"vr_lambda_0323": {}, "vrl_alpha_0325": dict(bigram_buckets=3072, bigram_dim=112, xsa_last_n=11)}
 
 
+VR_SHAPE = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "xsa_last_n", "bigram_vocab_size",
+            "bigram_dim", "ve_dim", "ve_layers")
+
+
 def vr_kwargs(name: str, preset: str = "small") -> dict:
+    """#549's preset with the VR script's shape (small: its constructor values; real: VR_REAL)."""
     rec = VR[name]
     if preset == "small":
-        kw = translate(rec["pgolf_base"], rec["ctor_kwargs_small"], GOLDENS[rec["pgolf_base"]]["switches_small"])
+        shape = small_overrides({k: v for k, v in rec["ctor_kwargs_small"].items() if k in VR_SHAPE})
     else:
-        kw = dict(pgolf_kwargs(rec["pgolf_base"], "real"), **VR_REAL[name])
+        shape = [f"model.{k}={v}" for k, v in VR_REAL[name].items()]
+    kw = {k: v for k, v in to_container(_composed(PRESETS[rec["pgolf_base"]], (*shape, *DENSE)).model)
+          .items() if not k.startswith("_")}
     return dict(kw, value_residual=rec["form"])
 
 
@@ -252,7 +286,7 @@ def test_value_residual_equals_the_records(name):
 def test_untied_repeat_mlps_start_as_copies_when_looping_switches_on():
     """#1204's `_sync_repeat_mlp_from_base`: repeat_mlp.{k} is zero until recurrence switches on,
     then equals the shared MLP of its span layer, so the first looped step runs the tied model."""
-    kw = dict(pgolf_kwargs("pr1204_parresid_recur"))
+    kw = model_kwargs("pr1204_parresid_recur")
     torch.manual_seed(0)
     model = GPT(**kw).eval()
     with torch.no_grad():
@@ -271,7 +305,7 @@ def test_untied_repeat_mlps_start_as_copies_when_looping_switches_on():
 
 def test_recurrence_switches_on_at_a_training_step():
     """#1204 starts recurrence at RECUR_START_STEP (3000), not at a fraction of the budget."""
-    model = GPT(**dict(pgolf_kwargs("pr1204_parresid_recur"), recur_start_step=3000))
+    model = build_record("pr1204_parresid_recur")  # the preset's RECUR_START_STEP=3000
     assert [model.loop_passes_at(f, s) for f, s in ((0.0, 0), (0.9, 2999), (0.1, 3000), (1.0, None))] == [0, 0, 1, 1]
 
 

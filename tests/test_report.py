@@ -13,7 +13,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from pgolf.report import compare, group_key, load_jobs, summarize
+from pgolf.report import compare, compare_frontier, group_key, load_jobs, summarize
 from pgolf.report.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +160,42 @@ def test_files_written_and_bar_chart_without_numeric_sweep(tmp_path, capsys):
     assert "quant_bpb mean" in printed and "model=baseline" in printed and "significant" in printed
 
 
-@pytest.mark.parametrize("case", ["no_finished", "missing_path", "bad_baseline", "bad_metric"])
+# PR #2135's three seeds (submission.json), the previous top row of a candidate today.
+TOP_2135 = {"314": 1.05662016, "42": 1.05610947, "0": 1.05679341}
+
+
+def test_pr1902_rule_against_a_previous_top_matches_scipy(sweep, tmp_path):
+    """#1902's rule: one-sided Welch on val_bpb at p < 0.25, no margin; the previous top is named three ways."""
+    sub = tmp_path / "submission.json"
+    sub.write_text(json.dumps({"name": "PR #2135", "seed_results": {s: {"val_bpb": v} for s, v in TOP_2135.items()}}))
+    win_bpb = [x * BPB_PER_NAT for x in WIN]
+    top = [1.2135, 1.2146, 1.2128]  # 0.0006 bpb (0.001 nats) above WIN: a small gain, p = 0.19
+    for spec in (str(sub), ",".join(map(str, top))):
+        values = list(TOP_2135.values()) if spec == str(sub) else top
+        report = summarize(load_jobs([sweep]), previous_top=spec)
+        row = by_key(report)["optimizer.muon_weight_decay=0.04"]
+        ref = stats.ttest_ind(win_bpb, values, equal_var=False, alternative="less")
+        assert row["vs_previous_top"]["p_value"] == pytest.approx(ref.pvalue, rel=1e-6)
+        assert row["vs_previous_top"]["verdict"] == ("passes" if ref.pvalue < 0.25 else "fails")
+        assert report["frontier_rule"]["previous_top_bpb"] == values
+    # Against the tiny-margin top the README rule fails (no 0.005-nat gain) while #1902's can pass.
+    assert compare_frontier(top, win_bpb)["verdict"] == "passes"
+    assert compare([x / BPB_PER_NAT for x in top], WIN)["verdict"] == "not significant"
+    assert compare_frontier(win_bpb, win_bpb)["verdict"] == "fails" and compare_frontier([1.0], win_bpb)["verdict"] \
+        == "too few seeds"
+    # A group of the sweep as the previous top: the winner passes both rules, the tie neither.
+    report = summarize(load_jobs([sweep]), previous_top="(default)")
+    g = by_key(report)
+    assert g["(default)"]["vs_previous_top"] is None
+    assert g["optimizer.muon_weight_decay=0.04"]["rules_passed"] == ["readme", "pr1902"]
+    assert g["optimizer.muon_weight_decay=0.08"]["rules_passed"] == []
+    out = tmp_path / "o"
+    assert main([str(sweep), "--previous-top", str(sub), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "rule since PR #1902: p < 0.25 against the previous top (PR #2135" in md and "p #1902" in md
+
+
+@pytest.mark.parametrize("case", ["no_finished", "missing_path", "bad_baseline", "bad_metric", "bad_top"])
 def test_errors_exit_2_and_write_nothing(tmp_path, capsys, case):
     root = tmp_path / "m"
     if case == "no_finished":
@@ -172,6 +207,10 @@ def test_errors_exit_2_and_write_nothing(tmp_path, capsys, case):
     elif case == "bad_baseline":
         make_sweep(root, {"": BASE, "optimizer.muon_weight_decay=0.04": WIN})
         argv, expect = [str(root), "--baseline", "optimizer.muon_weight_decay=1"], "groups: (default) | optimizer."
+    elif case == "bad_top":
+        make_sweep(root, {"": BASE})
+        (tmp_path / "s.json").write_text(json.dumps({"val_bpb": 1.06}))
+        argv, expect = [str(root), "--previous-top", str(tmp_path / "s.json")], "no per-seed val_bpb"
     else:
         make_sweep(root, {"": BASE})
         argv, expect = [str(root), "--metric", "final/nope"], "numeric keys: artifact/total_bytes"

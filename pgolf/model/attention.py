@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from pgolf.model.docs import DocMask, causal_attention
 from pgolf.model.linear import CastedLinear
+from pgolf.model.roles import CONTROL, set_role, with_role
 from pgolf.model.rotary import apply_rotary
 from pgolf.model.value_residual import LayerValues, add_value_residual_params, value_residual
 
@@ -77,6 +78,7 @@ class CausalSelfAttention(nn.Module):
             self.proj = CastedLinear(dim, dim, **qat)
             self.proj._zero_init = True
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
+        set_role(self, "q_gain", CONTROL)
         self.use_xsa = xsa
         add_value_residual_params(self, value_residual_form)  # value_residual.py
         self.gate_window = gate_window
@@ -84,13 +86,15 @@ class CausalSelfAttention(nn.Module):
                             "sparse": sparse_attn_gate}[attn_gate]
         if attn_gate == "attn_out":
             self.attn_out_gate_src = attn_out_gate_src
-            self.attn_gate_proj = CastedLinear(gate_window, num_heads)
+            self.attn_gate_proj = with_role(CastedLinear(gate_window, num_heads), CONTROL)  # Adam, fp32, kept float
             self.attn_gate_proj._zero_init = True
         elif attn_gate == "dense":
             self.attn_gate_w = nn.Parameter(torch.randn(num_heads, dim) * gated_attn_init_std)
+            set_role(self, "attn_gate_w", CONTROL)
         elif attn_gate == "sparse":
             self.sparse_attn_gate_scale = sparse_attn_gate_scale
             self.attn_gate_w = nn.Parameter(torch.randn(num_heads, gate_window) * sparse_attn_gate_init_std)
+            set_role(self, "attn_gate_w", CONTROL)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, values: LayerValues | None = None,
                 docs: DocMask | None = None, lin: "CausalSelfAttention | None" = None) -> Tensor:

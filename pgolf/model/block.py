@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from pgolf.model.attention import CausalSelfAttention
 from pgolf.model.mlp import MLP
+from pgolf.model.roles import CONTROL, set_role
 
 
 class Block(nn.Module):
@@ -43,6 +44,8 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         # Row 0 weighs the residual stream, row 1 the embedding x0.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
+        for name in ("attn_scale", "mlp_scale", "resid_mix"):
+            set_role(self, name, CONTROL)
         self.ln_scale_factor = 1.0 / math.sqrt(layer_idx + 1) if ln_scale else 1.0
 
     def mix(self, x: Tensor, x0: Tensor) -> Tensor:

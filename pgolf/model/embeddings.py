@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from pgolf.errors import PgolfError
 from pgolf.model.linear import CastedLinear
+from pgolf.model.roles import BIGRAM_TABLE, CONTROL, EMBED, EMBED_PROJ, SMEAR, set_role, with_role
 
 SMEAR_VARIANTS = ("none", "pre_norm", "post_norm", "token", "window")
 # Attribute (and so state_dict prefix) of each variant, as in its record.
@@ -58,6 +59,7 @@ class SigmoidSmear(nn.Module):
         super().__init__()
         self.pre_norm = pre_norm
         self.gate = nn.Parameter(torch.full((dim,), 3.0 if pre_norm else 0.0, dtype=torch.float32))
+        set_role(self, "gate", SMEAR)
 
     def forward(self, x: Tensor, starts: Tensor | None = None) -> Tensor:
         if self.pre_norm:
@@ -90,12 +92,13 @@ class ValueEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, ve_dim: int, kv_dim: int):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, ve_dim)
+        self.embed = with_role(nn.Embedding(vocab_size, ve_dim), EMBED)
         nn.init.normal_(self.embed.weight, std=0.01)
-        self.proj = CastedLinear(ve_dim, kv_dim) if ve_dim != kv_dim else None
+        self.proj = with_role(CastedLinear(ve_dim, kv_dim), EMBED_PROJ) if ve_dim != kv_dim else None
         if self.proj is not None:
             self.proj._zero_init = True
         self.scale = nn.Parameter(torch.tensor(0.1, dtype=torch.float32))
+        set_role(self, "scale", CONTROL)
 
     def forward(self, ids: Tensor) -> Tensor:
         h = self.embed(ids)
@@ -123,7 +126,7 @@ class BigramHash(nn.Module):
             raise PgolfError(f"model.bigram_buckets={buckets} must be 0 (off) or at least 2")
         self.buckets, self.hash = buckets, hash
         self.table_name = "table" if hash == "mul" else "embed"
-        table = nn.Embedding(buckets, dim)
+        table = with_role(nn.Embedding(buckets, dim), BIGRAM_TABLE)
         if init == "normal":
             nn.init.normal_(table.weight, std=0.01)
         else:
@@ -132,10 +135,14 @@ class BigramHash(nn.Module):
         # A CastedLinear like the block matrices, so QAT (record #65) fake-quantizes it too.
         self.proj = CastedLinear(dim, model_dim, **(qat or {})) if (hash == "mul" or dim != model_dim) else None
         if self.proj is not None:
+            set_role(self.proj, "weight", EMBED_PROJ)
+        if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
             # #65 flags it zero-init; the xor records zero it here but let OrthoInit overwrite it.
             self.proj._zero_init = hash == "mul"
         self.scale = None if scale_init is None else nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
+        if self.scale is not None:
+            set_role(self, "scale", CONTROL)
 
     def indices(self, ids: Tensor, starts: Tensor | None = None) -> Tensor:
         """Bucket index of each (previous, current) pair: (B, T) -> (B, T) int64. Positions where

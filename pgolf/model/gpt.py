@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +28,12 @@ from pgolf.model.head import asym_softcap
 from pgolf.model.linear import CastedLinear
 from pgolf.model.mlp import MLP
 from pgolf.model.recurrence import layer_plan, layer_schedule, num_skips
-from pgolf.model.residual import (SKIP_ALL_LANES, STEPS, TWO_LANE, Layer,
-                                  fork, merge_lanes)
+from pgolf.model.residual import Layer, Routing, fork
+from pgolf.model.roles import CONTROL, EMBED, HEAD, SMEAR, param_groups, roles_of, set_role, with_role
 from pgolf.model.rotary import rotary_tables
 from pgolf.model.value_residual import LayerValues
 
 log = logging.getLogger("pgolf.model")
-
-# Small tensors that steer the residual stream. The records keep them in fp32, train them
-# with Adam at scalar_lr, and never quantize them (names as in 2026-04-27 #1855).
-CONTROL_TENSOR_NAME_PATTERNS = (
-    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-    "q_gain", "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
-    "lane_merge", "attn_gate_proj", "attn_gate_w", "ve_layer_scales", "ve_shared.scale", "vr_lambda", "vrl_alpha",
-)
 
 
 # `starts` (B, T): document starts under doc attention (docs.py), else None.
@@ -154,11 +147,13 @@ class GPT(nn.Module):
         if asym_logit_rescale:  # AsymLogit (#1923, head.py): the records' keys, init = the scalar cap
             self.softcap_pos = nn.Parameter(torch.tensor(float(logit_softcap)), requires_grad=asym_logit_trainable)
             self.softcap_neg = nn.Parameter(torch.tensor(float(logit_softcap)), requires_grad=asym_logit_trainable)
+            set_role(self, "softcap_pos", CONTROL)
+            set_role(self, "softcap_neg", CONTROL)
             log.info("asym logit: softcap_pos/softcap_neg init %s, %s", logit_softcap,
                      "trained with the scalars" if asym_logit_trainable else "never updated (as the records: identity)")
         self.rope_base, self.rope_train_seq_len = rope_base, rope_train_seq_len
         self.rope_dims = rope_dims or head_dim
-        self.tok_emb = nn.Embedding(vocab_size, model_dim)
+        self.tok_emb = with_role(nn.Embedding(vocab_size, model_dim), EMBED)
         # Embedding-path parts live under their records' attribute names (see embeddings.py).
         self.bigram_attr = BIGRAM_ATTR.get(bigram_hash, "bigram") if bigram_buckets else None
         if self.bigram_attr:
@@ -171,9 +166,12 @@ class GPT(nn.Module):
             setattr(self, SMEAR_ATTR[smear_gate], SigmoidSmear(model_dim, pre_norm=smear_gate == "pre_norm"))
         elif smear_gate in ("token", "window"):
             # PR #192: a plain nn.Linear on all dims; #1667: a CastedLinear on the first gate_window dims.
+            # #192's plain nn.Linear stays bf16 in a bf16 run (its record's placement).
             self.smear_gate = nn.Linear(model_dim, 1, bias=False) if smear_gate == "token" else CastedLinear(gate_window, 1)
+            set_role(self.smear_gate, "weight", replace(SMEAR, fp32=False) if smear_gate == "token" else SMEAR)
             self.smear_gate._zero_init = True
             self.smear_lambda = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+            set_role(self, "smear_lambda", SMEAR)
         # Document-aware attention (docs.py, #1530's VarLen): no position sees another document.
         self.doc_attention = doc_attention
         if doc_attention:
@@ -230,26 +228,22 @@ class GPT(nn.Module):
             for m in self.repeat_mlp.modules():
                 if isinstance(m, CastedLinear):
                     m._zero_init = True
-        # Residual routing per physical layer (residual.py); lane scalars for every layer, as the records.
-        self.parallel_residual, self.parallel_final_lane = parallel_residual, parallel_final_lane
-        parallel = [bool(parallel_start_layer) and i >= parallel_start_layer for i in range(num_layers)]
-        self.steps = [STEPS[parallel_residual] if p else STEPS["none"] for p in parallel]
-        self.two_lane = [p and parallel_residual in TWO_LANE for p in parallel]
-        self.skip_all_lanes = parallel_residual in SKIP_ALL_LANES
-        if parallel_start_layer and parallel_residual == "routed_2x2":
-            self.parallel_post_lambdas = nn.Parameter(torch.ones(num_layers, 2, 2))
-            self.parallel_resid_lambdas = nn.Parameter(torch.full((num_layers, 2), 1.1))
-        if parallel_start_layer and parallel_residual == "learned_2lane":
-            self.parallel_post_lambdas = nn.Parameter(torch.ones(num_layers, 2, 2))
-            self.parallel_resid_lambdas = nn.Parameter(torch.full((num_layers, 2), 1.1 ** 0.5))
-        if parallel_start_layer and parallel_residual == "lane_merge":
-            self.lane_merge = nn.Parameter(torch.tensor(0.5))
+        # Residual routing per physical layer (residual.py); its lane scalars cover every layer, as the
+        # records, and sit at top level under the records' names.
+        self.routing = Routing(parallel_residual, parallel_final_lane, num_layers, parallel_start_layer)
+        for name, (param, role) in self.routing.params.items():
+            setattr(self, name, param)
+            set_role(self, name, role)
         # Value embeddings on the listed physical layers (2026-03-22 #414 / #374).
         self.ve_slot = {layer: k for k, layer in enumerate(_layer_list(ve_layers))} if ve_enabled else {}
         self.ve_shared = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if self.ve_slot else None
         if self.ve_slot:
-            self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot)
-        self.lm_head = None if tie_embeddings else CastedLinear(model_dim, vocab_size)
+            self.ve_layer_scales = with_role(nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot), CONTROL)
+        # Skip weights and gates steer the stream: Adam at scalar_lr, fp32, kept float.
+        for name in ("skip_weights", "skip_gates"):
+            if self._parameters.get(name) is not None:
+                set_role(self, name, CONTROL)
+        self.lm_head = None if tie_embeddings else with_role(CastedLinear(model_dim, vocab_size), HEAD)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
         if tie_embeddings:
@@ -264,6 +258,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.weight)
         if phase_resid_mix_init:
             phase_resid_mix_init_(self.blocks)
+        roles_of(self)  # every parameter has a role (roles.py), else one error naming it
 
     def set_looping(self, passes: int) -> None:
         """Run `passes` extra passes over the loop span from the next forward on (0 = off).
@@ -348,18 +343,20 @@ class GPT(nn.Module):
         # U-Net: the encoder stores skips, the decoder adds them back (to lane 0, or every lane
         # for #1204) in reverse order. b: block (scalars) index, i: physical index, r: repeat MLP.
         for b, i, r in encoder:
-            lanes = self.steps[i](self, self._layer(b, i, r), lanes, x0, rope, self._values(b, ve, v0), docs)
+            lanes = self.routing.steps[i](self.routing, self._layer(b, i, r), lanes, x0, rope,
+                                          self._values(b, ve, v0), docs)
             skips.append(lanes[0])
         for j, (b, i, r) in enumerate(decoder):
             # 2x2 lanes fork before the skip (it goes to lane 0 only); lane_merge after it (#1477).
-            lanes = fork(lanes, self.two_lane[i] and self.parallel_residual == "routed_2x2")
+            lanes = fork(lanes, self.routing.fork_before_skip[i])
             if skips and j < self.num_skip_weights:
                 skip = skips.pop()
-                lanes = tuple(self._skip(j, lane, skip) if k == 0 or self.skip_all_lanes else lane
+                lanes = tuple(self._skip(j, lane, skip) if k == 0 or self.routing.skip_all_lanes else lane
                               for k, lane in enumerate(lanes))
-            lanes = fork(lanes, self.two_lane[i])
-            lanes = self.steps[i](self, self._layer(b, i, r), lanes, x0, rope, self._values(b, ve, v0), docs)
-        x = merge_lanes(self, lanes)
+            lanes = fork(lanes, self.routing.two_lane[i])
+            lanes = self.routing.steps[i](self.routing, self._layer(b, i, r), lanes, x0, rope,
+                                          self._values(b, ve, v0), docs)
+        x = self.routing.merge_lanes(lanes)
         return F.rms_norm(x, (x.size(-1),))
 
     def logits(self, h: Tensor, head_delta: Tensor | None = None) -> Tensor:
@@ -387,27 +384,5 @@ class GPT(nn.Module):
                 m.qat_enabled.fill_(float(enabled))
 
     def optimizer_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Named parameters by optimizer role, following the baseline's split.
-
-        `matrix`: 2-D block weights (Muon). `scalar`: vectors and control tensors (Adam at
-        scalar_lr). `embed`: the token embedding (and the value-embedding table, as #549);
-        `head`: the untied head; `bigram` and `smear` are separate so their records' learning
-        rates can apply.
-        """
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"embed": [], "head": [], "matrix": [], "scalar": [],
-                                                              "bigram": [], "smear": []}
-        for name, p in self.named_parameters():
-            if name in ("tok_emb.weight", "ve_shared.embed.weight"):
-                groups["embed"].append((name, p))
-            elif name.startswith("lm_head."):
-                groups["head"].append((name, p))
-            elif name.split(".")[0] in ("smeargate", "smear", "smear_gate", "smear_lambda"):
-                groups["smear"].append((name, p))
-            elif self.bigram_attr and name.startswith(self.bigram_attr + "."):
-                role = "scalar" if p.ndim < 2 else ("matrix" if ".proj." in name else "bigram")
-                groups[role].append((name, p))
-            elif p.ndim == 2 and not any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS):
-                groups["matrix"].append((name, p))
-            else:
-                groups["scalar"].append((name, p))
-        return groups
+        """Named parameters by optimizer group, from the roles their parts declared (roles.py)."""
+        return param_groups(self)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgolf.model.roles import MATRIX, set_role
 from pgolf.quant import fake_quantize
 
 
@@ -15,13 +16,15 @@ class CastedLinear(nn.Linear):
     With `qat_bits` set, the weight is fake-quantized on the way in (straight-through
     estimator, int6 QAT of records #65/#192). `qat_enabled` is a buffer, not a Python
     attribute: a late-QAT switch held as an attribute was constant-folded by
-    `torch.compile` in one record and never turned on.
+    `torch.compile` in one record and never turned on. Its weight's role is MATRIX (Muon, fp32,
+    quantized) unless the part that creates it declares another (roles.py).
     """
 
     def __init__(self, in_features: int, out_features: int, *, qat_bits: int = 0, qat_clip: str = "percentile"):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits = qat_bits
         self.qat_clip = qat_clip
+        set_role(self, "weight", MATRIX)
         self.register_buffer("qat_enabled", torch.zeros((), dtype=torch.float32), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:

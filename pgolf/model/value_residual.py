@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from pgolf.model.roles import CONTROL, set_role
+
 VALUE_RESIDUALS = ("none", "lambda", "sigmoid")
 
 
@@ -48,8 +50,10 @@ def add_value_residual_params(attn: nn.Module, form: str) -> None:
     attn.value_residual = {"none": None, "lambda": lambda_residual, "sigmoid": sigmoid_residual}[form]
     if form == "lambda":
         attn.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float32))
+        set_role(attn, "vr_lambda", CONTROL)
     elif form == "sigmoid":
         attn.vrl_alpha = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        set_role(attn, "vrl_alpha", CONTROL)
 
 
 def value_residual(attn: nn.Module, v: Tensor, store: list[Tensor]) -> Tensor:

@@ -8,6 +8,6 @@
 
 from pgolf.report.jobs import Job, load_jobs, read_job
 from pgolf.report.render import format_text, write_report
-from pgolf.report.summary import compare, group_key, summarize
+from pgolf.report.summary import compare, compare_frontier, group_key, summarize
 
-__all__ = ["Job", "compare", "format_text", "group_key", "load_jobs", "read_job", "summarize", "write_report"]
+__all__ = ["Job", "compare", "compare_frontier", "format_text", "group_key", "load_jobs", "read_job", "summarize", "write_report"]

@@ -22,7 +22,8 @@ def table_rows(report: dict) -> list[list[str]]:
     extra = report["metric"] not in ("final/quant_sliding_bpb", "final/quant_sliding_loss_nats")
     head = ["group", "n", "failed", "unfinished", "bpb mean", "bpb std", "nats mean", "nats std"]
     head += [f"{short} mean", f"{short} std"] if extra else []
-    head += ["max bytes", "over cap", "steps", "ms/step", "gain nats", "gain bpb", "p", "verdict"]
+    head += ["max bytes", "over cap", "steps", "ms/step", "gain nats", "gain bpb", "p", "verdict",
+             "vs top bpb", "p #1902", "rules passed"]
     rows = [head]
     for g in report["groups"]:
         cmp = g["vs_baseline"] or {}
@@ -34,6 +35,9 @@ def table_rows(report: dict) -> list[list[str]]:
                 _f(g["mean_ms_per_step"], ".1f"), _f(cmp.get("improvement_nats"), "+.5f"),
                 _f(cmp.get("improvement_bpb"), "+.5f"), _f(cmp.get("p_value"), ".3g"),
                 cmp.get("verdict", "baseline")]
+        top = g.get("vs_previous_top") or {}
+        row += [_f(top.get("improvement_bpb"), "+.5f"), _f(top.get("p_value"), ".3g"),
+                ", ".join(g.get("rules_passed") or []) or ("previous top" if not top else "none")]
         rows.append(row)
     return rows
 
@@ -46,7 +50,9 @@ def _notes(report: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
             f"baseline: {b['key']} (chosen by {b['chosen_by']})",
             f"rule: gain >= {report['rule']['min_improvement_nats']} nats at p < {report['rule']['alpha']}; "
             f"gains are baseline minus group (positive is better)",
-            f"test: {report['rule']['test']}"]
+            f"test: {report['rule']['test']}",
+            f"rule since PR #1902: p < {report['frontier_rule']['alpha']} against the previous top "
+            f"({report['frontier_rule']['previous_top']}); {report['frontier_rule']['test']}"]
     sections = [(f"{status} jobs", [f"{j['dir']} [{j['group']}, seed={j['seed']}]" + (f": {j['error']}" if j["error"]
                                                                                         else "")
                                     for j in report["jobs"] if j["status"] == status])

@@ -1,8 +1,11 @@
-"""Per-group statistics over seeds, and the challenge's record rule against a baseline.
+"""Per-group statistics over seeds, and the challenge's two record rules.
 
-Jobs whose overrides differ only by `seed` form a group. Each group is tested against the
-baseline with the rule for a new record: beat the previous one by at least 0.005 nats at
-p < 0.01. The test is scipy's one-sided Welch t-test on the seeds' final sliding-window loss.
+Jobs whose overrides differ only by `seed` form a group. Each group is tested with both rules:
+- the README's: beat the baseline by at least 0.005 nats at p < 0.01 (one-sided Welch t-test on the
+  seeds' final sliding-window loss, scipy);
+- the one the leaderboard has applied since PR #1902 (2026-04-28, organizer pass): beat the previous
+  top row with a one-sided Welch t-test at p < 0.25 on val_bpb, no margin. The previous top is a
+  named set of runs: a group of the sweep, per-seed values, or a record's submission.json.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ BPB, LOSS = "final/quant_sliding_bpb", "final/quant_sliding_loss_nats"
 SIZE_CAP_BYTES = 16_000_000  # the challenge's cap, as pgolf.trainer.SIZE_CAP_BYTES (not imported: that pulls in torch)
 MIN_GAIN_NATS = 0.005        # challenge README: a record must beat the last one by >= 0.005 nats ...
 ALPHA = 0.01                 # ... at p < 0.01
+FRONTIER_ALPHA = 0.25       # PR #1902: p < 0.25 against the previous top row, no margin
 TEST = (f"one-sided Welch t-test (scipy.stats.ttest_ind, equal_var=False, alternative='less') of candidate "
         f"{LOSS} against baseline {LOSS} - {MIN_GAIN_NATS}; H1: mean candidate < mean baseline - {MIN_GAIN_NATS}")
 
@@ -60,6 +64,60 @@ def compare(base_nats: list[float], cand_nats: list[float]) -> dict:
     significant = p is not None and p < ALPHA and out["improvement_nats"] >= MIN_GAIN_NATS
     out["verdict"] = "significant" if significant else "not significant"
     return out
+
+
+def compare_frontier(prev_bpb: list[float], cand_bpb: list[float]) -> dict:
+    """PR #1902's rule for a candidate against the previous top row, over seeds.
+
+    H1: mean(cand) < mean(prev), tested as ttest_ind(cand, prev, equal_var=False, alternative='less')
+    on val_bpb (the leaderboard's unit, comparable across tokenizers). Passes when p < 0.25; fewer
+    than 2 values on either side cannot be tested.
+    """
+    out = {"improvement_bpb": None, "t": None, "df": None, "p_value": None, "verdict": "too few seeds"}
+    if prev_bpb and cand_bpb:
+        out["improvement_bpb"] = float(np.mean(prev_bpb) - np.mean(cand_bpb))
+    if len(prev_bpb) < 2 or len(cand_bpb) < 2:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_ind(np.asarray(cand_bpb), np.asarray(prev_bpb), equal_var=False, alternative="less")
+    p = _finite(float(res.pvalue))
+    out.update(t=_finite(float(res.statistic)), df=_finite(float(res.df)), p_value=p)
+    out["verdict"] = "passes" if p is not None and p < FRONTIER_ALPHA else "fails"
+    return out
+
+
+def previous_top_values(spec: str) -> tuple[list[float], str] | None:
+    """Per-seed val_bpb of a previous top row given as a record's submission.json or as numbers.
+
+    `spec` is a path to a submission.json (the records' `seed_results: {seed: {val_bpb: ...}}`, or
+    pgolf's own) or comma-separated values (`1.05662,1.05611,1.05679`). Returns (values, label), or
+    None when `spec` is neither (then it names a group of the sweep). Raises PgolfError on a file
+    without per-seed val_bpb.
+    """
+    from pathlib import Path
+    import json
+
+    if spec.endswith(".json") or Path(spec).is_file():
+        path = Path(spec)
+        if not path.is_file():
+            raise PgolfError(f"--previous-top {spec}: no such file")
+        try:
+            sub = json.loads(path.read_text())
+        except ValueError as exc:
+            raise PgolfError(f"--previous-top {spec}: not JSON ({exc})") from None
+        seeds = sub.get("seed_results") if isinstance(sub, dict) else None
+        rows = seeds.values() if isinstance(seeds, dict) else seeds if isinstance(seeds, list) else []
+        vals = [_num(r.get("val_bpb")) for r in rows if isinstance(r, dict)]
+        if not vals or None in vals:
+            raise PgolfError(f"--previous-top {spec}: no per-seed val_bpb (seed_results.<seed>.val_bpb); give the "
+                             f"values instead, e.g. --previous-top 1.05662,1.05611,1.05679")
+        return vals, f"{sub.get('name', path.parent.name)} ({path})"
+    try:
+        vals = [float(x) for x in spec.split(",")]
+    except ValueError:
+        return None
+    return vals, "given values"
 
 
 def _split_overrides(text: str) -> list[str]:
@@ -111,8 +169,32 @@ def _field_value(job: Job, key: str) -> float | str | None:
         return raw
 
 
-def summarize(jobs: list[Job], *, metric: str = BPB, baseline: str | None = None) -> dict:
-    """Group jobs by overrides minus seed, summarize each over seeds and test it against the baseline."""
+def _find_group(spec: str, rows: list[dict], flag: str) -> str:
+    """The key of the group that `spec` (comma-separated overrides, order-insensitive) names."""
+    by_key = {r["key"]: r for r in rows}
+    key = group_key(spec)
+    if key not in by_key:
+        plain = {_plain_key(r["overrides"]): r["key"] for r in rows}
+        key = plain.get(_plain_key(_split_overrides(spec) if key != DEFAULT_KEY else []), key)
+    if key not in by_key:  # a subset names the one group holding all of its overrides
+        wanted = set(_plain_key(_split_overrides(spec)).split(","))
+        hits = [r["key"] for r in rows if wanted <= set(_plain_key(r["overrides"]).split(","))]
+        if len(hits) > 1:
+            raise PgolfError(f"{flag} {spec!r} matches {len(hits)} groups; add overrides to pick one of: "
+                             f"{' | '.join(hits)}")
+        key = hits[0] if hits else key
+    if key not in by_key:
+        raise PgolfError(f"{flag} {spec!r} matches no group; groups: {' | '.join(by_key)}")
+    return key
+
+
+def summarize(jobs: list[Job], *, metric: str = BPB, baseline: str | None = None,
+              previous_top: str | None = None) -> dict:
+    """Group jobs by overrides minus seed, summarize each over seeds and test it with both record rules.
+
+    `previous_top` names the previous top row for PR #1902's rule (see `previous_top_values`; a
+    group's overrides otherwise); without it that rule is tested against the baseline group.
+    """
     groups: dict[str, list[Job]] = {}
     for j in sorted(jobs, key=lambda j: j.group):
         groups.setdefault(j.group, []).append(j)
@@ -159,29 +241,27 @@ def summarize(jobs: list[Job], *, metric: str = BPB, baseline: str | None = None
     by_key = {r["key"]: r for r in rows}
     tested = [r["key"] for r in rows if r["loss_nats"]["values"]]
     if baseline is not None:
-        base_key, chosen_by = group_key(baseline), "--baseline"
-        if base_key not in by_key:
-            plain = {_plain_key(r["overrides"]): r["key"] for r in rows}
-            base_key = plain.get(_plain_key(_split_overrides(baseline) if base_key != DEFAULT_KEY else []), base_key)
-        if base_key not in by_key:  # a subset names the one group holding all of its overrides
-            wanted = set(_plain_key(_split_overrides(baseline)).split(","))
-            hits = [r["key"] for r in rows if wanted <= set(_plain_key(r["overrides"]).split(","))]
-            if len(hits) > 1:
-                raise PgolfError(f"--baseline {baseline!r} matches {len(hits)} groups; add overrides to pick one of: "
-                                 f"{' | '.join(hits)}")
-            base_key = hits[0] if hits else base_key
-        if base_key not in by_key:
-            raise PgolfError(f"--baseline {baseline!r} matches no group; groups: {' | '.join(by_key)}")
+        base_key, chosen_by = _find_group(baseline, rows, "--baseline"), "--baseline"
     elif DEFAULT_KEY in tested:
         base_key, chosen_by = DEFAULT_KEY, "default: the group without overrides"
     else:
         base_key, chosen_by = (tested or list(by_key))[0], "default: the first group by key with results"
     base = by_key[base_key]
+    top = previous_top_values(previous_top) if previous_top is not None else None
+    if top is None:
+        top_key = _find_group(previous_top, rows, "--previous-top") if previous_top is not None else base_key
+        top = (by_key[top_key]["bpb"]["values"], f"group {top_key}")
+    else:
+        top_key = None
     for r in rows:
         if r is not base:
             r["vs_baseline"] = compare(base["loss_nats"]["values"], r["loss_nats"]["values"])
             mb, mc = base["bpb"]["mean"], r["bpb"]["mean"]
             r["vs_baseline"]["improvement_bpb"] = mb - mc if mb is not None and mc is not None else None
+        r["vs_previous_top"] = None if r["key"] == top_key else compare_frontier(top[0], r["bpb"]["values"])
+        r["rules_passed"] = [name for name, cmp, ok in (("readme", r["vs_baseline"], "significant"),
+                                                         ("pr1902", r["vs_previous_top"], "passes"))
+                             if cmp and cmp["verdict"] == ok]
 
     # A swept field: a numeric override key (not seed) taking two or more values across groups.
     swept = []
@@ -197,6 +277,10 @@ def summarize(jobs: list[Job], *, metric: str = BPB, baseline: str | None = None
         "metric": metric, "dirs": list(dict.fromkeys(str(j.sweep) for j in jobs)),
         "baseline": {"key": base_key, "chosen_by": chosen_by},
         "rule": {"min_improvement_nats": MIN_GAIN_NATS, "alpha": ALPHA, "test": TEST},
+        "frontier_rule": {"alpha": FRONTIER_ALPHA, "previous_top": top[1], "previous_top_bpb": top[0],
+                          "test": f"PR #1902: one-sided Welch t-test (scipy.stats.ttest_ind, equal_var=False, "
+                                  f"alternative='less') of candidate {BPB} against the previous top's val_bpb; "
+                                  f"passes at p < {FRONTIER_ALPHA}"},
         "n_jobs": {s: sum(j.status == s for j in jobs) for s in ("finished", "failed", "unfinished")},
         "swept_fields": swept, "groups": rows,
         "jobs": [{"dir": str(j.dir), "group": j.group, "seed": j.seed, "status": j.status, "error": j.error,

@@ -27,8 +27,8 @@ from pgolf.errors import PgolfError
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Dependency order: a module comes after every module whose names it uses at import time.
 MODULES = (
-    "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "model/linear",
-    "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
+    "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "model/roles",
+    "model/linear", "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
     "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim",
     "schedule", "evaluate", "ttt/scorer", "ttt/common", "ttt/adapters", "ttt/run", "ttt/chunked", "ttt/lora",
     "ttt/phased", "ttt/ngram", "data/shards", "data/loader", "data/loaders", "data/caseops", "data/byte_counts",

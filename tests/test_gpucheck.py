@@ -1,0 +1,52 @@
+"""`python -m pgolf.gpucheck --tiny`: the GPU check's CPU twin runs every kind of check and passes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pgolf import gpucheck
+
+
+def test_tiny_runs_every_check_and_passes(tmp_path, capsys):
+    out = tmp_path / "gpucheck.json"
+    # Three presets stand for all in the trace (tests/test_compile.py traces every preset); the
+    # rest is the whole command: timed steps and evals, bf16 against fp32, a 1-rank gloo run.
+    code = gpucheck.main(["--tiny", "--presets", "smoke", "record_0331_pr1204_parresid_recur",
+                          "record_0427_pr1855_lqer", "--steps", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    checks = {c["name"]: c for c in json.loads(out.read_text())["checks"]}
+    assert all(checks[f"trace {p}"]["ok"] for p in ("smoke", "record_0427_pr1855_lqer"))
+    assert checks["trace record_0427_pr1855_lqer"]["figure"] == "1 graph(s), 0 break(s)"
+    assert checks["step record_0427_pr1855_lqer"]["ok"] and "steps in 600 s" in checks["step record_0427_pr1855_lqer"][
+        "detail"]
+    assert checks["eval record_0427_pr1855_lqer"]["ok"]
+    assert checks["bf16 cpu vs fp32 cpu (record_0427_pr1855_lqer)"]["ok"]
+    assert checks["1-rank gloo run"]["ok"], checks["1-rank gloo run"]
+    assert "failed, " in printed.splitlines()[-1] and printed.startswith("gpucheck on cpu (--tiny)")
+
+
+def test_a_graph_break_is_reported_with_its_reason(monkeypatch):
+    import torch
+
+    from pgolf.model import GPT
+
+    real = GPT.forward
+
+    def breaking(self, *a, **k):  # a break between two pieces of work
+        loss = real(self, *a, **k)
+        torch._dynamo.graph_break()
+        return loss * 1.0
+
+    monkeypatch.setattr(GPT, "forward", breaking)
+    c = gpucheck.trace("smoke", True, torch.device("cpu"), torch.bfloat16)
+    assert c.ok is False and "1 break(s)" in c.figure and c.line().startswith("FAIL trace smoke")
+
+
+def test_without_a_gpu_the_full_check_says_how_to_run_the_twin(capsys):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert gpucheck.main([]) == 2
+    assert "--tiny" in capsys.readouterr().err
