@@ -204,6 +204,17 @@ def build_model(cfg: DictConfig):
     return build(cfg, "model")
 
 
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """A finished run's parts rebuilt from its config.yaml, as plain objects (for pgolf.audit):
+    config (dict), model_fn, eval, schedule, data, quant."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise PgolfError(f"{path} does not exist; pass the directory of a finished run (it holds config.yaml)")
+    cfg = OmegaConf.load(path)
+    return {"config": to_container(cfg), "model_fn": lambda: build_model(cfg), "eval": build(cfg, "eval"),
+            "schedule": build(cfg, "schedule"), "data": build(cfg, "data"), "quant": build(cfg, "quant")}
+
+
 def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 

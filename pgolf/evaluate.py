@@ -38,6 +38,9 @@ class EvalSpec:
     gap under the headline metric; off by default, as in the records, since it is a whole
     extra sliding eval. `ttt`: a test-time-training variant (pgolf/ttt: chunked SGD, LoRA,
     phased; conf/eval/ttt_*.yaml) scored after the quantized sliding eval, or None.
+    `ngram_tilt_enabled` tilts the headline score (the TTT score when `ttt` is set, else the
+    sliding score) with the token-only n-gram hints of #2135 (pgolf/ttt/ngram.py: `token_order`,
+    `token_threshold`, `token_boost`; hints built inside the eval timer).
     """
 
     val_batch_size: int = 524_288
@@ -47,6 +50,10 @@ class EvalSpec:
     batch_seqs: int = 32
     prequant_sliding: bool = False
     ttt: Any = None
+    ngram_tilt_enabled: bool = False
+    token_order: int = 16
+    token_threshold: float = 0.8
+    token_boost: float = 2.625
 
     def resolve(self, train_seq_len: int) -> tuple[int, int]:
         seq_len = self.seq_len or train_seq_len
@@ -60,6 +67,10 @@ class EvalSpec:
             raise PgolfError(f"eval.batch_seqs={self.batch_seqs} must be positive")
         if self.ttt is not None:
             self.ttt.check(seq_len)
+        if self.ngram_tilt_enabled:
+            from pgolf.ttt.ngram import check_tilt_args
+
+            check_tilt_args(self.token_order, self.token_threshold, self.token_boost)
         return seq_len, stride
 
 
@@ -177,7 +188,7 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> tuple[list[i
 @torch.inference_mode()
 def eval_sliding(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, stride: int, batch_seqs: int, rank: int,
                  world_size: int, device: torch.device, dtype: torch.dtype,
-                 token_bytes: Tensor | None = None) -> tuple[float, float]:
+                 token_bytes: Tensor | None = None, tilt=None) -> tuple[float, float]:
     """Sliding-window eval (records of 2026-03-19 on): each target sees >= seq_len - stride context.
 
     `model.hidden` gives (B, T, D); the vocabulary projection and cross-entropy run only on
@@ -185,7 +196,8 @@ def eval_sliding(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, str
     window (the records project all T positions of every window, ~T/stride times more).
     Windows are split contiguously by rank, batched `batch_seqs` at a time with a fixed batch
     shape (the last batch padded and masked) so compiled models see one shape. Offsets are
-    host-side lists, so the loop never waits on the device.
+    host-side lists, so the loop never waits on the device. `tilt` (pgolf.ttt.ngram.NgramTilt)
+    replaces each scored target's NLL by the tilted one.
     """
     n = val_tokens.numel() - 1
     if n < 1:
@@ -198,12 +210,19 @@ def eval_sliding(model, val_tokens: Tensor, luts: ByteLUTs, *, seq_len: int, str
     pos = torch.arange(seq_len, device=device)
     tail = max(seq_len - stride, 0)  # every window but the first scores positions [tail, seq_len) at most
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, tokens, bytes
+    if tilt is not None:
+        tilt.reset()
 
     def score(h: Tensor, x: Tensor, y: Tensor, keep: Tensor, y_idx: Tensor) -> None:  # h (B, S, D); rest (B, S)
         with _autocast(device, dtype):
             logits = model.logits(h)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        sums[0] += (nll.view_as(y).to(torch.float64) * keep).sum()
+        logits = logits.float().reshape(-1, logits.size(-1))
+        if tilt is None:
+            nll = F.cross_entropy(logits, y.reshape(-1), reduction="none").view_as(y).to(torch.float64)
+        else:  # scored positions only; target j predicts stream token j + 1
+            nll = torch.zeros(y.shape, dtype=torch.float64, device=device)
+            nll[keep] = tilt.nll(logits[keep.reshape(-1)], y[keep], y_idx[keep] - 1)
+        sums[0] += (nll * keep).sum()
         sums[1] += keep.sum()
         charged = luts.count(x, y).to(torch.float64) if sidecar is None else sidecar[y_idx]
         sums[2] += (charged * keep).sum()

@@ -10,6 +10,7 @@ Eval time does not count as train time.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -297,11 +298,23 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                                  batch_tokens=spec.val_batch_size // (rt.world_size * grad_accum),
                                  token_bytes=token_bytes, **common)
         if kind == "ttt":  # legal score-first TTT on the artifact (pgolf/ttt); trains base_model in place
-            return spec.ttt.evaluate(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                                     batch_seqs=spec.batch_seqs, token_bytes=token_bytes, log=log, seed=job.seed,
-                                     run_dir=run_dir, **common)
-        return eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                            batch_seqs=spec.batch_seqs, token_bytes=token_bytes, **common)
+            out = spec.ttt.evaluate(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
+                                    batch_seqs=spec.batch_seqs, token_bytes=token_bytes, log=log, seed=job.seed,
+                                    run_dir=run_dir, tilt=tilt(), **common)
+        else:  # the tilt goes to the headline scorer: TTT's when it is on, else this one
+            out = eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
+                               batch_seqs=spec.batch_seqs, token_bytes=token_bytes,
+                               tilt=tilt() if spec.ttt is None else None, **common)
+        if tilt() is not None and (kind == "ttt" or spec.ttt is None):  # the switch shows how often it fired
+            log(tilt().describe())
+        return out
+
+    @functools.cache
+    def tilt():  # built at its first use, inside the eval timer (#2135 counts it there)
+        from pgolf.ttt.ngram import NgramTilt
+
+        return NgramTilt(val_tokens.to(rt.device), token_order=spec.token_order, token_threshold=spec.token_threshold,
+                         token_boost=spec.token_boost) if spec.ngram_tilt_enabled else None
 
     figures = final_state(job.resume, run_dir, job.config)
     if figures is not None:  # training finished in an earlier attempt: export and evaluate final_model.pt again

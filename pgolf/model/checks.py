@@ -36,6 +36,7 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                      ve_dim: int = 128, ve_layers: list[int] | str | None = None, value_residual: str = "none",
                      bos_id: int = 1,
                      num_skip_weights: int | None = None, doc_attention: bool = False,
+                     asym_logit_rescale: bool = False, asym_logit_trainable: bool = False,
                      **_: object) -> None:
     """Reject inconsistent shapes and unknown technique options with one line naming the field
     and the fix. Allocates nothing, so `pgolf.compose` runs it on every config."""
@@ -56,6 +57,8 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
         raise PgolfError(f"head_dim = model.model_dim/model.num_heads = {head_dim} is odd; RoPE needs an even head_dim")
     if logit_softcap <= 0:
         raise PgolfError(f"model.logit_softcap={logit_softcap} must be positive")
+    if asym_logit_trainable and not asym_logit_rescale:
+        raise PgolfError("model.asym_logit_trainable=true needs model.asym_logit_rescale=true (the caps it trains)")
     choices = (("smear_gate", smear_gate, SMEAR_VARIANTS), ("bigram_hash", bigram_hash, tuple(BIGRAM_ATTR)),
                ("bigram_init", bigram_init, ("normal", "zeros")), ("qat_clip", qat_clip, CLIPS),
                ("mlp_activation", mlp_activation, MLP_ACTIVATIONS), ("attn_out_gate_src", attn_out_gate_src, ("proj", "q")),

@@ -23,6 +23,7 @@ from pgolf.model.checks import _layer_list, check_model_args
 from pgolf.model.docs import DocMask, build_doc_mask, doc_backend
 from pgolf.model.embeddings import (BIGRAM_ATTR, BigramHash, ValueEmbedding, orthogonal_init_, overtone_init_,
                                     phase_resid_mix_init_, smear_part)
+from pgolf.model.head import asym_softcap
 from pgolf.model.linear import CastedLinear
 from pgolf.model.mlp import MLP
 from pgolf.model.recurrence import describe_loop, layer_plan, layer_schedule, num_skips
@@ -62,6 +63,8 @@ class GPT(nn.Module):
         tie_embeddings: bool = True,
         tied_embed_init_std: float = 0.005,
         logit_softcap: float = 30.0,
+        asym_logit_rescale: bool = False,
+        asym_logit_trainable: bool = False,
         rope_base: float = 10000.0,
         rope_dims: int = 0,
         rope_train_seq_len: int = 0,
@@ -116,6 +119,14 @@ class GPT(nn.Module):
         head_dim = model_dim // num_heads
         self.tie_embeddings = tie_embeddings
         self.logit_softcap = logit_softcap
+        self.asym_logit_rescale = asym_logit_rescale
+        if asym_logit_rescale:  # AsymLogit (#1923, head.py): the records' keys, init = the scalar cap
+            self.softcap_pos = nn.Parameter(torch.tensor(float(logit_softcap)), requires_grad=asym_logit_trainable)
+            self.softcap_neg = nn.Parameter(torch.tensor(float(logit_softcap)), requires_grad=asym_logit_trainable)
+            set_role(self, "softcap_pos", CONTROL)
+            set_role(self, "softcap_neg", CONTROL)
+            log.info("asym logit: softcap_pos/softcap_neg init %s, %s", logit_softcap,
+                     "trained with the scalars" if asym_logit_trainable else "never updated (as the records: identity)")
         self.rope_base, self.rope_train_seq_len = rope_base, rope_train_seq_len
         self.rope_dims = rope_dims or head_dim
         self.tok_emb = with_role(nn.Embedding(vocab_size, model_dim), EMBED)
@@ -339,6 +350,8 @@ class GPT(nn.Module):
         proj = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
         if head_delta is not None:
             proj = proj + head_delta
+        if self.asym_logit_rescale:
+            return asym_softcap(proj, self.softcap_pos, self.softcap_neg)
         return self.logit_softcap * torch.tanh(proj / self.logit_softcap)
 
     def forward_logits(self, input_ids: Tensor, docs: DocMask | None = None) -> Tensor:

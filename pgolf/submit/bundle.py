@@ -30,8 +30,8 @@ MODULES = (
     "errors", "quant/treatments", "quant/lqer", "quant/rules", "quant/gptq", "quant/state", "quant/codecs",
     "quant/pergroup", "quant/prune", "quant/artifact", "quant/calibrate", "quant/spec", "model/roles", "model/linear",
     "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
-    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/gpt", "optim", "schedule",
-    "evaluate", "ttt/scorer", "ttt/common", "ttt/adapters", "ttt/run", "ttt/chunked", "ttt/lora", "ttt/phased",
+    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim", "schedule",
+    "evaluate", "ttt/scorer", "ttt/common", "ttt/adapters", "ttt/run", "ttt/chunked", "ttt/lora", "ttt/phased", "ttt/ngram",
     "data/shards", "data/loader", "data/loaders", "data/packing", "data/caseops", "data/byte_counts", "data/spec",
     "config_checks", "runlog", "checkpoint", "trainer", "submit/entry",
 )

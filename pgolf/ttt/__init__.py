@@ -1,4 +1,5 @@
-"""Legal score-first test-time training (issue 20): the scorer and the TTT variants.
+"""Legal score-first test-time training (issue 20): the scorer, the TTT variants
+and the token-only n-gram tilt (`ngram.py`).
 
 `scorer.py` is the one place that scores validation targets; the variants (`chunked.py`,
 `lora.py`, `phased.py`) attach optimizers and adapters to the model's own modules from outside

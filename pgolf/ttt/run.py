@@ -63,7 +63,8 @@ class TTTVariant:
 
     def evaluate(self, model: nn.Module, val_tokens: Tensor, luts, *, seq_len: int, stride: int, batch_seqs: int,
                  rank: int, world_size: int, device: torch.device, dtype: torch.dtype, log, seed: int = 0,
-                 token_bytes: Tensor | None = None, run_dir: Path | None = None) -> tuple[float, float, dict]:
+                 token_bytes: Tensor | None = None, run_dir: Path | None = None,
+                 tilt: Tilt | None = None) -> tuple[float, float, dict]:
         rt = TTTRuntime(rank, world_size, device, dtype, log, seed)
         return eval_ttt(self, model, val_tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=batch_seqs, rt=rt,
-                        token_bytes=token_bytes, run_dir=run_dir)
+                        token_bytes=token_bytes, run_dir=run_dir, tilt=tilt)
