@@ -18,11 +18,13 @@ import types
 import pytest
 import torch
 from test_compile import ALL_ON, TINY, VARIANTS
+from test_records_frontier import pgolf_kwargs
 
 import pgolf
 from pgolf.build import to_container
 from pgolf.model import GPT
 from pgolf.submit import bundle, reach
+from pgolf.submit.__main__ import main
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +143,29 @@ def test_the_run_data_options_travel_with_the_bundle(smoke):
     assert (data["loader"], data["bos_id"], data["caseops"]) == ("coprime", 2, False)
     ns = namespace(bundle.render(config))
     assert ns["CoprimeStrideLoader"] is not ns["_Absent"] and ns["ShuffledSequenceLoader"] is ns["_Absent"]
+
+
+def test_the_1855_model_ships_its_parts_only(smoke):
+    """The largest frontier model (04-27 #1855 at the goldens' small shape, with doc attention and
+    the document loader): its parts are shipped and run as the package's; the others are not."""
+    config = copy.deepcopy(smoke)
+    config["model"].update(pgolf_kwargs("pr1855_lqer_bossmear"), doc_attention=True)
+    config["data"]["loader"] = "documents"
+    dropped, fixed = reach.left_out(config)
+    assert {"sparse_attn_gate", "window_smear", "_smear_window", "routed_2x2", "exclusive_self_attention",
+            "build_doc_mask", "DocumentPackingLoader"}.isdisjoint(dropped)
+    assert {"BigramHash", "ValueEmbedding", "gptj", "lane_merge", "learned_2lane", "dense_attn_gate",
+            "attn_out_gate", "token_smear", "CoprimeStrideLoader"} <= dropped
+    ns = namespace(unwrap(bundle.counted_script(config)))
+    options = {k: v for k, v in config["model"].items() if not k.startswith("_")}
+    assert loss_of(ns["GPT"], options) == loss_of(GPT, options)
+    assert bundle.code_bytes(config) > bundle.code_bytes(smoke)
+
+
+def test_the_code_command_prints_a_configs_bytes(smoke, capsys):
+    assert main(["code", "experiment=smoke"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    readable, minified = len(bundle.render(smoke).encode()), len(bundle.minified_source(smoke).encode())
+    assert out[0] == (f"code bytes for experiment=smoke: readable {readable:,}, minified {minified:,}, counted "
+                      f"{bundle.code_bytes(smoke):,} (minified + lzma + base85, the train_gpt.py a submission ships)")
+    assert out[1].startswith(f"left out ({len(reach.left_out(smoke)[0])}, the config does not use them): BigramHash, ")

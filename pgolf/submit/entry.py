@@ -81,9 +81,13 @@ def apply_env(config: dict, environ: dict) -> list[str]:
 
 def check_fixed(config: dict) -> None:
     """Refuse an override of an option whose other values need code this script left out."""
+    def value(node: Any, dotted: str) -> Any:
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
     for dotted in FIXED:
-        group, key = dotted.split(".", 1)
-        now, was = config.get(group, {}).get(key), CONFIG.get(group, {}).get(key)
+        now, was = value(config, dotted), value(CONFIG, dotted)
         if now != was:
             raise PgolfError(f"{dotted}={now!r}: this script was bundled for {dotted}={was!r} and left out the code "
                              "other values use; bundle a run with that setting (python -m pgolf.submit bundle RUN_DIR)")

@@ -69,12 +69,16 @@ REACH = (
 
 
 def option(config: dict, dotted: str) -> Any:
-    """The value of `group.key` in a resolved config, or its group target's default when absent."""
-    group, key = dotted.split(".", 1)
-    node = config.get(group)
-    assert isinstance(node, dict), f"pgolf/submit/reach.py reads {dotted}, but the config has no group {group!r}"
+    """The value of a dotted key (`model.bigram_buckets`, or deeper for nested part configs) in a
+    resolved config; when absent, the default of the innermost enclosing `_target_`."""
+    *path, key = dotted.split(".")
+    node = config
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+        assert isinstance(node, dict), f"pgolf/submit/reach.py reads {dotted}, but the config has no {part!r} there"
     if key in node:
         return node[key]
+    assert "_target_" in node, f"pgolf/submit/reach.py reads {dotted}, which the config lacks: update the table"
     module, name = node["_target_"].rsplit(".", 1)
     target = getattr(__import__(module, fromlist=[name]), name)
     param = inspect.signature(target).parameters.get(key)
