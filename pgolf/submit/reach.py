@@ -61,6 +61,9 @@ REACH = (
     Reach(("build_doc_mask",), ("model.doc_attention",), _on),
     # Residual routing (residual.py's STEPS)
     *(_parallel(step) for step in ("gptj", "lane_merge", "routed_2x2", "learned_2lane")),
+    # QAT (linear.py: the fake-quantized weight) and MuonEq-R (optim.py)
+    Reach(("fake_quantize",), ("model.qat_bits",), _on),
+    Reach(("row_normalize",), ("optimizer.muon_row_normalize",), _on),
     # Training loaders (data/loaders.py; `sequential` is the baseline's, always shipped)
     Reach(("ShuffledSequenceLoader",), ("data.loader",), _is("shuffled")),
     Reach(("CoprimeStrideLoader",), ("data.loader",), _is("coprime")),
