@@ -4,9 +4,10 @@ The bundler (pgolf.submit.bundle) replaces `CONFIG` with a run's resolved config
 `TARGETS` with the callables its `_target_`s name. As in the records' scripts, every value
 can be overridden by an environment variable: `SEED`, `ITERATIONS`, `DATA_PATH`,
 `MAX_WALLCLOCK_SECONDS`, ... (not the options in `FIXED`, whose other values need code the
-bundler left out: `SMEAR_GATE=token` on a script bundled without it is refused). A group key is set by `GROUP_KEY` (`EVAL_STRIDE`, `MODEL_NUM_LAYERS`)
-or, when its name has an underscore or is one of the records' one-word names, by its bare
-upper-cased name (`NUM_LAYERS`, `VOCAB_SIZE` sets every group's `vocab_size`); one-word keys
+bundler left out: `SMEAR_GATE=token` on a script bundled without it is refused). A group key
+is set by `GROUP_KEY` (`EVAL_STRIDE`, `MODEL_NUM_LAYERS`) or, when its name has an underscore
+or is one of the records' one-word names, by its bare upper-cased name (`NUM_LAYERS`,
+`VOCAB_SIZE` sets every group's `vocab_size`); one-word keys
 such as `name` or `level` need the group prefix so that unrelated environment variables
 cannot change a run.
 """
@@ -81,6 +82,7 @@ def apply_env(config: dict, environ: dict) -> list[str]:
 
 def check_fixed(config: dict) -> None:
     """Refuse an override of an option whose other values need code this script left out."""
+
     def value(node: Any, dotted: str) -> Any:
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
