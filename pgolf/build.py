@@ -225,7 +225,7 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def train(cfg: DictConfig, *, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one job of a composed config and return its final metrics (the keys of metrics.json)."""
-    from pgolf.submit.bundle import render
+    from pgolf.submit.bundle import code_bytes
     from pgolf.trainer import Job, run_job
 
     check_config(cfg)
@@ -235,8 +235,8 @@ def train(cfg: DictConfig, *, run_dir: str | Path | None = None) -> dict[str, An
         model_fn=lambda: build(cfg, "model"), optimizers_fn=build(cfg, "optimizer"), schedule=build(cfg, "schedule"),
         eval_spec=build(cfg, "eval"), quant=build(cfg, "quant"), data=build(cfg, "data"), logger=build(cfg, "logger"),
         config=config, config_yaml=to_yaml(cfg),
-        # The counted code is the script a submission would hold: this run's bundled train_gpt.py.
-        code_bytes=len(render(config).encode("utf-8")),
+        # The counted code is the script a submission ships: this run's train_gpt.py, minified and wrapped.
+        code_bytes=code_bytes(config),
         checkpoint=build(cfg, "checkpoint") if "checkpoint" in cfg else None, resume=cfg.get("resume"),
     )
     return run_job(job, Path(run_dir) if run_dir is not None else Path("outputs") / str(cfg.run_id))
