@@ -30,8 +30,9 @@ def describe_loop(num_layers: int, *, num_loops: int, loop_start: int, loop_end:
     """One line for the record README (None without depth recurrence)."""
     if not num_loops:
         return None
-    start = (f"from step {recur_start_step}" if recur_start_step else
-             (f"from {enable_looping_at:g} of the budget" if enable_looping_at else "from the start") + (f", all passes from {loop_phase2_at:g}" if loop_phase2_at else ""))
+    start = f"from {enable_looping_at:g} of the budget" if enable_looping_at else "from the start"
+    start += f", all passes from {loop_phase2_at:g}" if loop_phase2_at else ""
+    start = f"from step {recur_start_step}" if recur_start_step else start
     extras = (", one block of scalars per virtual layer" if virtual_blocks else "") + (
         ", untied repeat MLPs" if untie_mlp else "")
     return (f"depth recurrence: physical layers {loop_start}..{loop_end} run {1 + num_loops} times ({start}{extras}; "
