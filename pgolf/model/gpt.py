@@ -151,9 +151,6 @@ class GPT(nn.Module):
         loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
         self.num_loops, self.enable_looping_at, self.loop_phase2_at = num_loops, enable_looping_at, loop_phase2_at
         self.recur_start_step = recur_start_step
-        self.loop_description = describe_loop(num_layers, **loop, enable_looping_at=enable_looping_at,
-                                              loop_phase2_at=loop_phase2_at, recur_start_step=recur_start_step,
-                                              virtual_blocks=layer_index == "virtual", untie_mlp=loop_untie_mlp)
         self.init_description = [text for on, text in (
             (overtone_init, "overtone embedding init: spectrum S_k = S_1/sqrt(k) (2026-03-19 OvertoneInit)"),
             (phase_resid_mix_init, "phase-transition resid_mix init (2026-03-19 OvertoneInit)")) if on]
@@ -164,6 +161,7 @@ class GPT(nn.Module):
                       for p in range(num_loops + 1)]
         n_blocks = len(sum(self.schedules[num_loops], ())) if virtual else num_layers
         self.loop_passes = num_loops
+        self.loop_description = describe_loop(**loop, virtual_blocks=virtual, untie_mlp=loop_untie_mlp)
         self.num_encoder_layers = num_layers // 2
         self.num_decoder_layers = num_layers - self.num_encoder_layers
         # U-Net skip rows: min(|enc|, |dec|) of the looped schedule, or as many as a record allocated

@@ -25,18 +25,16 @@ def layer_schedule(num_layers: int, *, num_loops: int = 0, loop_start: int = 0, 
     return tuple(order[:half]), tuple(order[half:])
 
 
-def describe_loop(num_layers: int, *, num_loops: int, loop_start: int, loop_end: int, enable_looping_at: float,
-                  loop_phase2_at: float, recur_start_step: int, virtual_blocks: bool, untie_mlp: bool) -> str | None:
-    """One line for the record README (None without depth recurrence)."""
+def describe_loop(*, num_loops: int, loop_start: int, loop_end: int, virtual_blocks: bool,
+                  untie_mlp: bool) -> str | None:
+    """One line for the record README (None without depth recurrence). When looping switches on
+    is the schedule's to say, not the model's."""
     if not num_loops:
         return None
-    start = f"from {enable_looping_at:g} of the budget" if enable_looping_at else "from the start"
-    start += f", all passes from {loop_phase2_at:g}" if loop_phase2_at else ""
-    start = f"from step {recur_start_step}" if recur_start_step else start
-    extras = (", one block of scalars per virtual layer" if virtual_blocks else "") + (
-        ", untied repeat MLPs" if untie_mlp else "")
-    return (f"depth recurrence: physical layers {loop_start}..{loop_end} run {1 + num_loops} times ({start}{extras}; "
-            "2026-04-05 #1394, 04-09 #1493, 03-31 #1204)")
+    extras = ("; one block of scalars per virtual layer" if virtual_blocks else "") + (
+        "; untied repeat MLPs" if untie_mlp else "")
+    return (f"depth recurrence: physical layers {loop_start}..{loop_end} run {1 + num_loops} times{extras} "
+            "(2026-04-05 #1394, 04-09 #1493, 03-31 #1204)")
 
 
 def num_skips(num_layers: int, **loop) -> int:
