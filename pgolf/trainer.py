@@ -502,7 +502,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     final_model.pt and final_state.json come first: a signal from then on stops the run at the
     next phase boundary, and a resume exports and evaluates again without training (the
     calibration is saved beside them, since training data cannot be read again after the cap)."""
-    calibration = keep_calibration(run_dir, calibration, job.quant, master=rt.master)
+    calibration = keep_calibration(run_dir, calibration, master=rt.master)
     identical = ranks_identical(base_model, rt)
     log(f"ranks_identical:{identical} world_size:{rt.world_size}")
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
