@@ -207,3 +207,16 @@ def test_two_gloo_ranks_equal_one_rank():
         tol = 1e-9 if v == "lora" else 1e-6
         assert two[(v, 0)][0] == pytest.approx(one[v][0], rel=tol)
         assert two[(v, 0)][1] == pytest.approx(one[v][1], rel=tol)
+
+
+def test_chunked_without_updates_is_the_sliding_eval():
+    """With no epochs the chunked variant scores exactly what pgolf.evaluate.eval_sliding scores: the
+    Scorer's arithmetic (full log-softmax, bytes, float64 sums) is the evals' arithmetic."""
+    from pgolf.evaluate import eval_sliding
+
+    stream, model = docs_stream([30, 8, 41, 19, 26, 12, 33], 4), tiny()
+    sc = Scorer(stream, luts())
+    ChunkedSGD(ttt_epochs=0, ttt_chunk_tokens=40).run(model, sc, rt(), seq_len=24, stride=8, batch_seqs=5)
+    ref = eval_sliding(model, stream, luts(), seq_len=24, stride=8, batch_seqs=4, rank=0, world_size=1,
+                       device=torch.device("cpu"), dtype=torch.float32)
+    assert sc.result() == pytest.approx(ref, rel=1e-9)
