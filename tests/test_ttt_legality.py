@@ -131,17 +131,28 @@ def test_every_optimizer_step_follows_a_scored_update(variant):
         torch.manual_seed(0)
         if variant == "chunked":
             ChunkedSGD(ttt_epochs=1, ttt_chunk_tokens=40, ttt_batch_seqs=2).run(tiny(), sc, rt(), seq_len=16, stride=8)
-        elif variant == "lora":
-            LoRATTT(ttt_chunk_size=6, **LORA).run(tiny(), sc, rt(), seq_len=16)
-        else:
-            PhasedTTT(ttt_chunk_size=6, phased_ttt_prefix_docs=4, phased_ttt_num_phases=2,
-                      global_ttt_chunk_tokens=32, global_ttt_batch_seqs=1, **LORA).run(tiny(), sc, rt(), seq_len=8)
+        elif variant == "lora":  # with #2014's short-document chunks and #1953's mask
+            LoRATTT(ttt_chunk_size=6, ttt_short_chunk_steps="20:2,35:4", ttt_mask="no_qv", **LORA).run(
+                tiny(), sc, rt(), seq_len=16)
+        else:  # with #1767's alpha and warm-start A
+            PhasedTTT(ttt_chunk_size=6, phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, ttt_lora_alpha=4.0,
+                      ttt_warm_start_a=True, global_ttt_chunk_tokens=32, global_ttt_batch_seqs=1, **LORA).run(
+                tiny(), sc, rt(), seq_len=8)
     finally:
         handle.remove()
     assert seen and all(kind == "update" for kind in seen)
     assert sc.ledger[0].kind == "score"
     assert len(seen) == sc.num_updates
     assert check_ledger(sc.ledger, sc.num_targets) is None
+
+
+def test_short_document_chunks_and_masks():
+    spec = LoRATTT(ttt_chunk_size=48, ttt_short_chunk_steps="2000:24,256:8", ttt_mask="no_qv", ttt_o_lora=False)
+    assert [spec.chunk_for(n) for n in (10, 256, 257, 2000, 2001)] == [8, 8, 24, 24, 48]
+    assert spec.kinds() == ("k", "mlp")
+    adapters = spec.new_adapters(tiny(), 3)
+    assert set(adapters.loras) == {"k", "mlp"} and len(adapters.loras["k"]) == 3  # 3 virtual slots
+    adapters.remove()
 
 
 def test_documents_split_at_bos_cover_every_target():
