@@ -32,6 +32,7 @@ from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemp
                               final_state, final_state_bytes, restore_checkpoint, resume_source, rng_state,
                               save_checkpoint)
 from pgolf.data import load_validation_tokens
+from pgolf.compile_limits import allow_graphs, eval_batch_sizes, graphs_needed, loop_pass_counts
 from pgolf.config_checks import check_bos
 from pgolf.data.byte_counts import check_validation, load_sidecar
 from pgolf.data.packing import PackedRows, pack_documents
@@ -257,6 +258,10 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         check_disk(run_dir, n_params)
     log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{grad_accum} device:{rt.device} "
         f"dtype:{rt.dtype} compile:{rt.compile}")
+    if rt.compile:  # every graph the run needs fits under dynamo's recompile limit (compile_limits.py)
+        log(allow_graphs(graphs_needed(base_model, eval_batch_sizes(
+            val_tokens.numel(), eval_seq_len, spec.val_batch_size // (rt.world_size * grad_accum), rt.rank,
+            rt.world_size))))
     log(sched.describe())
     log(opt.describe())
     if getattr(base_model, "doc_attention", False):  # the switch shows in the log with its kernel (docs.py)
@@ -314,8 +319,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         # Every layer sequence the run will switch to is compiled here, outside the timed loop
         # (the records warm up 20 plain then 20 looped steps): the warm-up steps are split over
         # the distinct loop-pass counts in schedule order.
-        passes = sorted({base_model.loop_passes_at(f, s) for f, s in
-                         ((0.0, 0), (base_model.enable_looping_at, 0), (base_model.loop_phase2_at, 0), (1.0, None))})
+        passes = loop_pass_counts(base_model)
         for i in range(sched.warmup_steps):
             base_model.set_looping(passes[i * len(passes) // sched.warmup_steps])
             train_step(0, 1.0)
