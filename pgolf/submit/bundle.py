@@ -31,7 +31,7 @@ MODULES = (
     "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
     "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/gpt", "optim", "schedule",
     "evaluate", "data/shards", "data/loader", "data/loaders", "data/packing", "data/caseops", "data/byte_counts", "data/spec",
-    "config_checks", "compile_limits", "runlog", "checkpoint", "trainer", "submit/entry",
+    "config_checks", "compile_limits", "idle_params", "runlog", "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"
 # Groups a bundled script does not use: it logs to its run dir only, and torchrun starts the workers.
