@@ -109,7 +109,8 @@ def test_tilt_through_the_ttt_scorer_equals_the_closed_form():
     from pgolf.ttt.scorer import Scorer
 
     toks = synthetic_stream(600) % 64
-    luts = ByteLUTs(torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool))
+    no = torch.zeros(64, dtype=torch.bool)
+    luts = ByteLUTs(torch.ones(64, dtype=torch.int16), no, no)
     tilt = NgramTilt(toks, token_order=3, token_threshold=0.3)
     logits = torch.randn(599, 64, generator=torch.Generator().manual_seed(1)) * 3
     scorer = Scorer(toks, luts, tilt=tilt)
