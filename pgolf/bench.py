@@ -3,7 +3,8 @@
 Measures, on the current device, the train step (forward + backward + optimizers, median
 after warm-up), standard and sliding eval throughput, and export time and bytes, then
 projects them onto the challenge: steps inside the wall-clock cap on N GPUs and the time
-to score the full FineWeb validation split (62,021,632 targets). On CPU the batch is scaled
+to score the full FineWeb validation split (62,021,632 targets), with the config's TTT eval
+(eval.ttt) when on: its tokens/s and projected time on N GPUs, warned past the 600 s eval budget. On CPU the batch is scaled
 down (the scale is printed); projections assume time proportional to tokens.
 `--compare "OVERRIDES"` benchmarks a second config in the same process, alternating steps
 and evals, and prints ratios. `--doc-tokens N` packs documents into the synthetic tokens (a
@@ -123,6 +124,29 @@ class Bench:
         self.eval_times.append((std, sliding))
         return std, sliding
 
+    def ttt_rate(self, num_windows: int) -> float | None:
+        """Scored tokens/s of the config's TTT eval (eval.ttt; None when off) on synthetic documents
+        (mean length --doc-tokens, 512 when unset), on a copy of the model (TTT trains it)."""
+        if self.spec.ttt is None:
+            return None
+        import copy
+
+        n = num_windows * self.eval_seq_len
+        tokens = torch.randint(2, self.vocab, (n + 1,), generator=torch.Generator().manual_seed(5))
+        bos = torch.rand(n + 1, generator=torch.Generator().manual_seed(6)) < 1.0 / (self.doc_tokens or 512)
+        bos[0] = True
+        val = torch.where(bos, torch.full_like(tokens, self.bos_id), tokens).to(self.rt.device)
+        luts = ByteLUTs(torch.ones(self.vocab, dtype=torch.int16), torch.zeros(self.vocab, dtype=torch.bool),
+                        torch.zeros(self.vocab, dtype=torch.bool)).to(self.rt.device)
+        model = copy.deepcopy(self.model)
+        self.sync()
+        t = time.perf_counter()
+        self.spec.ttt.evaluate(model, val, luts, seq_len=self.eval_seq_len, stride=self.stride,
+                               batch_seqs=self.spec.batch_seqs, rank=0, world_size=1, device=self.rt.device,
+                               dtype=self.rt.dtype, log=lambda s: None)
+        self.sync()
+        return n / (time.perf_counter() - t)
+
     def export(self) -> tuple[float, int]:
         quant = build(self.cfg, "quant")
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -151,6 +175,7 @@ def run(args: argparse.Namespace) -> dict:
         full_step_s = step_s * (b.schedule.train_batch_tokens / args.gpus) / b.batch_tokens
         std_rate, sliding_rate = (statistics.median(r) for r in zip(*b.eval_times))
         export_s, artifact_bytes = b.export()
+        ttt_rate = b.ttt_rate(args.eval_windows)
         results.append({
             "overrides": b.label,
             "device": str(b.rt.device), "compiled": b.rt.compile,
@@ -165,7 +190,12 @@ def run(args: argparse.Namespace) -> dict:
             "projected_full_val_sliding_s": FINEWEB_VAL_TARGETS / sliding_rate / args.gpus,
             "eval_seq_len": b.eval_seq_len, "stride": b.stride,
             "export_s": export_s, "artifact_model_bytes": artifact_bytes,
+            "eval_ttt_tokens_per_s": ttt_rate if ttt_rate is not None else float("nan"),
+            "projected_full_val_ttt_s": FINEWEB_VAL_TARGETS / ttt_rate / args.gpus if ttt_rate else float("nan"),
         })
+        if ttt_rate and FINEWEB_VAL_TARGETS / ttt_rate / args.gpus > 600 and b.rt.device.type == "cuda":
+            print(f"warning: the TTT eval projects to {FINEWEB_VAL_TARGETS / ttt_rate / args.gpus:.0f} s on "
+                  f"{args.gpus} GPUs, over the 600 s eval budget", file=sys.stderr)
     return {"results": results, "ratios": ratios(results) if len(results) > 1 else None}
 
 
@@ -186,6 +216,8 @@ def format_table(out: dict) -> str:
         ("sliding eval tokens/s", "{:,.0f}", "eval_sliding_tokens_per_s"),
         ("full val, standard (N GPUs)", "{:.1f} s", "projected_full_val_standard_s"),
         ("full val, sliding (N GPUs)", "{:.1f} s", "projected_full_val_sliding_s"),
+        ("TTT eval tokens/s", "{:,.0f}", "eval_ttt_tokens_per_s"),
+        ("full val, TTT (N GPUs)", "{:.1f} s", "projected_full_val_ttt_s"),
         ("export time", "{:.2f} s", "export_s"), ("artifact model bytes", "{:,}", "artifact_model_bytes"),
     ]
     res = out["results"]

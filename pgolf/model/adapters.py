@@ -4,7 +4,8 @@ The records re-implemented their blocks for LoRA TTT (`_block_with_lora`) and lo
 way (2026-04-23 #1787: post-TTT bpb 1.908). Here an adapter is a forward hook on a CastedLinear:
 the model runs its one forward path and each adapted linear returns W x + (alpha/r) B A x. B is
 zero at attach, so attaching changes nothing until the adapter is trained. Shared (looped) layers
-share their adapter across passes; per-virtual-slot adapters are for the TTT issue to add.
+share their adapter across passes here; TTT's batched per-document adapters, one per virtual slot
+(#1530), are pgolf/ttt/adapters.py (the same hooks, with a per-module call counter).
 """
 
 from __future__ import annotations

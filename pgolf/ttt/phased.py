@@ -15,7 +15,10 @@ between concatenated documents.
 
 Deterministic ranks: the pause comes after the queue item that reaches the boundary on every rank
 (#1626's ranks kept scoring until a shared pause file appeared, so the pre-phase set depended on
-timing); the training rows of each global batch are split across ranks (common.sgd_step).
+timing); the training rows of each global batch are split across ranks (common.sgd_step). As in
+#1626, a rank packs its rows into one row under the document mask, so a document cut by a row
+boundary attends across it within a rank only: with more than one row per global batch the
+global phase (and so the score) depends on the world size; `global_ttt_batch_seqs=1` does not.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def eval_ttt(spec, model: nn.Module, val_tokens: Tensor, luts, *, seq_len: int, 
            f"({scorer.num_targets} targets in {seconds:.2f}s on {rt.world_size} rank(s))")
     if rt.device.type == "cuda" and projected > EVAL_BUDGET_S:
         rt.log(f"warning: TTT eval projects to {projected:.0f} s on 8 GPUs, over the {EVAL_BUDGET_S:.0f} s eval budget")
-    figures = {"eval/ttt_time_s": seconds, "eval/ttt_projected_8gpu_s": projected, "eval/ttt_updates": scorer.num_updates}
+    figures = {"eval/ttt_time_s": seconds, "eval/ttt_projected_8gpu_s": projected, "eval/ttt_updates": scorer.num_updates,
+               "eval/ttt_targets": scorer.num_targets}
     figures.update({f"eval/ttt_{k}_s": v for k, v in phases.items()})
     return loss, bpb, figures
 

@@ -14,7 +14,7 @@ Targets are named by their **position** j in the validation stream: target j is 
 
 API (h-tilt's n-gram tilt and audit build on this):
 
-    scorer = Scorer(stream, luts, token_bytes=None, tilt=None, keep_ledger=True)
+    scorer = Scorer(stream, luts, token_bytes=None, tilt=None, keep_ledger=True, keep_losses=False)
     nll = scorer.score(positions, logits)   # positions (N,) int64, logits (N, V) any float dtype
         commits, for each position, its loss in nats under the (tilted) full log-softmax and its
         byte count, then returns the *untilted* per-target NLL (N,) fp32, still attached to the
@@ -28,6 +28,7 @@ API (h-tilt's n-gram tilt and audit build on this):
     scorer.totals()                          # (loss_sum nats, tokens, bytes) float64, this rank
     scorer.result()                          # all ranks: (val_loss, val_bpb); checks C4 globally
     scorer.ledger                            # [Event(kind "score"|"update", runs (k, 2) int64)]
+    scorer.losses                            # with keep_losses: each target's committed nats (N,)
     scorer.save_ledger(path) / load_ledger(path) / check_ledger(events, num_targets)
 
 `tilt(logp, context) -> logp'` gets the model's full log-softmax `logp` (N, V) fp32 (no grad)
@@ -103,7 +104,7 @@ class Scorer:
     """
 
     def __init__(self, stream: Tensor, luts, *, token_bytes: Tensor | None = None, tilt: Tilt | None = None,
-                 keep_ledger: bool = True):
+                 keep_ledger: bool = True, keep_losses: bool = False):
         self.num_targets = stream.numel() - 1
         if self.num_targets < 1:
             raise PgolfError("validation split has no targets")
@@ -116,6 +117,8 @@ class Scorer:
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss nats, tokens, bytes
         self.ledger: list[Event] = []
         self.num_updates = 0
+        # Each target's committed loss (nats, float64, NaN until scored), for causality checks.
+        self.losses = torch.full((self.num_targets,), float("nan"), dtype=torch.float64) if keep_losses else None
 
     # ---------------------------------------------------------------- scoring
     def score(self, positions: Tensor, logits: Tensor) -> Tensor:
@@ -153,6 +156,8 @@ class Scorer:
         self.sums[1] += pos.numel()
         self.sums[2] += nbytes.sum()
         self.committed[pos_cpu] = True
+        if self.losses is not None:
+            self.losses[pos_cpu] = committed.detach().double().cpu()
         if self.known is not self.committed:
             self.known[pos_cpu] = True
         if self.keep_ledger:
