@@ -145,3 +145,13 @@ def test_lora_ttt_scores_through_the_tilt():
         results.append(scorer.result()[0])
         states.append(sum(int(e.kind == "update") for e in scorer.ledger))
     assert tilt.fired > 50 and tilt.scored == 699 and results[1] < results[0] and states[0] == states[1] > 0
+
+
+@pytest.mark.parametrize("override,field", [("eval.token_order=40", "token_order"),
+                                            ("eval.token_threshold=1.5", "token_threshold"),
+                                            ("eval.token_boost=-1", "token_boost")])
+def test_bad_tilt_options_fail_at_compose_time(override, field):
+    from pgolf.build import compose
+
+    with pytest.raises(PgolfError, match=f"eval.{field}="):
+        compose(["experiment=smoke", "eval.ngram_tilt_enabled=true", override])
