@@ -159,9 +159,16 @@ def check_values(cfg: DictConfig) -> None:
         check_model_args(**{k: v for k, v in to_container(cfg.model).items() if not k.startswith("_")})
     if "schedule" in cfg and "eval" in cfg:
         build(cfg, "eval").resolve(build(cfg, "schedule").train_seq_len)
-    for group in ("quant", "data"):
+    for group in ("quant", "data", "checkpoint", "distributed", "logger"):  # cheap, side-effect-free constructors
         if group in cfg:
             build(cfg, group)
+    from pgolf.config_checks import check_groups
+
+    check_groups(to_container(cfg))  # across groups, and the optimizer's (built later with the model)
+    if "quant" in cfg and "schedule" in cfg:  # GPTQ calibration must fit in the training budget
+        from pgolf.quant.calibrate import check_calibration_budget
+
+        check_calibration_budget(build(cfg, "quant"), build(cfg, "schedule"))
 
 
 def build(cfg: DictConfig, group: str, *args: Any) -> Any:
@@ -218,7 +225,7 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def train(cfg: DictConfig, *, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one job of a composed config and return its final metrics (the keys of metrics.json)."""
-    from pgolf.submit.bundle import render
+    from pgolf.submit.bundle import code_bytes
     from pgolf.trainer import Job, run_job
 
     check_config(cfg)
@@ -228,8 +235,8 @@ def train(cfg: DictConfig, *, run_dir: str | Path | None = None) -> dict[str, An
         model_fn=lambda: build(cfg, "model"), optimizers_fn=build(cfg, "optimizer"), schedule=build(cfg, "schedule"),
         eval_spec=build(cfg, "eval"), quant=build(cfg, "quant"), data=build(cfg, "data"), logger=build(cfg, "logger"),
         config=config, config_yaml=to_yaml(cfg),
-        # The counted code is the script a submission would hold: this run's bundled train_gpt.py.
-        code_bytes=len(render(config).encode("utf-8")),
+        # The counted code is the script a submission ships: this run's train_gpt.py, minified and wrapped.
+        code_bytes=code_bytes(config),
         checkpoint=build(cfg, "checkpoint") if "checkpoint" in cfg else None, resume=cfg.get("resume"),
     )
     return run_job(job, Path(run_dir) if run_dir is not None else Path("outputs") / str(cfg.run_id))

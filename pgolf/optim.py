@@ -303,20 +303,7 @@ class Optimizers:
         ns_dtype: str = "bf16",
         compile_ns: bool | None = None,
     ):
-        for name, value in (("matrix_lr", matrix_lr), ("scalar_lr", scalar_lr), ("tied_embed_lr", tied_embed_lr),
-                            ("embed_lr", embed_lr), ("head_lr", head_lr)):
-            if value < 0:
-                raise PgolfError(f"optimizer.{name}={value} must be >= 0")
-        if not 0 <= muon_momentum < 1 or not 0 <= muon_momentum_warmup_start < 1:
-            raise PgolfError("optimizer.muon_momentum and muon_momentum_warmup_start must be in [0, 1)")
-        if ns_dtype not in DTYPES:
-            raise PgolfError(f"optimizer.ns_dtype={ns_dtype!r} is unknown; use bf16 (the records) or fp32")
-        for name, betas in (("embed_betas", embed_betas), ("scalar_betas", scalar_betas), ("head_betas", head_betas)):
-            if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
-                raise PgolfError(f"optimizer.{name}={betas} must be two numbers in [0, 1), e.g. [0.9, 0.99]")
-        if embed_proj_optimizer not in ("muon", "adam"):
-            raise PgolfError(f"optimizer.embed_proj_optimizer={embed_proj_optimizer!r} is unknown; use muon (the "
-                             "records up to 03-22 and from 04-01) or adam (03-23 #549, 03-31 #1204)")
+        check_optimizer_args(**{k: v for k, v in locals().items() if k not in ("self", "model")})
         self.model = model
         self.muon_momentum = muon_momentum
         self.muon_momentum_warmup_start = muon_momentum_warmup_start
@@ -413,3 +400,29 @@ class Optimizers:
     def load_state_dict(self, states: list[dict]) -> None:
         for opt, state in zip(self.all, states, strict=True):
             opt.load_state_dict(state)
+
+
+def check_optimizer_args(**kw) -> None:
+    """The optimizer group's checks that need only its config (run at compose time by
+    pgolf.build.check_values, before a run directory exists; issue 21): PgolfError on a bad value."""
+    for name in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr"):
+        if kw.get(name, 0) < 0:
+            raise PgolfError(f"optimizer.{name}={kw[name]} must be >= 0")
+    if not 0 <= kw.get("muon_momentum", 0.95) < 1 or not 0 <= kw.get("muon_momentum_warmup_start", 0.85) < 1:
+        raise PgolfError("optimizer.muon_momentum and muon_momentum_warmup_start must be in [0, 1)")
+    if kw.get("ns_dtype", "bf16") not in DTYPES:
+        raise PgolfError(f"optimizer.ns_dtype={kw['ns_dtype']!r} is unknown; use bf16 (the records) or fp32")
+    for name in ("embed_betas", "scalar_betas", "head_betas"):
+        betas = kw.get(name)
+        if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+            raise PgolfError(f"optimizer.{name}={betas} must be two numbers in [0, 1), e.g. [0.9, 0.99]")
+    if kw.get("muon_numerics", "baseline") not in NUMERICS:
+        raise PgolfError(f"optimizer.muon_numerics={kw['muon_numerics']!r} is unknown; use one of {', '.join(NUMERICS)}")
+    if kw.get("muon_backend_steps", 5) < 1:
+        raise PgolfError(f"optimizer.muon_backend_steps={kw['muon_backend_steps']} must be >= 1")
+    ns_schedule(kw.get("ns_coefficients", "quintic"), kw.get("muon_backend_steps", 5))
+    if kw.get("grad_clip_norm", 0.0) < 0:
+        raise PgolfError(f"optimizer.grad_clip_norm={kw['grad_clip_norm']} must be >= 0 (0 = no clipping)")
+    if kw.get("embed_proj_optimizer", "muon") not in ("muon", "adam"):
+        raise PgolfError(f"optimizer.embed_proj_optimizer={kw['embed_proj_optimizer']!r} is unknown; use muon (the "
+                         "records up to 03-22 and from 04-01) or adam (03-23 #549, 03-31 #1204)")

@@ -2,8 +2,11 @@
 
 `Schedule.at(step, elapsed_ms)` is the one place the loop asks "where are we": it returns a
 `Point` with the training fraction, the LR multiplier, the Muon WD multiplier and the
-switches (late QAT, depth-recurrence looping, EMA/SWA windows). Wall-clock time is an input,
-so a run ends its warm-down when its time budget ends, whatever the hardware.
+switches (late QAT, EMA window, the depth-recurrence loop phase). Wall-clock time is an input,
+so a run ends its warm-down when its time budget ends, whatever the hardware. The model keeps
+which layers loop and how (`model.num_loops`, `loop_start`, `loop_end`); the schedule says when:
+`enable_looping_at` / `loop_phase2_at` (fractions of the budget, 2026-04-05 #1394, progressive
+2026-04-06 #1412) or `recur_start_step` (a training step, 2026-03-31 #1204).
 
 Two warm-down forms (the records' own):
 - `warmdown_iters` (<= 2026-03-31): with a wall-clock cap, warm-down starts when the remaining
@@ -18,7 +21,7 @@ which reads training data, happens inside the 600 s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -26,16 +29,28 @@ from torch import Tensor, nn
 from pgolf.errors import PgolfError
 
 
+# Depth-recurrence phases (Point.loop_phase): no extra pass, one extra pass (#1412's first
+# phase), all of the model's `num_loops` extra passes.
+LOOP_OFF, LOOP_FIRST, LOOP_ALL = 0, 1, 2
+
+
+def loop_passes(phase: int, num_loops: int) -> int:
+    """Extra passes a model with `num_loops` runs in loop phase `phase` (what `GPT.set_looping` takes)."""
+    return {LOOP_OFF: 0, LOOP_FIRST: min(1, num_loops), LOOP_ALL: num_loops}[phase]
+
+
 @dataclass(frozen=True)
 class Point:
     """The schedule at one step: `frac` of the training budget used (>= 0; 1 = budget spent),
-    the LR multiplier, the Muon weight-decay multiplier (WD taper) and the switch states."""
+    the LR multiplier, the Muon weight-decay multiplier (WD taper), the switch states and the
+    depth-recurrence phase (LOOP_OFF / LOOP_FIRST / LOOP_ALL)."""
 
     frac: float
     lr_mul: float
     wd_mul: float
     qat: bool
     ema: bool
+    loop_phase: int = field(default=LOOP_ALL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +72,9 @@ class Schedule:
     qat_start_frac: float = 1.0
     wd_taper_start_frac: float = 1.0
     wd_taper_final_mult: float = 1.0
+    enable_looping_at: float = 0.0
+    loop_phase2_at: float = 0.0
+    recur_start_step: int = 0
 
     def __post_init__(self):
         for name in ("iterations", "train_batch_tokens", "train_seq_len"):
@@ -66,7 +84,8 @@ class Schedule:
                      "gptq_reserve_seconds", "wd_taper_final_mult"):
             if getattr(self, name) < 0:
                 raise PgolfError(f"schedule.{name}={getattr(self, name)} must be >= 0")
-        for name in ("warmdown_frac", "min_lr", "ema_start_frac", "wd_taper_start_frac"):
+        for name in ("warmdown_frac", "min_lr", "ema_start_frac", "wd_taper_start_frac", "enable_looping_at",
+                     "loop_phase2_at"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise PgolfError(f"schedule.{name}={getattr(self, name)} must be in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -75,6 +94,13 @@ class Schedule:
         if self.ema_decay > 0 and self.swa_every > 0:
             raise PgolfError("schedule.ema_decay and schedule.swa_every are both set; only one average can be exported "
                              "(the records after 2026-03-20 use EMA): set swa_every=0 or ema_decay=0")
+        if self.loop_phase2_at and self.loop_phase2_at < self.enable_looping_at:
+            raise PgolfError(f"schedule.loop_phase2_at={self.loop_phase2_at} must be >= "
+                             f"schedule.enable_looping_at={self.enable_looping_at}")
+        if self.recur_start_step < 0 or (self.recur_start_step and self.enable_looping_at):
+            raise PgolfError(f"schedule.recur_start_step={self.recur_start_step} must be >= 0 (0 = start at "
+                             "schedule.enable_looping_at) and is an alternative to schedule.enable_looping_at: "
+                             "set one of them")
         if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise PgolfError(f"schedule.gptq_reserve_seconds={self.gptq_reserve_seconds} leaves no training time of "
                              f"max_wallclock_seconds={self.max_wallclock_seconds}; lower it")
@@ -123,12 +149,29 @@ class Schedule:
         """SWA (2026-03-20 records): sample after step `step` when scale < start frac and step % every == 0."""
         return self.swa_every > 0 and lr_scale < self.swa_start_frac and step % self.swa_every == 0
 
+    def loop_phase(self, frac: float, step: int | None = None) -> int:
+        """Depth-recurrence phase at budget fraction `frac` (and training step `step`; None = the end
+        of training): off before enable_looping_at, one extra pass before loop_phase2_at (#1412),
+        then all. With recur_start_step (#1204's RECUR_START_STEP) the start is that step instead."""
+        if self.recur_start_step:
+            return LOOP_ALL if step is None or step >= self.recur_start_step else LOOP_OFF
+        if frac < self.enable_looping_at:
+            return LOOP_OFF
+        if self.loop_phase2_at and frac < self.loop_phase2_at:
+            return LOOP_FIRST
+        return LOOP_ALL
+
+    def loop_phases(self) -> list[int]:
+        """Every phase a run goes through, in order (the warm-up compiles each one's layer sequence)."""
+        return sorted({self.loop_phase(f, s) for f, s in
+                       ((0.0, 0), (self.enable_looping_at, 0), (self.loop_phase2_at, 0), (1.0, None))})
+
     def at(self, step: int, elapsed_ms: float) -> Point:
         """Everything the loop switches on before running step `step` (0-based) at `elapsed_ms` of train time."""
         f = self.frac(step, elapsed_ms)
         lr = self.lr_mul(step, elapsed_ms)
         return Point(frac=f, lr_mul=lr, wd_mul=self.wd_mul(f), qat=self.qat_active(lr),
-                     ema=self.ema_decay > 0 and f >= self.ema_start_frac)
+                     ema=self.ema_decay > 0 and f >= self.ema_start_frac, loop_phase=self.loop_phase(f, step))
 
     def describe(self) -> str:
         """One log line naming the schedule options in effect."""
@@ -137,7 +180,10 @@ class Schedule:
         return (f"schedule: {form} min_lr:{self.min_lr} budget_ms:{self.budget_ms:.0f} "
                 f"gptq_reserve_seconds:{self.gptq_reserve_seconds} ema_decay:{self.ema_decay} "
                 f"swa_every:{self.swa_every} qat_start_frac:{self.qat_start_frac} "
-                f"wd_taper:{self.wd_taper_start_frac}->x{self.wd_taper_final_mult}")
+                f"wd_taper:{self.wd_taper_start_frac}->x{self.wd_taper_final_mult}"
+                + (f" recur_start_step:{self.recur_start_step}" if self.recur_start_step else
+                   f" enable_looping_at:{self.enable_looping_at} loop_phase2_at:{self.loop_phase2_at}"
+                   if self.enable_looping_at or self.loop_phase2_at else ""))
 
 
 class SWA:

@@ -33,13 +33,16 @@ from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemp
                               final_state, final_state_bytes, restore_checkpoint, resume_source, rng_state,
                               save_checkpoint)
 from pgolf.data import load_validation_tokens
+from pgolf.config_checks import check_bos
 from pgolf.data.byte_counts import check_validation, load_sidecar
+from pgolf.data.packing import PackedRows, pack_documents
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.model.docs import doc_backend
 from pgolf.quant import load_artifact
+from pgolf.quant.calibrate import NO_CALIBRATION, keep_calibration
 from pgolf.runlog import RunLog, describe_environment
-from pgolf.schedule import EMA, SWA
+from pgolf.schedule import EMA, SWA, loop_passes
 
 SIZE_CAP_BYTES = 16_000_000
 
@@ -219,6 +222,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     eval_seq_len, stride = spec.resolve(sched.train_seq_len)
     sp = spm.SentencePieceProcessor(model_file=str(paths.tokenizer_path))
     vocab = int(job.config["model"]["vocab_size"])
+    check_bos(sp.bos_id(), model_bos=job.config["model"].get("bos_id"), data_bos=job.config["data"].get("bos_id"),
+              tokenizer_path=paths.tokenizer_path)  # every part that looks for a BOS uses the tokenizer's
     if int(sp.vocab_size()) != vocab:
         raise PgolfError(f"model.vocab_size={vocab} does not match the tokenizer {paths.tokenizer_path} "
                          f"(vocab {sp.vocab_size()}); set model.vocab_size={sp.vocab_size()}")
@@ -264,10 +269,11 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
 
         job.logger = NullLogger()
     job.logger.start(config=job.config, run_dir=run_dir, log=log, resuming=can_resume(job.resume, run_dir))
-    new_loader = lambda: job.data.make_loader(paths.train_pattern, rank=rt.rank, world_size=rt.world_size,  # noqa: E731
-                                              device=rt.device, seq_len=sched.train_seq_len, vocab_size=vocab)
+    new_loader = lambda: pack_documents(job.data.make_loader(  # noqa: E731  (doc attention: one packed row, #1530)
+        paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device, seq_len=sched.train_seq_len,
+        vocab_size=vocab), base_model, job.data.loader, sched.train_seq_len)
     loader = new_loader()
-    log(f"data_loader:{job.data.loader}")
+    log(f"data_loader:{job.data.loader} train_rows:{'packed' if isinstance(loader, PackedRows) else 'rows'}")
     has_qat = any(getattr(m, "qat_bits", 0) for m in base_model.modules())
     autocast = lambda: torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)  # noqa: E731
 
@@ -277,8 +283,9 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
             if rt.distributed:  # DDP syncs gradients on the last micro-step only
                 train_model.require_backward_grad_sync = micro == grad_accum - 1
             x, y = loader.next_batch(sched.train_batch_tokens, sched.train_seq_len, grad_accum)
+            docs = (loader.doc_mask(doc_backend(rt.device)),) if isinstance(loader, PackedRows) else ()
             with autocast():
-                loss = train_model(x, y)
+                loss = train_model(x, y, *docs)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
         opt.step(step, scale, wd_mul)
@@ -326,15 +333,14 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         # Every layer sequence the run will switch to is compiled here, outside the timed loop
         # (the records warm up 20 plain then 20 looped steps): the warm-up steps are split over
         # the distinct loop-pass counts in schedule order.
-        passes = sorted({base_model.loop_passes_at(f, s) for f, s in
-                         ((0.0, 0), (base_model.enable_looping_at, 0), (base_model.loop_phase2_at, 0), (1.0, None))})
+        passes = sorted({loop_passes(p, base_model.num_loops) for p in sched.loop_phases()})
         for i in range(sched.warmup_steps):
             base_model.set_looping(passes[i * len(passes) // sched.warmup_steps])
             train_step(0, 1.0)
             fault_point("warmup")
             if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
                 log(f"warmup_step:{i + 1}/{sched.warmup_steps}")
-        base_model.set_looping(base_model.loop_passes_at(0.0, 0))
+        base_model.set_looping(loop_passes(sched.loop_phase(0.0, 0), base_model.num_loops))
         base_model.load_state_dict(init_model, strict=True)
         opt.load_state_dict(init_opt)
         opt.zero_grad()
@@ -397,8 +403,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                 qat_on = point.qat
                 base_model.set_qat(qat_on)
                 log(f"qat:{'on' if qat_on else 'off'} step:{step} lr_scale:{scale:.4f}")
-            if base_model.loop_passes_at(point.frac, step) != base_model.loop_passes:  # depth recurrence: one recompile
-                base_model.set_looping(base_model.loop_passes_at(point.frac, step))
+            if loop_passes(point.loop_phase, base_model.num_loops) != base_model.loop_passes:  # one recompile
+                base_model.set_looping(loop_passes(point.loop_phase, base_model.num_loops))
                 log(f"looping:{base_model.loop_passes} extra pass(es) step:{step} frac:{point.frac:.3f}")
             train_loss = train_step(step, scale, point.wd_mul)
             step += 1
@@ -446,9 +452,15 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         base_model.load_state_dict(avg.average(base_model.state_dict()), strict=True)
         pre_loss, pre_bpb = evaluate("standard")
         log(f"{kind} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} pre_averaging_val_bpb:{raw_bpb:.4f}")
+    # GPTQ calibration (pgolf/quant/calibrate.py): train batches right after the loop, inside the budget
+    # the GPTQ reserve kept free (eval time excluded, as from train_ms), or the model's own samples.
+    calibration = job.quant.calibrate(
+        base_model, next_batch=lambda: loader.next_batch(sched.train_batch_tokens, sched.train_seq_len, grad_accum)[0],
+        train_s=train_ms / 1000.0, cap_s=sched.max_wallclock_seconds or None, log=log, vocab_size=vocab,
+        device=rt.device, autocast=autocast)
     metrics = finish(job, rt, run_dir, log, base_model, evaluate, dict(
         pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=n_params, steps=step, train_ms=train_ms, peak_mib=peak_mib,
-        unigram_bpb=floor, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb), preemption)
+        unigram_bpb=floor, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb), preemption, calibration)
     rt.close()
     return metrics
 
@@ -484,11 +496,13 @@ def ranks_identical(model: nn.Module, rt: Runtime) -> bool:
 
 
 def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Module, evaluate, t: dict,
-           preemption: Preemption) -> dict:
+           preemption: Preemption, calibration: Any = None) -> dict:
     """Export, reload the artifact into the model, score it, and write metrics.json (rank 0).
 
     final_model.pt and final_state.json come first: a signal from then on stops the run at the
-    next phase boundary, and a resume exports and evaluates again without training."""
+    next phase boundary, and a resume exports and evaluates again without training (the
+    calibration is saved beside them, since training data cannot be read again after the cap)."""
+    calibration = keep_calibration(run_dir, calibration, job.quant, master=rt.master)
     identical = ranks_identical(base_model, rt)
     log(f"ranks_identical:{identical} world_size:{rt.world_size}")
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
@@ -510,7 +524,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     stop_if_preempted()
     if rt.master:
         fault_point("export")
-        report = job.quant.export(state, artifact)
+        report = job.quant.export(state, artifact, calibration, code_bytes=ncode)
         log(report.format_table())
     if rt.distributed:
         dist.barrier()
@@ -540,6 +554,8 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         "final/prequant_bpb": t["pre_bpb"],
         "final/prequant_loss_nats": t["pre_loss"],
         "final/quant_gap_bpb": quant_bpb - t["pre_bpb"],
+        "quant/gap_bpb": {"standard": quant_bpb - t["pre_bpb"]},
+        "calibration": calibration.record() if calibration is not None else dict(NO_CALIBRATION),
         "data/unigram_bpb": t["unigram_bpb"],
         "artifact/model_bytes": nmodel,
         "artifact/code_bytes": ncode,
@@ -565,6 +581,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     if pre_sliding is not None:
         metrics.update({"final/prequant_sliding_bpb": pre_sliding[1], "final/prequant_sliding_loss_nats": pre_sliding[0],
                         "final/quant_sliding_gap_bpb": quant_sliding[1] - pre_sliding[1]})
+        metrics["quant/gap_bpb"]["sliding"] = quant_sliding[1] - pre_sliding[1]
     log(f"final_prequant val_loss:{t['pre_loss']:.8f} val_bpb:{t['pre_bpb']:.8f}"
         + (f" sliding_bpb:{pre_sliding[1]:.8f}" if pre_sliding is not None else ""))
     log(f"final_roundtrip val_loss:{quant_loss:.8f} val_bpb:{quant_bpb:.8f}")

@@ -19,6 +19,32 @@ def seeded_tokens(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 1024, (2, 128), generator=g), torch.randint(0, 1024, (2, 128), generator=g)
 
 
+def gptq_inputs(rows: int, cols: int, seed: int, n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (rows, cols) with a few outlier columns and the input Hessian H = X^T X / n of
+    activations with per-channel scales and one dead channel (7): the GPTQ goldens' inputs."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[:, :4] *= 4.0
+    x = torch.randn(n, cols, generator=g) * (0.25 + torch.rand(cols, generator=g))
+    x[:, 7] = 0.0
+    return w, x.T @ x / n
+
+
+def gptq_state_dict(seed: int = 11) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(state dict, Hessians, activation RMS) of a small model-like set of tensors for the per-class
+    goldens (#1855 / #1945): tok_emb, one MLP and one attention matrix over 65,536 elements, a
+    sparse attention gate (8, 12) and a vector."""
+    shapes = {"tok_emb.weight": (1024, 96), "blocks.0.mlp.fc.weight": (384, 192),
+              "blocks.0.attn.c_q.weight": (288, 256)}
+    sd, hs, rms = {}, {}, {}
+    for i, (name, (r, c)) in enumerate(shapes.items()):
+        sd[name], hs[name] = gptq_inputs(r, c, seed + i)
+        rms[name] = hs[name].diag().sqrt()
+    g = torch.Generator().manual_seed(seed + 100)
+    sd["blocks.0.attn.attn_gate_w"] = torch.randn(8, 12, generator=g) * 0.3
+    sd["blocks.0.attn_scale"] = torch.rand(96, generator=g)
+    return sd, hs, rms
+
 # ---- test-time training goldens (tests/test_ttt_goldens.py; issue 20) ----
 def seeded_stream(n_targets: int, seed: int, vocab: int = 1024, doc_lens: list[int] | None = None) -> torch.Tensor:
     """A validation stream of n_targets + 1 tokens: randint(2, vocab) with, when `doc_lens` is given,

@@ -277,5 +277,6 @@ def test_run_with_doc_attention_logs_it_and_finishes(fast_cache, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "doc_attention:on bos_id:1 kernel:sdpa" in log
+    assert "train_rows:packed" in log  # one packed row per micro-batch (#1530), tests/test_packed_docs.py
     m = metrics(tmp_path / "run")
     assert m["status"] == "finished" and math.isfinite(m["final/quant_sliding_bpb"])

@@ -105,10 +105,14 @@ def test_every_path_agrees(name, luts):
 
 def test_looping_is_on_after_construction_and_the_trainer_schedule_switches_it():
     """A built (or deserialised) model evaluates with the full loop schedule, as the records' evals do
-    (`looping_active=True` after loading); the trainer asks `loop_passes_at(frac)`."""
-    model = GPT(**BASE, num_loops=2, loop_start=1, loop_end=1, enable_looping_at=0.35, loop_phase2_at=0.65)
+    (`looping_active=True` after loading); the trainer sets the passes of the schedule's loop phase."""
+    from pgolf.schedule import Schedule, loop_passes
+
+    model = GPT(**BASE, num_loops=2, loop_start=1, loop_end=1)
+    sched = Schedule(enable_looping_at=0.35, loop_phase2_at=0.65)
     assert model.loop_passes == 2
-    assert [model.loop_passes_at(f) for f in (0.0, 0.34, 0.35, 0.64, 0.65, 1.0)] == [0, 0, 1, 1, 2, 2]
+    assert [loop_passes(sched.loop_phase(f), model.num_loops) for f in (0.0, 0.34, 0.35, 0.64, 0.65, 1.0)] == \
+        [0, 0, 1, 1, 2, 2]
     assert model.schedules[2] == ((0, 1), (1, 1, 2))  # virtual [0, 1, 1, 1, 2], encoder = floor half
     model.set_looping(0)
     assert model.loop_passes == 0 and model.schedules[0] == ((0,), (1, 2))
@@ -123,7 +127,6 @@ def test_looping_is_on_after_construction_and_the_trainer_schedule_switches_it()
     (dict(parallel_start_layer=1, num_loops=1, loop_start=1, loop_end=1), "falls in the U-Net encoder"),
     (dict(parallel_residual="two_lane", parallel_start_layer=2), "model.parallel_residual='two_lane'"),
     (dict(ve_enabled=True, ve_layers=[5]), "model.ve_layers=[5]"),
-    (dict(enable_looping_at=1.5, num_loops=1), "model.enable_looping_at=1.5"),
     (dict(smear_gate="window", gate_window=65), "model.gate_window=65"),
 ])
 def test_bad_options_fail_with_one_line(options, msg):
@@ -148,7 +151,7 @@ def test_every_part_at_once_trains_compiled_on_smoke_data(tmp_path, fast_cache):
     all_on = ["model.num_layers=3", "model.xsa_last_n=3", "model.rope_dims=8", "model.ln_scale=true",
               "model.mlp_activation=leaky_relu2", "model.skip_gates_enabled=true", "model.ve_enabled=true",
               "model.ve_dim=32", "model.ve_layers=[2]", "model.num_loops=1", "model.loop_start=1", "model.loop_end=1",
-              "model.enable_looping_at=0.5", "model.parallel_start_layer=2", "model.sparse_attn_gate_enabled=true",
+              "schedule.enable_looping_at=0.5", "model.parallel_start_layer=2", "model.sparse_attn_gate_enabled=true",
               "model.smear_gate=window"]
     out = run_py([*FAST, fast_cache, "schedule.iterations=5", "compile=true", "logger=none", *all_on,
                   f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)

@@ -34,8 +34,7 @@ FIELDS = {
     **{k: (f"model.{k}", SAME) for k in (
         "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
         "tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "xsa_last_n", "rope_dims", "ln_scale",
-        "skip_gates_enabled", "ve_enabled", "ve_dim", "num_loops", "loop_start", "loop_end", "enable_looping_at",
-        "loop_phase2_at", "recur_start_step", "disable_layer0_attn", "bigram_dim", "gate_window", "negative_slope",
+        "skip_gates_enabled", "ve_enabled", "ve_dim", "num_loops", "loop_start", "loop_end", "disable_layer0_attn", "bigram_dim", "gate_window", "negative_slope",
         "gated_attn_enabled", "gated_attn_init_std", "sparse_attn_gate_enabled", "sparse_attn_gate_init_std",
         "sparse_attn_gate_scale", "attn_out_gate_enabled", "attn_out_gate_src", "parallel_final_lane",
         "parallel_start_layer")},
@@ -61,7 +60,8 @@ FIELDS = {
     "embed_wd": ("optimizer.embed_weight_decay", SAME),
     **{k: (f"schedule.{k}", SAME) for k in (
         "iterations", "warmup_steps", "warmdown_frac", "min_lr", "max_wallclock_seconds", "gptq_reserve_seconds",
-        "train_batch_tokens", "train_seq_len", "train_log_every", "ema_decay")},
+        "train_batch_tokens", "train_seq_len", "train_log_every", "ema_decay", "enable_looping_at", "loop_phase2_at",
+        "recur_start_step")},
     "gptq_reserve_ms": ("schedule.gptq_reserve_seconds", lambda v: v / 1000.0),
     "swa_every": ("schedule.swa_every", SAME),
     "val_loss_every": ("eval.val_loss_every", SAME),

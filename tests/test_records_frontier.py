@@ -23,6 +23,7 @@ from golden import seeded_tokens, seeded_weights
 from pgolf.build import build, to_container
 from pgolf.model import GPT
 from pgolf.model.banks import rebank_state_dict, unbank_state_dict
+from pgolf.schedule import loop_passes
 
 GOLDENS = json.loads((Path(__file__).parent / "goldens" / "records_frontier.json").read_text())["records"]
 # golden name -> its preset, conf/experiment/<preset>.yaml
@@ -186,8 +187,8 @@ def test_unmasked_smeargate_leaks_and_the_mask_stops_it():
         # Attention still crosses documents on the dense path, so compare at the BOS with a
         # one-layer view: the embedding stage alone.
         with torch.no_grad():
-            e = model.smear_part(model, model.tok_emb(x), x)[0, 37]
-            e_alt = model.smear_part(model, model.tok_emb(x_alt), x_alt)[0, 37]
+            e = model.smear_part(model.tok_emb(x), x)[0, 37]
+            e_alt = model.smear_part(model.tok_emb(x_alt), x_alt)[0, 37]
         assert bool((e != e_alt).any()) == leaks, name
         assert not torch.equal(a, b)  # dense attention sees the first document either way
 
@@ -305,15 +306,17 @@ def test_untied_repeat_mlps_start_as_copies_when_looping_switches_on():
 
 def test_recurrence_switches_on_at_a_training_step():
     """#1204 starts recurrence at RECUR_START_STEP (3000), not at a fraction of the budget."""
-    model = build_record("pr1204_parresid_recur")  # the preset's RECUR_START_STEP=3000
-    assert [model.loop_passes_at(f, s) for f, s in ((0.0, 0), (0.9, 2999), (0.1, 3000), (1.0, None))] == [0, 0, 1, 1]
+    cfg = record_cfg("pr1204_parresid_recur")
+    sched, model = build(cfg, "schedule"), build_record("pr1204_parresid_recur")  # the preset's RECUR_START_STEP
+    assert sched.recur_start_step == 3000
+    assert [loop_passes(sched.loop_phase(f, s), model.num_loops) for f, s in
+            ((0.0, 0), (0.9, 2999), (0.1, 3000), (1.0, None))] == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("bad", [dict(value_residual="both"), dict(layer_index="logical"),
                                  dict(loop_untie_mlp=True),
                                  dict(num_loops=1, loop_start=0, loop_end=1, layer_index="virtual",
                                       disable_layer0_attn=True),
-                                 dict(num_loops=1, loop_start=1, loop_end=2, recur_start_step=10, enable_looping_at=0.5),
                                  dict(num_loops=1, loop_start=1, loop_end=2, layer_index="virtual", ve_enabled=True,
                                       ve_layers=[6])])
 def test_value_residual_and_1204_options_reject_bad_values(bad):

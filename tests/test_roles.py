@@ -23,7 +23,7 @@ from pgolf.model.roles import CONTROL, EMBED, MATRIX, control_names, roles_of
 from pgolf.optim import Optimizers
 from pgolf.quant.rules import PRESETS, get_rules, matches
 from test_compile import ALL_ON, TINY
-from test_records_frontier import GOLDENS, pgolf_kwargs
+from test_records_frontier import GOLDENS, model_kwargs as pgolf_kwargs
 
 OPT_GOLDENS = json.loads((Path(__file__).parent / "goldens" / "optimizer_groups_frontier.json").read_text())["records"]
 # The exclusive options ALL_ON leaves out, on a second model: dense gate, untied head, mul bigram, token smear.
@@ -213,6 +213,29 @@ def test_optimizer_grouping_equals_the_records(name):
     assert {k: sorted(v) for k, v in ours.items()} == {k: sorted(v) for k, v in theirs.items()}
 
 
+# The preset files' own optimizer config gives the record's grouping; 04-04 #1334's preset sets
+# MuonEq-R (its folder and README) where the golden's Muon group carries no row_normalize.
+PRESET_GROUPING_DIFFERS = {"pr1334_lanemerge": "muon_row_normalize"}
+
+
+@pytest.mark.parametrize("name", sorted(set(GOLDENS) - set(PRESET_GROUPING_DIFFERS)))
+def test_preset_optimizer_grouping_equals_the_records(name):
+    from test_records_frontier import record_cfg
+
+    from pgolf.build import build
+
+    cfg = record_cfg(name)
+    torch.manual_seed(0)
+    model = build(cfg, "model")
+    opt = build(cfg, "optimizer")(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ours: dict[tuple, set[str]] = {}
+    for o in opt.all:
+        for g in o.param_groups:
+            ours.setdefault(settings("Muon" if o is opt.muon else "Adam", g), set()).update(names[id(p)] for p in g["params"])
+    assert {k: sorted(v) for k, v in ours.items()} == {k: sorted(v) for k, v in record_grouping(name).items()}
+
+
 def test_the_1667_smeargate_is_untrained_in_its_record():
     """A record-code finding the grouping goldens expose: 04-16 #1667's Optimizers collects scalars
     from `blocks` and adds the lane/skip tensors by hand, but not its root-level SmearGate, so
@@ -220,3 +243,20 @@ def test_the_1667_smeargate_is_untrained_in_its_record():
     assert OPT_GOLDENS["pr1667_smeargate_attngate"]["not_in_any_optimizer"] == ["smear_gate.weight", "smear_lambda"]
     assert "smear_lambda" in record_grouping("pr1855_lqer_bossmear")[settings("Adam", dict(
         lr=0.02, weight_decay=0.02, betas=[0.9, 0.99], eps=1e-8))]
+
+
+def test_the_record_readme_names_every_frontier_part():
+    """submit/record.techniques lists what the model's parts say of themselves (GPT.describe), so a
+    frontier run's README names XSA, the gate, the lanes and the loop, not only the early parts."""
+    from omegaconf import OmegaConf
+
+    from pgolf.submit.record import techniques
+
+    cfg = OmegaConf.to_container(pgolf.compose([]), resolve=True)
+    cfg["model"] = dict(pgolf_kwargs("pr1855_lqer_bossmear", "real"), _target_=cfg["model"]["_target_"])
+    lines = techniques(cfg)
+    for needle in ("LeakyReLU(0.5)^2", "partial RoPE on 16 of 64", "XSA on 11 of 11 layers", "sparse attention gate",
+                   "BOS-masked", "sigmoid-gated U-Net skips", "2x2 routed parallel lanes", "depth recurrence"):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
+    assert not [line for line in techniques(OmegaConf.to_container(pgolf.compose([]), resolve=True))
+                if "XSA" in line or "gate" in line]  # the baseline lists none of them

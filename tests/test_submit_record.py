@@ -1,6 +1,7 @@
 """`python -m pgolf.submit` on three real smoke runs: the record folder it writes, every refusal
 (each must name the run, the value and the fix, and write nothing), and the bundled
-train_gpt.py, which must reproduce the runs' metrics with no pgolf importable."""
+train_gpt.py, which must reproduce the runs' metrics with no pgolf importable, in both forms:
+the counted two-line script (minified, lzma, base85) and the readable source."""
 
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def test_record_folder_holds_the_runs_figures(runs, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "submission.json", "train_gpt.py",
+                                                     "train_gpt_readable.py",
                                                      *(f"train_seed{seed}.log" for seed in SEEDS)]
     ms = [metrics(r) for r in runs]
     bpbs = [m["final/quant_sliding_bpb"] for m in ms]
@@ -111,12 +113,18 @@ def test_record_folder_holds_the_runs_figures(runs, tmp_path, capsys):
         assert (out / f"train_seed{seed}.log").read_bytes() == (run / "train.log").read_bytes()
     source = (out / "train_gpt.py").read_text()
     compile(source, "train_gpt.py", "exec")
+    assert source.count("\n") == 2 and source.startswith("import lzma as L,base64 as B\nexec(")
     assert bundle.write_bundle(runs[0], tmp_path / "again.py").read_text() == source
+    readable = (out / "train_gpt_readable.py").read_text()
+    assert readable == bundle.write_bundle(runs[0], tmp_path / "plain.py", plain=True).read_text()
+    assert len(readable) > 3 * code
 
     readme = (out / "README.md").read_text()
     for needle in [f"**val_bpb {statistics.fmean(bpbs):.8f}**", f"std {statistics.stdev(bpbs):.8f}",
                    f"| {statistics.stdev(bpbs):.8f} | {statistics.stdev(losses):.8f} |",
-                   f"**{sub['bytes_total']:,}**", f"bytes_code (train_gpt.py): {code:,}",
+                   f"**{sub['bytes_total']:,}**",
+                   f"bytes_code (train_gpt.py, minified + lzma + base85): {code:,}; `train_gpt_readable.py` is the "
+                   "same code as readable source (not counted)",
                    "SEED=1 torchrun --standalone --nproc_per_node=8 train_gpt.py",
                    "SEED=2 torchrun --standalone --nproc_per_node=8 train_gpt.py",
                    "2 layers x 128 dim, 4 heads / 2 KV heads, MLP 2.0x (hidden 256)",
@@ -143,16 +151,18 @@ def test_over_time_runs_become_a_non_record_submission_only_when_allowed(runs, t
                    "--allow-non-record to submit it to the unlimited-compute track\n")
     assert snapshot(tmp_path) == before
 
-    assert main(["record", *map(str, slow), *ID, "--allow-non-record", "--pack", "-o", str(out)]) == 0
+    assert main(["record", *map(str, slow), *ID, "--allow-non-record", "--plain", "-o", str(out)]) == 0
     sub = json.loads((out / "submission.json").read_text())
     assert sub["bytes_code"] == (out / "train_gpt.py").stat().st_size
+    assert (out / "train_gpt.py").read_text() == bundle.render(read_run(slow[0]).config)  # the readable source
+    assert not (out / "train_gpt_readable.py").exists()
     assert sub["track"] == "non-record-unlimited-compute-16mb"
     assert sub["non_record_reason"] == "unlimited compute: seed 3 trained 703.0 s, over the 10min_16mb track's 600 s"
     assert sub["blurb"].startswith("Non-record (unlimited compute")
     assert sub["train_time_seconds"] == 703.0
     readme = (out / "README.md").read_text()
     assert "**Non-record submission** (unlimited compute: seed 3 trained 703.0 s" in readme
-    assert f"bytes_code (train_gpt.py, lzma-packed): {sub['bytes_code']:,}" in readme
+    assert f"bytes_code (train_gpt.py): {sub['bytes_code']:,}\n" in readme
 
 
 def test_a_capped_run_may_finish_the_step_that_crossed_the_cap(runs):
@@ -176,7 +186,7 @@ def test_config_falls_back_to_hydra_config(runs, tmp_path):
     assert read_run(run).config == read_run(runs[0]).config
 
 
-def fixed_size_bundle(run_dir: Path, out: Path, *, pack: bool = False) -> Path:
+def fixed_size_bundle(run_dir: Path, out: Path, *, plain: bool = False) -> Path:
     out.write_bytes(b"#" * 1000)
     return out
 
@@ -185,13 +195,17 @@ def fixed_size_bundle(run_dir: Path, out: Path, *, pack: bool = False) -> Path:
 def over_cap(runs, tmp):
     big = copy_run(runs[1], tmp / "big", metrics_update={"artifact/model_bytes": 15_999_001})
     return [runs[0], big], [], (f"{big} (seed 2): total bytes 16,000,001 = model 15,999,001 + code 1,000 exceeds the "
-                                "16,000,000-byte cap by 1; shrink the model (fewer parameters, a smaller quant preset) "
-                                "or pass --pack")
+                                "16,000,000-byte cap by 1; shrink the model (fewer parameters, a smaller quant preset)")
 
 
 def over_cap_non_record(runs, tmp):
     dirs, _, line = over_cap(runs, tmp)
     return dirs, ["--allow-non-record"], line
+
+
+def over_cap_plain(runs, tmp):
+    dirs, _, line = over_cap(runs, tmp)
+    return dirs, ["--plain"], line + " or drop --plain"
 
 
 def config_differs(runs, tmp):
@@ -241,7 +255,7 @@ def record_into_non_record_track(runs, tmp):
         "submission; use records/track_10min_16mb/x, or pass --allow-non-record")
 
 
-@pytest.mark.parametrize("case", [over_cap, over_cap_non_record, config_differs, no_metrics, still_running, failed,
+@pytest.mark.parametrize("case", [over_cap, over_cap_non_record, over_cap_plain, config_differs, no_metrics, still_running, failed,
                                   duplicate_seed, output_not_empty, record_into_non_record_track],
                          ids=lambda f: f.__name__)
 def test_refusals_name_the_run_value_and_fix_and_write_nothing(case, runs, tmp_path, capsys, monkeypatch):
@@ -261,6 +275,10 @@ def test_bundle_command_writes_the_script_and_refuses_a_dir_without_config(runs,
     script = tmp_path / "train_gpt.py"
     assert capsys.readouterr().out == f"wrote {script} ({script.stat().st_size:,} bytes)\n"
     assert script.read_text() == bundle.write_bundle(runs[0], tmp_path / "again.py").read_text()
+    assert script.stat().st_size == metrics(runs[0])["artifact/code_bytes"]  # what the run counted
+    assert main(["bundle", str(runs[0]), "-o", str(tmp_path / "readable.py"), "--plain"]) == 0
+    assert (tmp_path / "readable.py").read_text() == bundle.render(read_run(runs[0]).config)
+    capsys.readouterr()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["bundle", str(empty), "-o", str(tmp_path / "x.py")]) == 2
@@ -281,10 +299,10 @@ def run_script(script: Path, cwd: Path, env: dict) -> subprocess.CompletedProces
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
-def test_the_bundle_reproduces_the_run_of_its_seed(runs, tmp_path, pack):
-    index = 1 if pack else 0  # the script's SEED picks the run; its default is the first run's seed
-    script = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py", pack=pack)
+@pytest.mark.parametrize("plain", [True, False], ids=["plain", "counted"])
+def test_the_bundle_reproduces_the_run_of_its_seed(runs, tmp_path, plain):
+    index = 0 if plain else 1  # the script's SEED picks the run; its default is the first run's seed
+    script = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py", plain=plain)
     r = run_script(script, tmp_path, {"SEED": str(SEEDS[index]), "RUN_DIR": str(tmp_path / "run")})
     assert r.returncode == 0, r.stderr[-3000:]
     got, want = metrics(tmp_path / "run"), metrics(runs[index])
@@ -297,15 +315,16 @@ def test_the_bundle_reproduces_the_run_of_its_seed(runs, tmp_path, pack):
 
 
 def test_the_bundle_imports_only_the_allowed_packages(runs, tmp_path):
-    source = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py").read_text()
+    source = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py", plain=True).read_text()
     roots = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
              for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     # FlashAttention is optional (model/docs.py imports it under try/except ImportError).
     optional = {"zstandard", "flash_attn_interface", "flash_attn"}
     assert roots - set(sys.stdlib_module_names) - optional == {"torch", "numpy", "sentencepiece"}
     assert "pgolf.data.prepare is not part of this bundled script" in source  # the one unused path
-    packed = bundle.write_bundle(runs[0], tmp_path / "packed.py", pack=True).read_text()
-    assert packed.count("\n") == 2 and len(packed) < len(source) / 2.5
+    counted = bundle.write_bundle(runs[0], tmp_path / "counted.py").read_text()
+    assert counted.count("\n") == 2 and len(counted) < len(source) / 3
+    assert "class BigramHash" not in source and "class DocumentPackingLoader" not in source  # parts left out
 
 
 def test_the_bundle_rejects_a_bad_environment_value(runs, tmp_path):
@@ -313,12 +332,18 @@ def test_the_bundle_rejects_a_bad_environment_value(runs, tmp_path):
     r = run_script(script, tmp_path, {"ITERATIONS": "ten"})
     assert r.returncode == 2
     assert r.stderr == f"error: ITERATIONS='ten' is not a int; e.g. ITERATIONS={STEPS}\n"
+    # An option whose other values need code the bundle left out cannot be switched from outside.
+    r = run_script(script, tmp_path, {"SMEAR_GATE": "token"})
+    assert r.returncode == 2
+    assert r.stderr == ("error: model.smear_gate='token': this script was bundled for model.smear_gate='none' and "
+                        "left out the code other values use; bundle a run with that setting (python -m pgolf.submit "
+                        "bundle RUN_DIR)\n")
     assert not (tmp_path / "logs").exists()
 
 
 @pytest.mark.slow
 def test_the_bundle_runs_under_torchrun(runs, tmp_path):
-    script = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py", pack=True)
+    script = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "ITERATIONS": "4", "WARMUP_STEPS": "0"})

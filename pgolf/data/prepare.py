@@ -38,7 +38,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from pgolf.data import caseops as caseops_mod
-from pgolf.data.byte_counts import SIDECAR_PREFIX, check_document
+from pgolf.data.byte_counts import SIDECAR_PREFIX, check_document, literal_space_counts, lut_charges
 from pgolf.data.shards import write_shard
 from pgolf.errors import PgolfError
 
@@ -302,15 +302,17 @@ def _export(docs: Iterator[str], sp: spm.SentencePieceProcessor, *, out_dir: Pat
     from pgolf.evaluate import build_byte_luts
 
     luts = build_byte_luts(sp, sp.vocab_size())
-    writers = {split: _ShardWriter(out_dir, split, shard_tokens, sidecar=caseops and split == "val")
-               for split in ("val", "train")}
+    # Validation always gets a byte sidecar while building; without CaseOps it is kept only when a
+    # document holds a literal '▁' (the tables would charge it 1 byte of its 3; issue 21).
+    writers = {split: _ShardWriter(out_dir, split, shard_tokens, sidecar=split == "val") for split in ("val", "train")}
+    literal_docs = 0
     digest = hashlib.sha256()
     val_docs: dict[bytes, int] = {}
     n = bytes_val = 0
     with tqdm(total=total, unit="doc", desc="tokenizing", disable=None) as bar:  # disable=None: off if no tty
         for batch in _batched(docs, ENCODE_BATCH_DOCS):
             texts = [caseops_mod.encode(t) for t in batch] if caseops else batch
-            spans = caseops and n < num_val_docs  # the sidecar needs each piece's end offset
+            spans = n < num_val_docs  # the sidecar needs each piece's offsets
             encoded = sp.encode(texts, out_type="proto" if spans else int, num_threads=_num_threads())
             for text, seen, enc in zip(batch, texts, encoded):
                 raw = text.encode("utf-8")
@@ -332,7 +334,12 @@ def _export(docs: Iterator[str], sp: spm.SentencePieceProcessor, *, out_dir: Pat
                                              "them to (it is only whitespace); drop it from the source")
                         bytes_val += len(raw)
                     else:
-                        bytes_val += check_document(sp, luts, text, ids, where=f"validation document {n}")
+                        counts = literal_space_counts(luts, text, ids, [(p.begin, p.end) for p in enc.pieces],
+                                                      sp.bos_id())
+                        literal_docs += int(counts.sum() != lut_charges(luts, ids, sp.bos_id()).sum())
+                        bytes_val += check_document(sp, luts, text, ids, where=f"validation document {n}",
+                                                    counts=counts)
+                        counts = np.concatenate([[0], counts])
                 elif key in val_docs:
                     raise PgolfError(f"training document {n} repeats validation document {val_docs[key]}: the "
                                      "model would train on text it is scored on; remove the duplicate from the source")
@@ -341,7 +348,10 @@ def _export(docs: Iterator[str], sp: spm.SentencePieceProcessor, *, out_dir: Pat
             bar.update(len(batch))
     for w in writers.values():
         w.flush()
-    stats = {"docs_total": n}
+    if not caseops and not literal_docs:  # the tables are exact: no sidecar, as the challenge's data
+        for f in out_dir.glob(f"{SIDECAR_PREFIX}*.bin"):
+            f.unlink()
+    stats = {"docs_total": n, "val_docs_with_literal_space": literal_docs}
     for key in ("docs", "tokens", "files"):
         for split, w in writers.items():
             stats[f"{key}_{split}"] = getattr(w, f"num_{key}")
@@ -395,7 +405,7 @@ def prepare(*, source: str, path: str | None, vocab_size: int, out: str, num_val
             "stats": stats,
             "train_glob": "fineweb_train_*.bin",
             "val_glob": "fineweb_val_[0-9]*.bin",
-            "val_bytes_glob": f"{SIDECAR_PREFIX}*.bin" if caseops else None,
+            "val_bytes_glob": f"{SIDECAR_PREFIX}*.bin" if caseops or stats["val_docs_with_literal_space"] else None,
             "tokenizer_path": "tokenizer.model",
             "tokenizer_vocab_path": "tokenizer.vocab",
             "requested_vocab_size": vocab_size,

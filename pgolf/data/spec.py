@@ -110,9 +110,11 @@ class DataSpec:
                     normalization=self.normalization, caseops=self.caseops,
                 )
         self._check_manifest(out)
-        return self._resolved(out, out / "tokenizer.model")
+        # A built split keeps a byte sidecar when its text has a literal '▁' (prepare, issue 21).
+        sidecar = bool(json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("val_bytes_glob"))
+        return self._resolved(out, out / "tokenizer.model", sidecar=sidecar)
 
-    def _resolved(self, data_dir: Path, tokenizer: Path) -> ResolvedData:
+    def _resolved(self, data_dir: Path, tokenizer: Path, sidecar: bool = False) -> ResolvedData:
         from pgolf.data.byte_counts import SIDECAR_PREFIX, sidecar_pattern
 
         val = str(data_dir / self.val_files)
@@ -120,7 +122,7 @@ class DataSpec:
             raise PgolfError(f"data.val_files={self.val_files!r} also matches the byte sidecar {SIDECAR_PREFIX}*.bin "
                              f"in {data_dir}; use data.val_files='fineweb_val_[0-9]*.bin'")
         return ResolvedData(train_pattern=str(data_dir / self.train_files), val_pattern=val,
-                            tokenizer_path=str(tokenizer), val_bytes_pattern=sidecar_pattern(val) if self.caseops else None)
+                            tokenizer_path=str(tokenizer), val_bytes_pattern=sidecar_pattern(val) if self.caseops or sidecar else None)
 
     def _check_manifest(self, out: Path) -> None:
         from pgolf.data.prepare import STDLIB_SHUFFLE_SEED

@@ -18,10 +18,6 @@ from pgolf.model.roles import CONTROL, set_role, with_role
 from pgolf.model.rotary import apply_rotary
 from pgolf.model.value_residual import LayerValues, add_value_residual_params, value_residual
 
-# attn_gate value -> the record that introduced it.
-ATTN_GATES = ("none", "attn_out", "dense", "sparse")
-
-
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     """XSA (2026-03-20 #265): remove from each head's output its component along the token's own
     value vector, y <- y - (y . v^) v^ with v^ = v/|v|. GQA-aware: y (B, T, H, D) is viewed as
@@ -32,27 +28,62 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     return (y_g - (y_g * vn).sum(dim=-1, keepdim=True) * vn).reshape(B, T, H, D)
 
 
-def attn_out_gate(attn: "CausalSelfAttention", y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
+class AttnOutGate:
     """AttnOutGate (2026-04-16 #1667): y_h <- 2*sigmoid(W s[..., :w]) * y_h, W (H, w) zero-init,
-    so the gate is 1 at init; s is the attention input (`attn_out_gate_src=proj`) or q (`q`)."""
-    src = q_raw if attn.attn_out_gate_src == "q" else x
-    g = 2.0 * torch.sigmoid(attn.attn_gate_proj(src[..., : attn.gate_window].contiguous()))  # (B, T, H)
-    return y * g[..., None]
+    so the gate is 1 at init; s is the attention input (`attn_out_gate_src=proj`) or q (`q`).
+    `members`: what the attention registers under the record's names (`attn_gate_proj`)."""
+
+    def __init__(self, dim: int, num_heads: int, *, gate_window: int, attn_out_gate_src: str, **_):
+        self.window, self.src = gate_window, attn_out_gate_src
+        self.proj = with_role(CastedLinear(gate_window, num_heads), CONTROL)  # Adam, fp32, kept float
+        self.proj._zero_init = True
+        self.members = {"attn_gate_proj": (self.proj, None)}
+
+    def __call__(self, y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
+        src = q_raw if self.src == "q" else x
+        g = 2.0 * torch.sigmoid(self.proj(src[..., : self.window].contiguous()))  # (B, T, H)
+        return y * g[..., None]
+
+    def describe(self) -> str:
+        return f"attention output gate 2*sigmoid(W s[:{self.window}]) per head, s = {self.src} (2026-04-16 #1667)"
 
 
-def dense_attn_gate(attn: "CausalSelfAttention", y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
+class DenseAttnGate:
     """Gated attention (2026-04-19 #1736, Qwen G1 head-wise): y_h <- sigmoid(W x) * y_h with
-    W (H, dim) ~ N(0, gated_attn_init_std^2), so the gate is about 0.5 at init."""
-    g = torch.sigmoid(F.linear(x.contiguous(), attn.attn_gate_w.to(x.dtype)))
-    return y * g[..., None]
+    W (H, dim) ~ N(0, gated_attn_init_std^2), so the gate is about 0.5 at init (`attn_gate_w`)."""
+
+    def __init__(self, dim: int, num_heads: int, *, gated_attn_init_std: float, **_):
+        self.w = nn.Parameter(torch.randn(num_heads, dim) * gated_attn_init_std)
+        self.members = {"attn_gate_w": (self.w, CONTROL)}
+
+    def __call__(self, y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
+        g = torch.sigmoid(F.linear(x.contiguous(), self.w.to(x.dtype)))
+        return y * g[..., None]
+
+    def describe(self) -> str:
+        return "dense gated attention sigmoid(W x) per head, W (H, dim) (2026-04-19 #1736)"
 
 
-def sparse_attn_gate(attn: "CausalSelfAttention", y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
+class SparseAttnGate:
     """SparseAttnGate (2026-04-23 #1787): y_h <- sigmoid(scale * W x[..., :w]) * y_h, W (H, w)
-    zero-init (0.5 at init); scale 1.0 in #1787, 0.5 in #1855."""
-    gate_in = x[..., : attn.gate_window].contiguous()
-    g = torch.sigmoid(attn.sparse_attn_gate_scale * F.linear(gate_in, attn.attn_gate_w.to(x.dtype)))
-    return y * g[..., None]
+    zero-init (0.5 at init); scale 1.0 in #1787, 0.5 in #1855 (`attn_gate_w`)."""
+
+    def __init__(self, dim: int, num_heads: int, *, gate_window: int, sparse_attn_gate_init_std: float,
+                 sparse_attn_gate_scale: float, **_):
+        self.window, self.scale = gate_window, sparse_attn_gate_scale
+        self.w = nn.Parameter(torch.randn(num_heads, gate_window) * sparse_attn_gate_init_std)
+        self.members = {"attn_gate_w": (self.w, CONTROL)}
+
+    def __call__(self, y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
+        g = torch.sigmoid(self.scale * F.linear(x[..., : self.window].contiguous(), self.w.to(x.dtype)))
+        return y * g[..., None]
+
+    def describe(self) -> str:
+        return (f"sparse attention gate sigmoid({self.scale:g} * W x[:{self.window}]) per head "
+                "(2026-04-23 #1787, scale 0.5 in #1855)")
+
+
+OUTPUT_GATES = {"none": None, "attn_out": AttnOutGate, "dense": DenseAttnGate, "sparse": SparseAttnGate}
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,20 +112,16 @@ class CausalSelfAttention(nn.Module):
         set_role(self, "q_gain", CONTROL)
         self.use_xsa = xsa
         add_value_residual_params(self, value_residual_form)  # value_residual.py
-        self.gate_window = gate_window
-        self.output_gate = {"none": None, "attn_out": attn_out_gate, "dense": dense_attn_gate,
-                            "sparse": sparse_attn_gate}[attn_gate]
-        if attn_gate == "attn_out":
-            self.attn_out_gate_src = attn_out_gate_src
-            self.attn_gate_proj = with_role(CastedLinear(gate_window, num_heads), CONTROL)  # Adam, fp32, kept float
-            self.attn_gate_proj._zero_init = True
-        elif attn_gate == "dense":
-            self.attn_gate_w = nn.Parameter(torch.randn(num_heads, dim) * gated_attn_init_std)
-            set_role(self, "attn_gate_w", CONTROL)
-        elif attn_gate == "sparse":
-            self.sparse_attn_gate_scale = sparse_attn_gate_scale
-            self.attn_gate_w = nn.Parameter(torch.randn(num_heads, gate_window) * sparse_attn_gate_init_std)
-            set_role(self, "attn_gate_w", CONTROL)
+        # The output gate part holds its parameters; they sit here under the records' names.
+        gate = OUTPUT_GATES[attn_gate]
+        self.output_gate = gate and gate(dim, num_heads, gate_window=gate_window, attn_out_gate_src=attn_out_gate_src,
+                                         gated_attn_init_std=gated_attn_init_std,
+                                         sparse_attn_gate_init_std=sparse_attn_gate_init_std,
+                                         sparse_attn_gate_scale=sparse_attn_gate_scale)
+        for name, (member, role) in (self.output_gate.members.items() if self.output_gate else ()):
+            setattr(self, name, member)
+            if role is not None:
+                set_role(self, name, role)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, values: LayerValues | None = None,
                 docs: DocMask | None = None, lin: "CausalSelfAttention | None" = None) -> Tensor:
@@ -112,7 +139,7 @@ class CausalSelfAttention(nn.Module):
             v = v + values.ve
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         if self.value_residual is not None:  # value residual (2026-03-23 #549 / 03-25): v0 of the first layer
-            v = value_residual(self, v, values.v0)
+            v = value_residual(self.value_residual, v, values.v0)
         q = F.rms_norm(q, (q.size(-1),))
         k = F.rms_norm(k, (k.size(-1),))
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -123,5 +150,5 @@ class CausalSelfAttention(nn.Module):
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
         if self.output_gate is not None:
-            y = self.output_gate(self, y, x, q_raw)
+            y = self.output_gate(y, x, q_raw)
         return lin.proj(y.contiguous().reshape(B, T, C))

@@ -31,8 +31,7 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
                      gated_attn_enabled: bool = False, sparse_attn_gate_enabled: bool = False, gate_window: int = 12,
                      parallel_start_layer: int = 0, parallel_residual: str = "routed_2x2",
                      parallel_final_lane: str = "mean", num_loops: int = 0, loop_start: int = 0, loop_end: int = 0,
-                     enable_looping_at: float = 0.0, loop_phase2_at: float = 0.0, loop_untie_mlp: bool = False,
-                     recur_start_step: int = 0, layer_index: str = "physical", disable_layer0_attn: bool = False,
+                     loop_untie_mlp: bool = False, layer_index: str = "physical", disable_layer0_attn: bool = False,
                      ve_enabled: bool = False,
                      ve_dim: int = 128, ve_layers: list[int] | str | None = None, value_residual: str = "none",
                      bos_id: int = 1,
@@ -92,11 +91,6 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
     if num_loops and not 0 <= loop_start <= loop_end < num_layers:
         raise PgolfError(f"model.loop_start={loop_start}, model.loop_end={loop_end} must satisfy "
                          f"0 <= loop_start <= loop_end < num_layers={num_layers} (physical indices, inclusive)")
-    for field, value in (("enable_looping_at", enable_looping_at), ("loop_phase2_at", loop_phase2_at)):
-        if not 0 <= value <= 1:
-            raise PgolfError(f"model.{field}={value} must be a fraction of the training budget in [0, 1]")
-    if loop_phase2_at and loop_phase2_at < enable_looping_at:
-        raise PgolfError(f"model.loop_phase2_at={loop_phase2_at} must be >= model.enable_looping_at={enable_looping_at}")
     if not 0 <= parallel_start_layer < num_layers:
         raise PgolfError(f"model.parallel_start_layer={parallel_start_layer} must be 0 (off) or a physical layer "
                          f"in 1..{num_layers - 1}")
@@ -111,9 +105,6 @@ def check_model_args(*, vocab_size: int = 1024, num_layers: int = 9, model_dim: 
         raise PgolfError("model.disable_layer0_attn=true with model.layer_index=virtual turns off virtual layer 0 "
                          "only, but the loop repeats physical layer 0, whose attention matrices it drops: "
                          "use loop_start >= 1")
-    if recur_start_step < 0 or (recur_start_step and enable_looping_at):
-        raise PgolfError(f"model.recur_start_step={recur_start_step} must be >= 0 (0 = start at "
-                         "model.enable_looping_at) and is an alternative to model.enable_looping_at: set one of them")
     if loop_untie_mlp and not num_loops:
         raise PgolfError("model.loop_untie_mlp=true needs depth recurrence (model.num_loops >= 1)")
     # ve_layers count virtual layers under layer_index=virtual (#1204), physical ones otherwise.

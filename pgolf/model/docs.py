@@ -81,12 +81,20 @@ def segment_cu_seqlens(starts: Tensor) -> Tensor:
 
 def build_doc_mask(ids: Tensor, bos_id: int, backend: str | None = None) -> DocMask:
     """The document mask of token ids (B, T) for `backend` (default: from the device)."""
-    backend = backend or doc_backend(ids.device)
-    B, T = ids.shape
     starts = ids == bos_id
+    return segment_mask(starts, starts, backend or doc_backend(ids.device))
+
+
+def segment_mask(segments: Tensor, starts: Tensor, backend: str, max_seqlen: int | None = None) -> DocMask:
+    """The mask of segments (B, T) bool, True where a segment starts (a row start is one too):
+    causal attention within each segment. `starts` (B, T) bool marks the BOS positions the
+    embedding-path parts restart at (a segment may also start mid-document: #1530 cuts a
+    document every train_seq_len tokens, and SmearGate does not restart there). `max_seqlen`:
+    the longest segment, for the varlen kernel (default T)."""
+    B, T = segments.shape
     if backend == "varlen":
-        return DocMask(backend, starts, cu_seqlens=segment_cu_seqlens(starts), max_seqlen=T)
-    doc = doc_ids(ids, bos_id)
+        return DocMask(backend, starts, cu_seqlens=segment_cu_seqlens(segments), max_seqlen=max_seqlen or T)
+    doc = torch.cumsum(segments.to(torch.int32), dim=1)  # (B, T) segment index
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -94,9 +102,9 @@ def build_doc_mask(ids: Tensor, bos_id: int, backend: str | None = None) -> DocM
             return (q >= kv) & (doc[b, q] == doc[b, kv])
 
         return DocMask(backend, starts, block_mask=create_block_mask(same_doc_causal, B, None, T, T,
-                                                                     device=ids.device), max_seqlen=T)
+                                                                     device=segments.device), max_seqlen=T)
     if backend == "sdpa":
-        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
         mask = causal & (doc[:, :, None] == doc[:, None, :])  # (B, T, T)
         return DocMask(backend, starts, mask=mask[:, None], max_seqlen=T)
     raise PgolfError(f"doc attention backend {backend!r} is not one of {', '.join(DOC_BACKENDS)}")

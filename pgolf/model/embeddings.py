@@ -27,6 +27,8 @@ embeddings are a per-token lookup and mix nothing.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -84,6 +86,87 @@ def window_smear(x: Tensor, gate: nn.Module, lam: Tensor, window: int, keep_prev
     return torch.cat([x[:, :1], x[:, 1:] + g * prev], dim=1)
 
 
+class SmearPart:
+    """One SmearGate variant wired for a model: `stage` ("pre" or "post" the embedding RMSNorm),
+    `members` (record name -> (module or parameter, role) for the model to register at top level),
+    called as part(x (B, T, D), ids (B, T), starts (B, T) or None) -> (B, T, D)."""
+
+    stage = "pre"
+    members: dict = {}
+
+    def describe(self) -> str:
+        return SMEAR_DESCRIPTIONS[self.variant]
+
+
+class SigmoidSmearPart(SmearPart):
+    """`pre_norm` (#65, `smeargate.gate`) or `post_norm` (2026-03-20, `smear.gate`)."""
+
+    def __init__(self, variant: str, model_dim: int):
+        self.variant, self.stage = variant, "pre" if variant == "pre_norm" else "post"
+        self.module = SigmoidSmear(model_dim, pre_norm=variant == "pre_norm")
+        self.members = {SMEAR_ATTR[variant]: (self.module, None)}
+
+    def __call__(self, x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
+        return self.module(x, starts)
+
+
+class TokenSmearPart(SmearPart):
+    """PR #192: `smear_gate` (a plain nn.Linear on all dims, bf16 in a bf16 run) and `smear_lambda`."""
+
+    variant = "token"
+
+    def __init__(self, model_dim: int):
+        self.gate = with_role(nn.Linear(model_dim, 1, bias=False), replace(SMEAR, fp32=False))
+        self.gate._zero_init = True
+        self.lam = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        self.members = {"smear_gate": (self.gate, None), "smear_lambda": (self.lam, SMEAR)}
+
+    def __call__(self, x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
+        return token_smear(x, self.gate, self.lam, starts)
+
+
+class WindowSmearPart(SmearPart):
+    """#1667 / #1855: `smear_gate` (CastedLinear on the first `gate_window` dims) and `smear_lambda`;
+    the previous token is masked where the current one is BOS unless `bos_mask` is off (#1667)
+    and no document mask is given."""
+
+    variant = "window"
+
+    def __init__(self, gate_window: int, bos_mask: bool, bos_id: int):
+        self.window, self.bos_mask, self.bos_id = gate_window, bos_mask, bos_id
+        self.gate = with_role(CastedLinear(gate_window, 1), SMEAR)
+        self.gate._zero_init = True
+        self.lam = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        self.members = {"smear_gate": (self.gate, None), "smear_lambda": (self.lam, SMEAR)}
+
+    def __call__(self, x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
+        masked = self.bos_mask or starts is not None
+        keep = (ids[:, 1:] != self.bos_id).to(x.dtype).unsqueeze(-1) if masked else None
+        return window_smear(x, self.gate, self.lam, self.window, keep)
+
+    def describe(self) -> str:
+        mask = "BOS-masked (2026-04-27 #1855)" if self.bos_mask else "unmasked across BOS (2026-04-16 #1667)"
+        return f"SmearGate x_t + lam*sigmoid(w.x_t[:{self.window}])*x_(t-1) on the raw embedding, {mask}"
+
+
+SMEAR_DESCRIPTIONS = {
+    "pre_norm": "SmearGate before the embedding norm, gate init 3 (#65)",
+    "post_norm": "SmearGate after the embedding norm, gate init 0 (2026-03-20 records)",
+    "token": "per-token SmearGate x_t + lam*sigmoid(w.x_t)*x_(t-1) (PR #192)",
+}
+
+
+def smear_part(variant: str, model_dim: int, *, gate_window: int, bos_mask: bool, bos_id: int) -> SmearPart | None:
+    """The SmearGate part of a variant in SMEAR_VARIANTS ("none": None)."""
+    if variant in SMEAR_ATTR:
+        return SigmoidSmearPart(variant, model_dim)
+    if variant == "token":
+        return TokenSmearPart(model_dim)
+    if variant == "window":
+        return WindowSmearPart(gate_window, bos_mask, bos_id)
+    return None
+
+
 class ValueEmbedding(nn.Module):
     """Value embeddings (#374, in the 2026-03-22 #414 to 2026-04-04 records): one shared table
     `embed` (V, ve_dim) ~ N(0, 0.01^2), projected by `proj` (zero-init; absent when ve_dim equals
@@ -99,6 +182,11 @@ class ValueEmbedding(nn.Module):
             self.proj._zero_init = True
         self.scale = nn.Parameter(torch.tensor(0.1, dtype=torch.float32))
         set_role(self, "scale", CONTROL)
+
+    def describe(self, layers: list[int]) -> str:
+        proj = f", projected to {self.proj.out_features}" if self.proj is not None else ""
+        return (f"value embeddings: one {self.embed.num_embeddings} x {self.embed.embedding_dim} table{proj}, "
+                f"added to v on layers {layers} (#374 via 2026-03-22 #414)")
 
     def forward(self, ids: Tensor) -> Tensor:
         h = self.embed(ids)
@@ -140,9 +228,17 @@ class BigramHash(nn.Module):
             nn.init.zeros_(self.proj.weight)
             # #65 flags it zero-init; the xor records zero it here but let OrthoInit overwrite it.
             self.proj._zero_init = hash == "mul"
+        self.scale_init, self.init = scale_init, init
         self.scale = None if scale_init is None else nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
         if self.scale is not None:
             set_role(self, "scale", CONTROL)
+
+    def describe(self) -> str:
+        table = getattr(self, self.table_name)
+        scale = f", learned scale init {self.scale_init:g}" if self.scale_init is not None else ""
+        record = "#65" if self.hash == "mul" else "2026-03-20 records"
+        return (f"BigramHash: {self.buckets} buckets x {table.embedding_dim} dim, {self.hash} hash, {self.init} init"
+                f"{scale} ({record})")
 
     def indices(self, ids: Tensor, starts: Tensor | None = None) -> Tensor:
         """Bucket index of each (previous, current) pair: (B, T) -> (B, T) int64. Positions where

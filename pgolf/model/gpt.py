@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -22,38 +21,18 @@ from torch import Tensor, nn
 from pgolf.model.block import Block
 from pgolf.model.checks import _layer_list, check_model_args
 from pgolf.model.docs import DocMask, build_doc_mask, doc_backend
-from pgolf.model.embeddings import (BIGRAM_ATTR, SMEAR_ATTR, BigramHash, SigmoidSmear, ValueEmbedding,
-                                    orthogonal_init_, overtone_init_, phase_resid_mix_init_, token_smear, window_smear)
+from pgolf.model.embeddings import (BIGRAM_ATTR, BigramHash, ValueEmbedding, orthogonal_init_, overtone_init_,
+                                    phase_resid_mix_init_, smear_part)
 from pgolf.model.head import asym_softcap
 from pgolf.model.linear import CastedLinear
 from pgolf.model.mlp import MLP
-from pgolf.model.recurrence import layer_plan, layer_schedule, num_skips
+from pgolf.model.recurrence import describe_loop, layer_plan, layer_schedule, num_skips
 from pgolf.model.residual import Layer, Routing, fork
-from pgolf.model.roles import CONTROL, EMBED, HEAD, SMEAR, param_groups, roles_of, set_role, with_role
-from pgolf.model.rotary import rotary_tables
-from pgolf.model.value_residual import LayerValues
+from pgolf.model.roles import CONTROL, EMBED, HEAD, param_groups, roles_of, set_role, with_role
+from pgolf.model.rotary import describe_rope, rotary_tables
+from pgolf.model.value_residual import VR_DESCRIPTIONS, LayerValues
 
 log = logging.getLogger("pgolf.model")
-
-
-# `starts` (B, T): document starts under doc attention (docs.py), else None.
-def _smear_sigmoid(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
-    return getattr(gpt, SMEAR_ATTR[gpt.smear_variant])(x, starts)
-
-
-def _smear_token(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
-    return token_smear(x, gpt.smear_gate, gpt.smear_lambda, starts)
-
-
-def _smear_window(gpt: "GPT", x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
-    masked = gpt.smear_bos_mask or starts is not None
-    keep = (ids[:, 1:] != gpt.bos_id).to(x.dtype).unsqueeze(-1) if masked else None
-    return window_smear(x, gpt.smear_gate, gpt.smear_lambda, gpt.gate_window, keep)
-
-
-# variant -> (stage relative to the embedding RMSNorm, part)
-SMEAR_PARTS = {"pre_norm": ("pre", _smear_sigmoid), "post_norm": ("post", _smear_sigmoid),
-               "token": ("pre", _smear_token), "window": ("pre", _smear_window)}
 
 
 class GPT(nn.Module):
@@ -65,8 +44,8 @@ class GPT(nn.Module):
     over the physical layer's matrices) and makes `xsa_last_n`, `ve_layers` and LN scale count
     virtual layers (`parallel_start_layer` stays physical, as in #1204).
     Looping runs `num_loops` extra passes over [loop_start, loop_end]; a model is built with
-    looping on (what eval and a loaded checkpoint need) and the trainer turns it off until
-    `enable_looping_at` of the wall-clock budget (`set_looping`).
+    looping on (what eval and a loaded checkpoint need) and the trainer sets the passes from the
+    schedule's loop phase (`set_looping`; when is `pgolf.schedule`'s, which layers the model's).
     """
 
     def __init__(
@@ -107,10 +86,7 @@ class GPT(nn.Module):
         num_loops: int = 0,
         loop_start: int = 0,
         loop_end: int = 0,
-        enable_looping_at: float = 0.0,
-        loop_phase2_at: float = 0.0,
         loop_untie_mlp: bool = False,
-        recur_start_step: int = 0,
         layer_index: str = "physical",
         disable_layer0_attn: bool = False,
         num_skip_weights: int | None = None,
@@ -160,18 +136,14 @@ class GPT(nn.Module):
             setattr(self, self.bigram_attr, BigramHash(model_dim, buckets=bigram_buckets, dim=bigram_dim,
                                                        hash=bigram_hash, init=bigram_init, scale_init=bigram_scale_init,
                                                        qat=qat))
-        self.smear_variant, self.smear_bos_mask, self.bos_id, self.gate_window = smear_gate, smear_bos_mask, bos_id, gate_window
-        self.smear_stage, self.smear_part = SMEAR_PARTS.get(smear_gate, (None, None))
-        if smear_gate in SMEAR_ATTR:
-            setattr(self, SMEAR_ATTR[smear_gate], SigmoidSmear(model_dim, pre_norm=smear_gate == "pre_norm"))
-        elif smear_gate in ("token", "window"):
-            # PR #192: a plain nn.Linear on all dims; #1667: a CastedLinear on the first gate_window dims.
-            # #192's plain nn.Linear stays bf16 in a bf16 run (its record's placement).
-            self.smear_gate = nn.Linear(model_dim, 1, bias=False) if smear_gate == "token" else CastedLinear(gate_window, 1)
-            set_role(self.smear_gate, "weight", replace(SMEAR, fp32=False) if smear_gate == "token" else SMEAR)
-            self.smear_gate._zero_init = True
-            self.smear_lambda = nn.Parameter(torch.zeros(1, dtype=torch.float32))
-            set_role(self, "smear_lambda", SMEAR)
+        self.bos_id = bos_id
+        # SmearGate (embeddings.py): the part holds its parameters, registered here under its record's names.
+        self.smear_part = smear_part(smear_gate, model_dim, gate_window=gate_window, bos_mask=smear_bos_mask,
+                                     bos_id=bos_id)
+        for name, (member, role) in (self.smear_part.members.items() if self.smear_part else ()):
+            setattr(self, name, member)
+            if role is not None:
+                set_role(self, name, role)
         # Document-aware attention (docs.py, #1530's VarLen): no position sees another document.
         self.doc_attention = doc_attention
         if doc_attention:
@@ -185,8 +157,12 @@ class GPT(nn.Module):
                      value_residual, "vr_lambda" if value_residual == "lambda" else "vrl_alpha")
         # Depth recurrence: one (encoder, decoder) schedule per number of extra passes.
         loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
-        self.num_loops, self.enable_looping_at, self.loop_phase2_at = num_loops, enable_looping_at, loop_phase2_at
-        self.recur_start_step = recur_start_step
+        self.num_loops = num_loops
+        self.loop_description = describe_loop(num_layers, **loop, virtual_blocks=layer_index == "virtual",
+                                              untie_mlp=loop_untie_mlp)
+        self.init_description = [text for on, text in (
+            (overtone_init, "overtone embedding init: spectrum S_k = S_1/sqrt(k) (2026-03-19 OvertoneInit)"),
+            (phase_resid_mix_init, "phase-transition resid_mix init (2026-03-19 OvertoneInit)")) if on]
         self.schedules = [layer_schedule(num_layers, passes=p, **loop) for p in range(num_loops + 1)]
         # Per virtual position: (block_idx, physical_idx, repeat_mlp_idx) (recurrence.layer_plan).
         virtual = layer_index == "virtual"
@@ -243,6 +219,8 @@ class GPT(nn.Module):
         for name in ("skip_weights", "skip_gates"):
             if self._parameters.get(name) is not None:
                 set_role(self, name, CONTROL)
+        # The final RMSNorm as a module (no parameters): calibration hooks its output, the tied head's input.
+        self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)
         self.lm_head = None if tie_embeddings else with_role(CastedLinear(model_dim, vocab_size), HEAD)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
@@ -259,6 +237,28 @@ class GPT(nn.Module):
         if phase_resid_mix_init:
             phase_resid_mix_init_(self.blocks)
         roles_of(self)  # every parameter has a role (roles.py), else one error naming it
+        log.info("model parts: %s", "; ".join(self.describe()) or "the baseline's")
+
+    def describe(self) -> list[str]:
+        """One line per technique part this model wires (the parts describe themselves), for the
+        run log and the generated record README; the baseline's parts are not listed."""
+        attn = [b.attn for b in self.blocks]
+        xsa = [i for i, a in enumerate(attn) if a.use_xsa]
+        gate = next((a.output_gate for a in attn if a.output_gate is not None), None)
+        vr = next((a.value_residual for a in attn if a.value_residual is not None), None)
+        lines = [self.blocks[0].mlp.describe(), describe_rope(self.rope_dims, attn[0].head_dim, self.rope_train_seq_len),
+                 "LN scale 1/sqrt(layer+1) (2026-03-21 #315)" if self.blocks[-1].ln_scale_factor != 1.0 else None,
+                 f"XSA on {len(xsa)} of {len(attn)} layers ({xsa[0]}..{xsa[-1]}; 2026-03-20 #265)" if xsa else None,
+                 gate.describe() if gate else None, VR_DESCRIPTIONS[vr.form] if vr else None,
+                 self.ve_shared.describe(sorted(self.ve_slot)) if self.ve_shared is not None else None,
+                 self.smear_part.describe() if self.smear_part else None,
+                 getattr(self, self.bigram_attr).describe() if self.bigram_attr else None,
+                 "sigmoid-gated U-Net skips (#1089 via 2026-04-01 #1218)" if self.skip_gates is not None else None,
+                 self.routing.describe(), self.loop_description,
+                 "layer-0 attention off (2026-03-31 #1204)" if not self.blocks[0].attn_enabled else None,
+                 "document-aware attention: no token attends across a BOS (2026-04-10 #1530)"
+                 if self.doc_attention else None, *self.init_description]
+        return [line for line in lines if line]
 
     def set_looping(self, passes: int) -> None:
         """Run `passes` extra passes over the loop span from the next forward on (0 = off).
@@ -281,21 +281,6 @@ class GPT(nn.Module):
             if r >= 0:
                 self.repeat_mlp[r].load_state_dict(self.blocks[p].mlp.state_dict())
         log.info("depth recurrence: untied repeat MLPs copied from the shared MLPs")
-
-    def loop_passes_at(self, frac: float, step: int | None = None) -> int:
-        """Extra passes due at a fraction `frac` of the training budget (and training step `step`):
-        0 before enable_looping_at, 1 before loop_phase2_at (progressive, 2026-04-06 #1412), else
-        all. With `recur_start_step` (2026-03-31 #1204's RECUR_START_STEP) the start is that step
-        instead of a fraction; `step=None` means the end of training."""
-        if not self.num_loops:
-            return 0
-        if self.recur_start_step:
-            return self.num_loops if step is None or step >= self.recur_start_step else 0
-        if frac < self.enable_looping_at:
-            return 0
-        if self.loop_phase2_at and frac < self.loop_phase2_at:
-            return 1
-        return self.num_loops
 
     def _skip(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
         scaled = self.skip_weights[j].to(dtype=x.dtype)[None, None, :] * skip
@@ -325,11 +310,11 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids)
         if self.bigram_attr:
             x = x + getattr(self, self.bigram_attr)(input_ids, starts)
-        if self.smear_stage == "pre":
-            x = self.smear_part(self, x, input_ids, starts)
+        if self.smear_part is not None and self.smear_part.stage == "pre":
+            x = self.smear_part(x, input_ids, starts)
         x = F.rms_norm(x, (x.size(-1),))
-        if self.smear_stage == "post":
-            x = self.smear_part(self, x, input_ids, starts)
+        if self.smear_part is not None and self.smear_part.stage == "post":
+            x = self.smear_part(x, input_ids, starts)
         x0 = x
         # RoPE tables once per forward, shared by every layer: (1, 1, T, rope_dims/2) each. Scores
         # depend only on q-k offsets, so a document scores the same wherever it sits in the row.
@@ -357,7 +342,7 @@ class GPT(nn.Module):
             lanes = self.routing.steps[i](self.routing, self._layer(b, i, r), lanes, x0, rope,
                                           self._values(b, ve, v0), docs)
         x = self.routing.merge_lanes(lanes)
-        return F.rms_norm(x, (x.size(-1),))
+        return self.final_norm(x)
 
     def logits(self, h: Tensor, head_delta: Tensor | None = None) -> Tensor:
         """Softcapped logits for hidden states of any leading shape (..., D) -> (..., V).

@@ -22,6 +22,12 @@ class MLP(nn.Module):
         self.proj._zero_init = True
         self.negative_slope = negative_slope if activation == "leaky_relu2" else 0.0
 
+    def describe(self) -> str | None:
+        """One line for the record README (None for the baseline's relu^2)."""
+        if not self.negative_slope:
+            return None
+        return f"LeakyReLU({self.negative_slope:g})^2 MLP, hidden {self.fc.out_features} (2026-03-23 #549)"
+
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
         h = F.leaky_relu(h, negative_slope=self.negative_slope) if self.negative_slope else torch.relu(h)

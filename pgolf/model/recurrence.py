@@ -25,6 +25,18 @@ def layer_schedule(num_layers: int, *, num_loops: int = 0, loop_start: int = 0, 
     return tuple(order[:half]), tuple(order[half:])
 
 
+def describe_loop(num_layers: int, *, num_loops: int, loop_start: int, loop_end: int, virtual_blocks: bool,
+                  untie_mlp: bool) -> str | None:
+    """One line for the record README (None without depth recurrence); when looping switches on is
+    the schedule's (`pgolf.schedule`), not the model's."""
+    if not num_loops:
+        return None
+    extras = "".join(text for on, text in ((virtual_blocks, "; one block of scalars per virtual layer"),
+                                           (untie_mlp, "; untied repeat MLPs")) if on)
+    return (f"depth recurrence: physical layers {loop_start}..{loop_end} run {1 + num_loops} times{extras} "
+            "(2026-04-05 #1394, 04-09 #1493, 03-31 #1204)")
+
+
 def num_skips(num_layers: int, **loop) -> int:
     """U-Net skip rows: min(|enc|, |dec|) of the fully looped schedule."""
     enc, dec = layer_schedule(num_layers, passes=loop.get("num_loops", 0), **loop)

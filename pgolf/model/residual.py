@@ -31,7 +31,7 @@ TWO_LANE = ("lane_merge", "routed_2x2", "learned_2lane")
 SKIP_ALL_LANES = ("learned_2lane",)
 # Designs that fork the lanes before the decoder layer's skip, so the skip reaches lane 0 only (#1530).
 FORK_BEFORE_SKIP = ("routed_2x2",)
-DESCRIPTIONS = {
+ROUTING_DESCRIPTIONS = {
     "gptj": "GPT-J parallel block (attention and MLP read the same input; 2026-04-06 #1412, 04-09 #1493)",
     "lane_merge": "two independent lanes (attention / MLP) merged by a learned scalar (2026-04-04 #1334, 04-08 #1477)",
     "routed_2x2": "2x2 routed parallel lanes with learned resid/post lambdas (#1529 / 2026-04-10 #1530)",
@@ -150,10 +150,10 @@ class Routing:
 
     def describe(self) -> str | None:
         """One line for the record README, or None for the sequential baseline."""
-        if not self.start_layer or self.design not in DESCRIPTIONS:
+        if not self.start_layer or self.design not in ROUTING_DESCRIPTIONS:
             return None
         lanes = f", final lane {self.final_lane}" if self.design in ("routed_2x2", "learned_2lane") else ""
-        return f"{DESCRIPTIONS[self.design]} from physical layer {self.start_layer}{lanes}"
+        return f"{ROUTING_DESCRIPTIONS[self.design]} from physical layer {self.start_layer}{lanes}"
 
 
 def _mean(lanes: tuple[Tensor, ...]) -> Tensor:

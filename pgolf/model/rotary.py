@@ -29,6 +29,16 @@ def rotary_tables(seq_len: int, rope_dims: int, base: float, device: torch.devic
     return freqs.cos()[None, None], freqs.sin()[None, None]
 
 
+def describe_rope(rope_dims: int, head_dim: int, train_seq_len: int) -> str | None:
+    """One line for the record README (None for full RoPE without rescale)."""
+    parts = []
+    if rope_dims < head_dim:
+        parts.append(f"partial RoPE on {rope_dims} of {head_dim} head dims (2026-03-21 #315)")
+    if train_seq_len:
+        parts.append(f"NTK base rescale past {train_seq_len} tokens")
+    return "; ".join(parts) or None
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first 2*cos.size(-1) dims of x (..., D); the rest pass through unchanged."""
     rd = 2 * cos.size(-1)

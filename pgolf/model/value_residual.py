@@ -34,31 +34,50 @@ class LayerValues(NamedTuple):
     v0: list[Tensor]
 
 
-def lambda_residual(attn: nn.Module, v: Tensor, v0: Tensor) -> Tensor:
-    """#549: lam[0]*v0 + lam[1]*v, v and v0 (B, T, Hkv, D)."""
-    lam = attn.vr_lambda.to(dtype=v.dtype)
-    return lam[0] * v0 + lam[1] * v
+class LambdaResidual:
+    """#549: v <- lam[0]*v0 + lam[1]*v, v and v0 (B, T, Hkv, D); `vr_lambda` (2,) init [0.5, 0.5]."""
+
+    def __init__(self):
+        self.lam = nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float32))
+        self.members = {"vr_lambda": (self.lam, CONTROL)}
+
+    form = "lambda"
+
+    def __call__(self, v: Tensor, v0: Tensor) -> Tensor:
+        lam = self.lam.to(dtype=v.dtype)
+        return lam[0] * v0 + lam[1] * v
 
 
-def sigmoid_residual(attn: nn.Module, v: Tensor, v0: Tensor) -> Tensor:
-    """03-25: v + sigmoid(alpha)*v0, v and v0 (B, T, Hkv, D)."""
-    return v + torch.sigmoid(attn.vrl_alpha.to(dtype=v.dtype)) * v0
+class SigmoidResidual:
+    """03-25: v <- v + sigmoid(alpha)*v0, v and v0 (B, T, Hkv, D); `vrl_alpha` (1,) init 0."""
+
+    def __init__(self):
+        self.alpha = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        self.members = {"vrl_alpha": (self.alpha, CONTROL)}
+
+    form = "sigmoid"
+
+    def __call__(self, v: Tensor, v0: Tensor) -> Tensor:
+        return v + torch.sigmoid(self.alpha.to(dtype=v.dtype)) * v0
+
+
+VR_DESCRIPTIONS = {"lambda": "value residual v <- l0*v0 + l1*v on every attention (2026-03-23 #549)",
+                "sigmoid": "value residual v <- v + sigmoid(a)*v0 on every attention (2026-03-25, PR #569 style)"}
 
 
 def add_value_residual_params(attn: nn.Module, form: str) -> None:
-    """Give one attention module its record's VR parameter and mixing part (`attn.value_residual`)."""
-    attn.value_residual = {"none": None, "lambda": lambda_residual, "sigmoid": sigmoid_residual}[form]
-    if form == "lambda":
-        attn.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5], dtype=torch.float32))
-        set_role(attn, "vr_lambda", CONTROL)
-    elif form == "sigmoid":
-        attn.vrl_alpha = nn.Parameter(torch.zeros(1, dtype=torch.float32))
-        set_role(attn, "vrl_alpha", CONTROL)
+    """Give one attention module its record's VR part (`attn.value_residual`), whose parameter the
+    attention registers under the record's name (`vr_lambda` / `vrl_alpha`)."""
+    part = {"none": None, "lambda": LambdaResidual, "sigmoid": SigmoidResidual}[form]
+    attn.value_residual = part and part()
+    for name, (param, role) in (attn.value_residual.members.items() if attn.value_residual else ()):
+        setattr(attn, name, param)
+        set_role(attn, name, role)
 
 
-def value_residual(attn: nn.Module, v: Tensor, store: list[Tensor]) -> Tensor:
-    """The first call stores v as v0 and returns it unchanged; later calls mix v0 in."""
+def value_residual(part, v: Tensor, store: list[Tensor]) -> Tensor:
+    """The first call stores v as v0 and returns it unchanged; later calls mix v0 in with `part`."""
     if not store:
         store.append(v)
         return v
-    return attn.value_residual(attn, v, store[0])
+    return part(v, store[0])

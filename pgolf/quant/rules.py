@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pgolf.errors import PgolfError
-from pgolf.quant.treatments import FP16, FP32, INT8, Treatment
+from pgolf.quant.lqer import LQER
+from pgolf.quant.treatments import FP16, FP32, GPTQ_CLIPS, INT8, Treatment
 
 # Baseline CONTROL_TENSOR_NAME_PATTERNS: per-channel gains and mixes that stay fp32.
 CONTROL_PATTERNS = (
@@ -32,6 +33,8 @@ CONTROL_PATTERNS_0320 = (*CONTROL_PATTERNS, "smear", "bigram.scale")
 class QuantRules:
     """An export plan. For each float tensor, in this order (the records' order):
 
+    0. the first `first` rule whose pattern matches (before any size step: the records route
+       the attention-gate weights to int8 this way, 04-19 #1736's quant-gate);
     1. numel <= small_numel: `control_small` if a control pattern matches, else `small`;
     2. a control pattern matches and `control_large` is set: `control_large`;
     3. the first rule whose pattern matches, else `default`;
@@ -40,6 +43,10 @@ class QuantRules:
     `quant_format` is the artifact's `__quant_format__` tag; None writes the baseline's (or
     pgolf's grouped tag when a rule groups). A preset whose record writes its own tag uses
     it, so that for the same codes the artifact is the record's, byte for byte.
+    `lqer` (an LQER or its keyword mapping) adds low-rank error factors to the `top_k` worst
+    integer tensors after every tensor has its codes, whatever treatment made them.
+    `awq_lite_bits` > 0 turns on AWQ-lite (#1908): the model's top `awq_lite_group_top_k`
+    salient `awq_lite_group_size`-column groups of GPTQ tensors get that many bits (state.py).
     """
 
     rules: tuple[tuple[str, Treatment], ...] = ()
@@ -51,22 +58,34 @@ class QuantRules:
     control_large: Treatment | None = None
     vector: Treatment | None = None
     quant_format: str | None = None
+    lqer: LQER | None = None
+    first: tuple[tuple[str, Treatment], ...] = ()
+    awq_lite_bits: int = 0
+    awq_lite_group_size: int = 64
+    awq_lite_group_top_k: int = 1
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        rules = []
-        for entry in self.rules:
-            if isinstance(entry, str) or not (isinstance(entry, Sequence) and len(entry) == 2 and isinstance(entry[0], str)):
-                raise PgolfError(f"quant rule {entry!r} is not a (pattern, treatment) pair; "
-                                 "write e.g. ('.mlp.', 'int6:rowmax')")
-            _check_pattern(entry[0])
-            rules.append((entry[0], Treatment.parse(entry[1])))
-        object.__setattr__(self, "rules", tuple(rules))
+        object.__setattr__(self, "rules", _parse_rules(self.rules))
+        object.__setattr__(self, "first", _parse_rules(self.first))
+        if self.awq_lite_bits and not (4 <= self.awq_lite_bits <= 8 and self.awq_lite_group_size > 0
+                                       and self.awq_lite_group_top_k > 0):
+            raise PgolfError(f"awq_lite_bits={self.awq_lite_bits} group_size={self.awq_lite_group_size} "
+                             f"top_k={self.awq_lite_group_top_k}: use bits 4..8 (#1908: 8), a positive group "
+                             "size (64) and top_k (1), or awq_lite_bits=0 for off")
         object.__setattr__(self, "control_patterns", tuple(self.control_patterns))
         for key in ("default", "small", "control_small", "control_large", "vector"):
             value = getattr(self, key)
             if value is not None:
                 object.__setattr__(self, key, Treatment.parse(value))
+        if isinstance(self.lqer, Mapping):
+            try:
+                object.__setattr__(self, "lqer", LQER(**self.lqer))
+            except TypeError:
+                raise PgolfError(f"lqer options {sorted(self.lqer)} are not understood; use rank, factor_bits, asym, "
+                                 "asym_group, top_k, scope") from None
+        for pattern in self.lqer.scope if self.lqer else ():
+            _check_pattern(pattern)
         if self.small_numel < 0:
             raise PgolfError(f"small_numel={self.small_numel} is negative; use 0 to quantize every float tensor")
 
@@ -79,6 +98,9 @@ class QuantRules:
         numel = 1
         for d in shape:
             numel *= d
+        for i, (pattern, treatment) in enumerate(self.first):
+            if matches(pattern, name):
+                return treatment, len(self.rules) + i
         control = any(p in name for p in self.control_patterns)
         if numel <= self.small_numel:
             return (self.control_small if control else self.small), None
@@ -92,6 +114,17 @@ class QuantRules:
         if chosen.kind == "int" and len(shape) != 2 and self.vector is not None:
             chosen = self.vector
         return chosen, index
+
+
+def _parse_rules(entries) -> tuple[tuple[str, Treatment], ...]:
+    rules = []
+    for entry in entries:
+        if isinstance(entry, str) or not (isinstance(entry, Sequence) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise PgolfError(f"quant rule {entry!r} is not a (pattern, treatment) pair; "
+                             "write e.g. ('.mlp.', 'int6:rowmax')")
+        _check_pattern(entry[0])
+        rules.append((entry[0], Treatment.parse(entry[1])))
+    return tuple(rules)
 
 
 def _check_pattern(pattern: str) -> None:
@@ -146,13 +179,19 @@ def validate_rules(
         plan[name] = treatment.label
         if index is not None:
             took_effect.add(index)
+        if treatment.kind == "int" and (treatment.gptq or treatment.clip in GPTQ_CLIPS) and len(shape) != 2:
+            raise PgolfError(f"quant rule {treatment.label!r} on {name} {shape}: that scale is per row of a 2-D weight; "
+                             "give this tensor its own rule or a narrower pattern")
         g = treatment.group_size
         if treatment.kind == "int" and g and len(shape) == 2 and shape[1] % g:
             raise PgolfError(
                 f"quant rule {treatment.label!r} on {name} {shape}: group_size {g} does not divide {shape[1]} columns; "
                 "pick a divisor or a narrower pattern"
             )
-    for i, (pattern, _) in enumerate(rules.rules):
+    for pattern in rules.lqer.scope if rules.lqer else ():
+        if not pattern.startswith("?") and not any(matches(pattern, n) for n in names):
+            raise PgolfError(f"lqer scope pattern {pattern!r} matches no parameter; fix it or mark it optional with '?'")
+    for i, (pattern, _) in enumerate((*rules.rules, *rules.first)):
         if pattern.startswith("?") or i in took_effect:
             continue
         hits = [n for n in names if matches(pattern, n)]
@@ -245,9 +284,63 @@ PRESETS: dict[str, QuantRules] = {
     # tok_emb fp16. Its QAT rounds with a rowmax scale instead (see fake_quantize notes).
     "int6_pr192": QuantRules(name="int6_pr192", rules=(("tok_emb.weight", FP16),), default=_INT6,
                              quant_format="int6_in_int8_per_row_v1"),
+    # --- the GPTQ era (calibration: quant.calibration, calibrate.py) ---
+    # 2026-03-25 #1019 (1.1147) / 03-29 #1060 (1.1122): full-Hessian GPTQ int6 on `.mlp.` and
+    # attention with GPTQ-lite's five percentiles (lowest MSE kept), int8 percentile for the rest,
+    # large control tensors fp32 (`mixed_quantize_int6`).
+    "gptq_pctsearch": QuantRules(
+        name="gptq_pctsearch",
+        rules=((".mlp.", "gptq:int6:pctsearch"), (".attn.", "gptq:int6:pctsearch"), ("?.proj.", "gptq:int6:pctsearch")),
+        control_large=FP32,
+    ),
+    # 2026-04-05 #1394 (1.0856): GPTQ + SDClip for every tensor over 65,536 elements, int6 k=12.85,
+    # tok_emb int8 k=20 through its LM-head Hessian; everything smaller fp16 (`gptq_mixed_quantize`).
+    "gptq_sdclip": QuantRules(
+        name="gptq_sdclip", rules=(("tok_emb", "gptq:int8:sdclip:k20"),), default="gptq:int6:sdclip:k12.85",
+        control_small=FP16,
+    ),
+    # 2026-04-06 #1412 (1.0835): as gptq_sdclip with Hessian-aware SDClip, lambda 0.175.
+    "gptq_hsdclip": QuantRules(
+        name="gptq_hsdclip", rules=(("tok_emb", "gptq:int8:sdclip:k20:l0.175"),),
+        default="gptq:int6:sdclip:k12.85:l0.175", control_small=FP16,
+    ),
+    # 2026-04-14 #1626 (1.0719) run: per-class clip (MLP 12, attention 13) and int7 tok_emb at 15 sigma.
+    "gptq_int7emb": QuantRules(
+        name="gptq_int7emb",
+        rules=(("tok_emb", "gptq:int7:sdclip:k15"), (".mlp.", "gptq:int6:sdclip:k12"), (".attn.", "gptq:int6:sdclip:k13")),
+        default="gptq:int6:sdclip:k12.85", control_small=FP16,
+    ),
+    # 2026-04-27 #1855 (1.0611) run, without its LQER: MLP 11.5, attention 13, int7 tok_emb at 14,
+    # and the quant-gate (GATED_ATTN_QUANT_GATE=1): attn_gate_w int8 per row, before the fp16 step.
+    "gptq_1855": QuantRules(
+        name="gptq_1855",
+        rules=(("tok_emb", "gptq:int7:sdclip:k14"), (".mlp.", "gptq:int6:sdclip:k11.5"),
+               (".attn.", "gptq:int6:sdclip:k13")),
+        first=(("?re:\\.attn_gate_w$", "int8:gate"),), default="gptq:int6:sdclip:k12.85", control_small=FP16,
+    ),
+    # #1945 at 70067534 (1.05943): gptq_1855 + AWQ-lite, one 64-column group kept at int8 (#1908).
+    "gptq_awq": QuantRules(
+        name="gptq_awq",
+        rules=(("tok_emb", "gptq:int7:sdclip:k14"), (".mlp.", "gptq:int6:sdclip:k11.5"),
+               (".attn.", "gptq:int6:sdclip:k13")),
+        first=(("?re:\\.attn_gate_w$", "int8:gate"),), default="gptq:int6:sdclip:k12.85", control_small=FP16,
+        awq_lite_bits=8,
+    ),
+    # gptq_1855's classes, bits and SDClip scales rounded to nearest (no calibration): the
+    # baseline GPTQ's gain is measured against (docs/quantization.md).
+    "sdclip_rtn": QuantRules(
+        name="sdclip_rtn",
+        rules=(("tok_emb", "int7:sdclip:k14"), (".mlp.", "int6:sdclip:k11.5"), (".attn.", "int6:sdclip:k13")),
+        first=(("?re:\\.attn_gate_w$", "int8:gate"),), default="int6:sdclip:k12.85", control_small=FP16,
+    ),
     # No quantization: every float tensor stored fp32 (lossless for fp32 and bf16 models).
     "none": QuantRules(name="none", default=FP32, small=FP32),
 }
+
+
+# The GPTQ era's presets read Hessians (or are their round-to-nearest twin); their goldens are in
+# tests/test_gptq.py, computed by the records' own functions on given weights and Hessians.
+GPTQ_PRESETS = ("gptq_pctsearch", "gptq_sdclip", "gptq_hsdclip", "gptq_int7emb", "gptq_1855", "gptq_awq", "sdclip_rtn")
 
 
 def get_rules(rules: QuantRules | str) -> QuantRules:

@@ -24,8 +24,14 @@ from pgolf.errors import PgolfError
 # q to the input's fp32, where both spellings are the same number.
 CLIP_Q = 99.99984 / 100.0
 FP16_TINY = torch.finfo(torch.float16).tiny  # 2**-14, smallest normal fp16
-CLIPS = ("percentile", "rowmax", "rowmax_floor")
-_SPEC = re.compile(r"^int([0-9]+)(?::(percentile|rowmax_floor|rowmax))?(?::g([0-9]+))?$")
+# percentile/rowmax/rowmax_floor: the zstd-era exporters (below). sdclip, pctsearch and gate are the
+# GPTQ era's scale rules (gptq.py): k*std per row (04-05 #1394), GPTQ-lite's five-percentile
+# search (03-22 #414), and the int8 rowmax of the attention-gate weights (04-19 #1736).
+CLIPS = ("percentile", "rowmax", "rowmax_floor", "sdclip", "pctsearch", "gate")
+GPTQ_CLIPS = ("sdclip", "pctsearch", "gate")
+_NUM = r"([0-9]+(?:\.[0-9]*)?(?:e-?[0-9]+)?)"
+_SPEC = re.compile(r"^(gptq:)?int([0-9]+)(?::(percentile|rowmax_floor|rowmax|sdclip|pctsearch|gate))?"
+                   rf"(?::k{_NUM})?(?::l{_NUM})?(?::g([0-9]+))?$")
 
 
 @dataclass(frozen=True)
@@ -34,14 +40,19 @@ class Treatment:
 
     `int` codes live in int8 containers whatever `bits` is (the zstd-era records store
     int5/int6 that way, and the compressor squeezes out the unused high bits). `clip` picks
-    the scale rule (see `_codes`); `group_size` > 0 gives one scale per `group_size`
-    columns of each row, as PR #99 does for `.attn.c_k.`.
+    the scale rule (see `_codes`, and gptq.py for sdclip/pctsearch/gate); `group_size` > 0
+    gives one scale per `group_size` columns of each row, as PR #99 does for `.attn.c_k.`.
+    `gptq` rounds with full-Hessian GPTQ error feedback (gptq.py) instead of to nearest;
+    `clip_sigmas` is SDClip's k; `hessian_lambda` > 0 is Hessian-aware SDClip's lambda (#1412).
     """
 
     kind: str
     bits: int = 8
     clip: str = "percentile"
     group_size: int = 0
+    gptq: bool = False
+    clip_sigmas: float = 0.0
+    hessian_lambda: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("int", "fp16", "fp32"):
@@ -54,26 +65,47 @@ class Treatment:
             raise PgolfError(f"treatment clip={self.clip!r} is unknown; use one of {', '.join(CLIPS)}")
         if self.group_size < 0:
             raise PgolfError(f"treatment group_size={self.group_size} is negative; use 0 (per row) or a column count")
+        if self.clip == "sdclip" and not self.clip_sigmas > 0:
+            raise PgolfError(f"treatment {self.label!r}: sdclip needs k > 0 (clip sigmas), e.g. 'gptq:int6:sdclip:k12.85'")
+        if self.clip != "sdclip" and (self.clip_sigmas or self.hessian_lambda):
+            raise PgolfError(f"treatment {self.label!r}: k and l belong to the sdclip scale; write e.g. "
+                             "'gptq:int6:sdclip:k12.85:l0.175'")
+        if self.hessian_lambda < 0:
+            raise PgolfError(f"treatment {self.label!r}: hessian lambda must be >= 0 (#1412 used 0.175)")
+        if (self.gptq or self.clip in GPTQ_CLIPS) and self.group_size:
+            raise PgolfError(f"treatment {self.label!r}: GPTQ and the sdclip/pctsearch/gate scales are per row; "
+                             "drop the :g group")
 
     @classmethod
     def parse(cls, spec: str | Treatment) -> Treatment:
-        """`fp16`, `fp32`, `int8`, `int6:rowmax`, `int8:g64`, `int6:rowmax_floor:g128` -> Treatment."""
+        """`fp16`, `fp32`, `int8`, `int6:rowmax`, `int8:g64`, `int6:rowmax_floor:g128`,
+        `gptq:int6:sdclip:k12.85`, `gptq:int6:sdclip:k12.85:l0.175`, `gptq:int6:pctsearch`,
+        `int6:sdclip:k12.85` (round to nearest), `int8:gate` -> Treatment."""
         if isinstance(spec, Treatment):
             return spec
         if spec in ("fp16", "fp32"):
             return cls(kind=spec)
         m = _SPEC.match(spec) if isinstance(spec, str) else None
         if m is None:
-            raise PgolfError(f"treatment {spec!r} is not understood; write e.g. 'int8', 'int6:rowmax', 'int8:g64', 'fp16'")
-        return cls(kind="int", bits=int(m[1]), clip=m[2] or "percentile", group_size=int(m[3] or 0))
+            raise PgolfError(f"treatment {spec!r} is not understood; write e.g. 'int8', 'int6:rowmax', 'int8:g64', "
+                             "'gptq:int6:sdclip:k12.85', 'fp16'")
+        return cls(kind="int", bits=int(m[2]), clip=m[3] or "percentile", group_size=int(m[6] or 0),
+                   gptq=bool(m[1]), clip_sigmas=float(m[4] or 0.0), hessian_lambda=float(m[5] or 0.0))
 
     @property
     def label(self) -> str:
         """The spec string `parse` reads back; used in logs and reports."""
         if self.kind != "int":
             return self.kind
-        out = f"int{self.bits}" + ("" if self.clip == "percentile" else f":{self.clip}")
+        out = ("gptq:" if self.gptq else "") + f"int{self.bits}" + ("" if self.clip == "percentile" else f":{self.clip}")
+        out += f":k{self.clip_sigmas:g}" if self.clip_sigmas else ""
+        out += f":l{self.hessian_lambda:g}" if self.hessian_lambda else ""
         return out + (f":g{self.group_size}" if self.group_size else "")
+
+    @property
+    def needs_hessian(self) -> bool:
+        """GPTQ and Hessian-aware SDClip read the tensor's input Hessian (calibrate.py)."""
+        return self.kind == "int" and (self.gptq or self.hessian_lambda > 0)
 
     @property
     def max_level(self) -> int:

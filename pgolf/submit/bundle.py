@@ -3,12 +3,15 @@
 The challenge counts the bytes of one script, so a package cannot be submitted as it is.
 The bundler reads the run's modules in dependency order, drops the imports between them
 (one namespace), keeps only the top-level definitions that the entry point and the run's
-`_target_`s reach, strips docstrings, and writes the run's resolved config as the script's
-defaults (each overridable by an environment variable, see pgolf.submit.entry). The result
-imports only the standard library, torch, numpy, sentencepiece and zstandard.
+`_target_`s reach, leaves out the parts its config does not switch on (pgolf.submit.reach),
+strips docstrings, and writes the run's resolved config as the script's defaults (each
+overridable by an environment variable, see pgolf.submit.entry). The result imports only the
+standard library, torch, numpy, sentencepiece and zstandard.
 
-`pack=True` writes the same code as lzma + base85 inside a two-line stub that `exec`s it,
-as later records do to cut code bytes.
+Two forms of one code: `render` is the readable source; `counted_script` is what a submission
+ships and counts, as the records count code from #1530 on (2026-04-10; `_compressed_code_size`
+of #2135): minified with python-minifier (no renames), lzma-compressed, base85-wrapped in a
+two-line script that `exec`s it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ast
 import base64
 import builtins
+import functools
 import lzma
 import pprint
 from pathlib import Path
@@ -23,17 +27,18 @@ from pathlib import Path
 import yaml
 
 from pgolf.errors import PgolfError
+from pgolf.submit.reach import left_out
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Dependency order: a module comes after every module whose names it uses at import time.
 MODULES = (
-    "errors", "quant/treatments", "quant/rules", "quant/state", "quant/artifact", "quant/spec", "model/roles",
-    "model/linear", "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
-    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim",
-    "schedule", "evaluate", "ttt/scorer", "ttt/common", "ttt/adapters", "ttt/run", "ttt/chunked", "ttt/lora",
-    "ttt/phased", "ttt/ngram", "data/shards", "data/loader", "data/loaders", "data/caseops", "data/byte_counts",
-    "data/spec",
-    "runlog", "checkpoint", "trainer", "submit/entry",
+    "errors", "quant/treatments", "quant/lqer", "quant/rules", "quant/gptq", "quant/state", "quant/codecs",
+    "quant/pergroup", "quant/prune", "quant/artifact", "quant/calibrate", "quant/spec", "model/roles", "model/linear",
+    "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
+    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim", "schedule",
+    "evaluate", "ttt/scorer", "ttt/common", "ttt/adapters", "ttt/run", "ttt/chunked", "ttt/lora", "ttt/phased", "ttt/ngram",
+    "data/shards", "data/loader", "data/loaders", "data/packing", "data/caseops", "data/byte_counts", "data/spec",
+    "config_checks", "runlog", "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"
 # Groups a bundled script does not use: it logs to its run dir only, and torchrun starts the workers.
@@ -88,6 +93,7 @@ def _uses(stmt: ast.stmt) -> set[str]:
     return {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)}
 
 
+@functools.lru_cache(maxsize=1)
 def _statements() -> tuple[list[tuple[str, ast.stmt]], set[str]]:
     """Every top-level statement of the bundled modules, with pgolf imports removed, and the
     names whose import from a left-out module became a raise."""
@@ -125,11 +131,12 @@ def _stdlib() -> set[str]:
     return set(sys.stdlib_module_names)
 
 
-def _prune(statements: list[tuple[str, ast.stmt]], roots: set[str]) -> list[ast.stmt]:
-    """Keep the statements that define a name reachable from `roots` (and those defining nothing)."""
+def _prune(statements: list[tuple[str, ast.stmt]], roots: set[str], left_out: set[str] = frozenset()) -> list[ast.stmt]:
+    """Keep the statements that define a name reachable from `roots` (and those defining nothing);
+    names in `left_out` (parts the run's config does not use, pgolf.submit.reach) are not followed."""
     by_name: dict[str, list[int]] = {}
     for i, (_, stmt) in enumerate(statements):
-        for name in _defines(stmt):
+        for name in _defines(stmt) - left_out:
             by_name.setdefault(name, []).append(i)
     keep = {i for i, (rel, stmt) in enumerate(statements) if rel == ENTRY or not _defines(stmt)}
     todo = set().union(*(_uses(statements[i][1]) for i in keep)) | roots
@@ -159,7 +166,8 @@ def _prune(statements: list[tuple[str, ast.stmt]], roots: set[str]) -> list[ast.
 
 
 def bundle_config(config: dict) -> dict:
-    """The defaults a bundled script carries: the run's config, data as pre-built shards."""
+    """The defaults a bundled script carries: the run's config, data as pre-built shards (with the
+    run's loader, BOS id and CaseOps sidecar, which change what is trained and scored)."""
     from pgolf.data import DataSpec
 
     out = {k: v for k, v in config.items() if k not in DROPPED_GROUPS}
@@ -169,15 +177,22 @@ def bundle_config(config: dict) -> dict:
     if spec.source is not None:  # a built source: point at where it was built
         data_path, tokenizer_path = str(spec.build_dir()), str(spec.build_dir() / "tokenizer.model")
     out["data"] = {"_target_": config["data"]["_target_"], "name": spec.name, "data_path": data_path,
-                   "tokenizer_path": tokenizer_path, "train_files": spec.train_files, "val_files": spec.val_files}
+                   "tokenizer_path": tokenizer_path, "train_files": spec.train_files, "val_files": spec.val_files,
+                   "loader": spec.loader, "bos_id": spec.bos_id, "caseops": spec.caseops}
     out.setdefault("checkpoint", {"_target_": "pgolf.checkpoint.Checkpointing"})
     return out
 
 
-def render(config: dict) -> str:
-    """The source of a standalone train_gpt.py for a resolved run config (a plain dict); a run's
-    counted code bytes are the length of this text."""
-    config_run_id, config = config.get("run_id"), bundle_config(config)
+CONFIG_TOKEN = "_PGOLF_CONFIG_"  # stands for the config literal until the code is written out
+ABSENT = ("class _Absent:\n    def __init__(self, *args, **kwargs):\n        raise PgolfError('this part was left "
+          "out of the bundled script: its run did not use it; bundle a run that does')\n")
+
+
+def _chunks(config: dict) -> list[str]:
+    """The bundled code of a run, one top-level statement per chunk, with CONFIG_TOKEN where the
+    config literal goes."""
+    config = bundle_config(config)
+
     def nested(node):  # a group's `_target_` and those of its sub-nodes (eval.ttt)
         if isinstance(node, dict):
             yield from ([node["_target_"]] if "_target_" in node else [])
@@ -186,12 +201,15 @@ def render(config: dict) -> str:
 
     targets = sorted({t for node in config.values() for t in nested(node)})
     names = {t: t.rsplit(".", 1)[1] for t in targets}
+    dropped, fixed = left_out(config)
     everything, unbundled = _statements()
-    statements = _prune(everything, set(names.values()))
-    undefined = _undefined_globals(statements) - unbundled
+    statements = _prune(everything, set(names.values()), dropped)
+    # A part left out but named by shipped code (a table, a guarded call) is bound to _Absent.
+    named = sorted(dropped & set().union(*(_uses(stmt) for stmt in statements)))
+    undefined = _undefined_globals(statements) - unbundled - set(named)
     assert not undefined, f"bundle refers to undefined names {sorted(undefined)}"
-    # The entry's placeholders get the run's values; the config stays one key per line.
-    values = {"CONFIG": pprint.pformat(config, width=110, sort_dicts=False),
+    # The entry's placeholders get the run's values.
+    values = {"CONFIG": CONFIG_TOKEN, "FIXED": repr(fixed),
               "TARGETS": "{" + ", ".join(f"{t!r}: {n}" for t, n in names.items()) + "}"}
 
     def text(stmt: ast.stmt) -> str:
@@ -199,11 +217,61 @@ def render(config: dict) -> str:
             return f"{stmt.target.id} = {values[stmt.target.id]}"
         return ast.unparse(stmt) + ("\n" if isinstance(stmt, (ast.FunctionDef, ast.ClassDef)) else "")
 
-    code = "\n".join(text(stmt) for stmt in statements)
-    doc = (f"Parameter Golf training script bundled by pgolf from run {config_run_id}.\n"
+    n_imports = sum(isinstance(stmt, (ast.Import, ast.ImportFrom)) for stmt in statements)
+    chunks = [text(stmt) for stmt in statements]
+    if named:
+        chunks[n_imports:n_imports] = [ABSENT + " = ".join(named) + " = _Absent\n"]
+    return ["from __future__ import annotations", *chunks, '\nif __name__ == "__main__":\n    cli()\n']
+
+
+def render(config: dict) -> str:
+    """The readable source of a standalone train_gpt.py for a resolved run config (a plain dict):
+    the run's parts only, the config one key per line. What counts is `counted_script`'s text."""
+    dropped = sorted(left_out(bundle_config(config))[0])
+    doc = (f"Parameter Golf training script bundled by pgolf from run {config.get('run_id')}.\n"
            "Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (env vars override the defaults, "
-           "e.g. SEED=42 DATA_PATH=... MAX_WALLCLOCK_SECONDS=600)")
-    return f'"""{doc}"""\nfrom __future__ import annotations\n{code}\n\nif __name__ == "__main__":\n    cli()\n'
+           "e.g. SEED=42 DATA_PATH=... MAX_WALLCLOCK_SECONDS=600)"
+           + ("\nLeft out (the run's config does not use them): " + ", ".join(dropped) if dropped else ""))
+    source = "\n".join(_chunks(config))
+    assert source.count(CONFIG_TOKEN) == 1
+    config_text = pprint.pformat(bundle_config(config), width=110, sort_dicts=False)
+    return f'"""{doc}"""\n' + source.replace(CONFIG_TOKEN, config_text)
+
+
+@functools.lru_cache(maxsize=None)
+def minify(source: str) -> str:
+    """`source` minified as the records count code (#1530 on; #2135's `_compressed_code_size`):
+    python-minifier with no renames and no literal hoisting, docstrings removed. A bundle is
+    minified one top-level statement at a time, so the statements that runs share are done once."""
+    import python_minifier
+
+    return python_minifier.minify(source, rename_locals=False, rename_globals=False, hoist_literals=False,
+                                  remove_literal_statements=True)
+
+
+def wrap(source: str) -> str:
+    """A two-line script that decompresses and runs `source` (lzma, then base85: no quotes or
+    backslashes), the records' self-extracting form; its length is what counts toward the cap."""
+    blob = base64.b85encode(lzma.compress(source.encode("utf-8"))).decode("ascii")
+    return f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("{blob}")))\n'
+
+
+def minified_source(config: dict) -> str:
+    """The run's code minified, the config spliced in as one literal: what `counted_script` wraps."""
+    code = "\n".join(minify(chunk) for chunk in _chunks(config))
+    assert code.count(CONFIG_TOKEN) == 1, "python-minifier changed the config placeholder"
+    return code.replace(CONFIG_TOKEN, repr(bundle_config(config)))
+
+
+def counted_script(config: dict) -> str:
+    """The train_gpt.py a submission ships and counts: the run's code minified, lzma-compressed and
+    base85-wrapped in two lines."""
+    return wrap(minified_source(config))
+
+
+def code_bytes(config: dict) -> int:
+    """A run's counted code bytes (what `artifact/code_bytes` and submission.json report)."""
+    return len(counted_script(config).encode("utf-8"))
 
 
 def _undefined_globals(statements: list[ast.stmt]) -> set[str]:
@@ -225,12 +293,6 @@ def _undefined_globals(statements: list[ast.stmt]) -> set[str]:
     return {n.id for n in ast.walk(module) if isinstance(n, ast.Name) and n.id not in bound}
 
 
-def pack_source(source: str) -> str:
-    """A two-line stub that decompresses and runs `source` (lzma, base85: no quotes or backslashes)."""
-    blob = base64.b85encode(lzma.compress(source.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
-    return f'import lzma,base64\nexec(lzma.decompress(base64.b85decode("{blob}")))\n'
-
-
 def read_run_config(run_dir: Path) -> dict:
     """The run's resolved config.yaml (every run writes it), else Hydra's composed .hydra/config.yaml."""
     run_dir = Path(run_dir)
@@ -247,13 +309,13 @@ def read_run_config(run_dir: Path) -> dict:
     raise PgolfError(f"{run_dir}: no config.yaml or .hydra/config.yaml; give a pgolf run directory (outputs/<run_id>)")
 
 
-def write_bundle(run_dir: Path, out: Path, *, pack: bool = False) -> Path:
-    """Write the standalone script of a run to `out` (atomically); its size is the code bytes."""
+def write_bundle(run_dir: Path, out: Path, *, plain: bool = False) -> Path:
+    """Write the standalone script of a run to `out` (atomically): the counted two-line script, or
+    with `plain` the readable source; its size is the code bytes a submission of it counts."""
     from pgolf.trainer import write_atomic
 
     config = read_run_config(run_dir)
-    source = render(config)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, (pack_source(source) if pack else source).encode("utf-8"))
+    write_atomic(out, (render(config) if plain else counted_script(config)).encode("utf-8"))
     return out

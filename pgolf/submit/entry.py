@@ -3,9 +3,11 @@
 The bundler (pgolf.submit.bundle) replaces `CONFIG` with a run's resolved config and
 `TARGETS` with the callables its `_target_`s name. As in the records' scripts, every value
 can be overridden by an environment variable: `SEED`, `ITERATIONS`, `DATA_PATH`,
-`MAX_WALLCLOCK_SECONDS`, ... A group key is set by `GROUP_KEY` (`EVAL_STRIDE`, `MODEL_NUM_LAYERS`)
-or, when its name has an underscore or is one of the records' one-word names, by its bare
-upper-cased name (`NUM_LAYERS`, `VOCAB_SIZE` sets every group's `vocab_size`); one-word keys
+`MAX_WALLCLOCK_SECONDS`, ... (not the options in `FIXED`, whose other values need code the
+bundler left out: `SMEAR_GATE=token` on a script bundled without it is refused). A group key
+is set by `GROUP_KEY` (`EVAL_STRIDE`, `MODEL_NUM_LAYERS`) or, when its name has an underscore
+or is one of the records' one-word names, by its bare upper-cased name (`NUM_LAYERS`,
+`VOCAB_SIZE` sets every group's `vocab_size`); one-word keys
 such as `name` or `level` need the group prefix so that unrelated environment variables
 cannot change a run.
 """
@@ -28,6 +30,7 @@ from pgolf.trainer import Job, run_job
 
 CONFIG: dict = {}
 TARGETS: dict = {}
+FIXED: tuple = ()  # dotted keys whose values decided which parts the bundler left out (pgolf.submit.reach)
 ONE_WORD_NAMES = ("iterations", "beta1", "beta2")  # upstream's env vars without an underscore
 
 
@@ -77,6 +80,21 @@ def apply_env(config: dict, environ: dict) -> list[str]:
     return applied
 
 
+def check_fixed(config: dict) -> None:
+    """Refuse an override of an option whose other values need code this script left out."""
+
+    def value(node: Any, dotted: str) -> Any:
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    for dotted in FIXED:
+        now, was = value(config, dotted), value(CONFIG, dotted)
+        if now != was:
+            raise PgolfError(f"{dotted}={now!r}: this script was bundled for {dotted}={was!r} and left out the code "
+                             "other values use; bundle a run with that setting (python -m pgolf.submit bundle RUN_DIR)")
+
+
 def make(node: dict) -> Any:
     """Instantiate a group as Hydra would: `_target_(**keys)`, or a partial with `_partial_`."""
     kwargs = {k: make(v) if isinstance(v, dict) and "_target_" in v else v  # nested, as eval.ttt
@@ -91,6 +109,7 @@ def make(node: dict) -> Any:
 def main() -> dict:
     config = copy.deepcopy(CONFIG)
     applied = apply_env(config, dict(os.environ))
+    check_fixed(config)
     # All torchrun workers of one job share TORCHELASTIC_RUN_ID, hence one run directory.
     config["run_id"] = os.environ.get("RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or str(uuid.uuid4())
     run_dir = Path(os.environ.get("RUN_DIR") or Path("logs") / config["run_id"])

@@ -1,4 +1,5 @@
-"""A record submission folder from finished runs: README.md, submission.json, one log per seed, train_gpt.py.
+"""A record submission folder from finished runs: README.md, submission.json, one log per seed, train_gpt.py
+(the counted two-line script) and train_gpt_readable.py (the same code as source).
 
     from pgolf.submit.record import write_record
     write_record(["outputs/a", "outputs/b", "outputs/c"], "records/track_10min_16mb/2026-03-21_MyRun",
@@ -149,11 +150,11 @@ def _show(value) -> str:
     return "(absent)" if value is _ABSENT else repr(value)
 
 
-def check_bytes(runs: list[Run], bytes_code: int, *, packed: bool) -> None:
+def check_bytes(runs: list[Run], bytes_code: int, *, plain: bool) -> None:
     for r in runs:
         total = r.model_bytes + bytes_code
         if total > SIZE_CAP_BYTES:
-            fix = "shrink the model (fewer parameters, a smaller quant preset)" + ("" if packed else " or pass --pack")
+            fix = "shrink the model (fewer parameters, a smaller quant preset)" + (" or drop --plain" if plain else "")
             raise PgolfError(f"{r.dir} (seed {r.seed}): total bytes {total:,} = model {r.model_bytes:,} + code "
                              f"{bytes_code:,} exceeds the {SIZE_CAP_BYTES:,}-byte cap by {total - SIZE_CAP_BYTES:,}; "
                              f"{fix}")
@@ -175,9 +176,26 @@ def check_output(out: Path, *, non_record: bool) -> None:
 
 # -------------------------------- describing the config --------------------------------
 
-SMEAR = {"pre_norm": "SmearGate before the embedding norm, gate init 3 (#65)",
-         "post_norm": "SmearGate after the embedding norm, gate init 0 (2026-03-20 records)",
-         "token": "per-token SmearGate x_t + lam*sigmoid(w.x_t)*x_{t-1} (PR #192)"}
+def model_parts(model: dict) -> list[str]:
+    """The model's own one-line descriptions of its parts (GPT.describe), from the run's model
+    config, built on the meta device (no memory, no init cost)."""
+    import logging
+
+    import torch
+
+    from pgolf.model import GPT
+
+    kwargs = {k: v for k, v in model.items() if not k.startswith("_")}
+    quiet = logging.getLogger("pgolf.model")
+    level, quiet.level = quiet.level, logging.ERROR  # its construction notes are for the run log
+    try:
+        with torch.device("meta"):
+            return GPT(**kwargs).describe()
+    except (TypeError, PgolfError) as e:
+        raise PgolfError(f"the run's model options do not build with this pgolf ({e}); write the record with the "
+                         "pgolf version that trained the run") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def quantization(config: dict) -> tuple[str, str]:
@@ -207,12 +225,7 @@ def techniques(config: dict) -> list[str]:
     out = [f"{m.get('num_layers')} layers x {dim} dim, {m.get('num_heads')} heads / {m.get('num_kv_heads')} KV "
            f"heads, MLP {m.get('mlp_mult')}x (hidden {hidden}), vocab {m.get('vocab_size')}"
            + (", tied embeddings" if m.get("tie_embeddings") else "")]
-    if m.get("smear_gate", "none") != "none":
-        out.append(SMEAR.get(m["smear_gate"], f"SmearGate {m['smear_gate']}"))
-    if m.get("bigram_buckets", 0):
-        scale = f", learned scale init {m['bigram_scale_init']}" if m.get("bigram_scale_init") is not None else ""
-        out.append(f"BigramHash: {m['bigram_buckets']} buckets x {m.get('bigram_dim')} dim, {m.get('bigram_hash')} "
-                   f"hash, {m.get('bigram_init')} init{scale}")
+    out += model_parts(m)
     if m.get("ortho_init"):
         out.append(f"orthogonal init (matrices with min dim >= {m.get('ortho_min_dim', 0)})"
                    + (", output projections scaled by 1/sqrt(2L)" if m.get("ortho_proj_scale") else ""))
@@ -289,7 +302,7 @@ def submission(runs: list[Run], *, name: str, author: str, github_id: str, blurb
     return out
 
 
-def readme(runs: list[Run], sub: dict, *, packed: bool) -> str:
+def readme(runs: list[Run], sub: dict, *, plain: bool) -> str:
     """The submission's README.md: what it is, the techniques, per-seed results, how to reproduce, the config."""
     n = len(runs)
     std = "" if sub["val_bpb_std"] is None else f" (std {sub['val_bpb_std']:.8f})"
@@ -320,7 +333,8 @@ def readme(runs: list[Run], sub: dict, *, packed: bool) -> str:
               f"| **max** | | | | {sub['train_time_seconds']:.3f} | | | **{sub['bytes_total']:,}** |", "",
               f"- bytes_total (max over seeds): {sub['bytes_total']:,} of {SIZE_CAP_BYTES:,} "
               f"({SIZE_CAP_BYTES - sub['bytes_total']:,} to spare)",
-              f"- bytes_code (train_gpt.py{', lzma-packed' if packed else ''}): {sub['bytes_code']:,}",
+              f"- bytes_code (train_gpt.py{'' if plain else ', minified + lzma + base85'}): {sub['bytes_code']:,}"
+              + ("" if plain else "; `train_gpt_readable.py` is the same code as readable source (not counted)"),
               f"- model parameters: {sub['model_params']:,}; quantization {sub['quantization']}, "
               f"compression {sub['compression']}", "",
               "## Reproduce", "",
@@ -336,7 +350,7 @@ def readme(runs: list[Run], sub: dict, *, packed: bool) -> str:
 
 
 def write_record(run_dirs: list[str | Path], out: str | Path, *, name: str, author: str, github_id: str,
-                 blurb: str | None = None, pack: bool = False, allow_non_record: bool = False,
+                 blurb: str | None = None, plain: bool = False, allow_non_record: bool = False,
                  date: str | None = None) -> dict:
     """Check the runs, then write the submission folder `out`; return the submission.json dict."""
     from pgolf.submit.bundle import write_bundle
@@ -352,12 +366,15 @@ def write_record(run_dirs: list[str | Path], out: str | Path, *, name: str, auth
     check_output(out, non_record=non_record is not None)
     date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     with tempfile.TemporaryDirectory(prefix="pgolf_record_") as tmp:
-        script = write_bundle(runs[0].dir, Path(tmp) / "train_gpt.py", pack=pack)
+        # What counts is train_gpt.py: the two-line self-extracting script (pgolf.submit.bundle), or
+        # with --plain the readable source itself.
+        script = write_bundle(runs[0].dir, Path(tmp) / "train_gpt.py", plain=plain)
+        readable = None if plain else write_bundle(runs[0].dir, Path(tmp) / "train_gpt_readable.py", plain=True)
         bytes_code = script.stat().st_size
-        check_bytes(runs, bytes_code, packed=pack)
+        check_bytes(runs, bytes_code, plain=plain)
         sub = submission(runs, name=name, author=author, github_id=github_id, blurb=blurb, date=date,
                          bytes_code=bytes_code, track=track, non_record=non_record)
-        files = {"README.md": readme(runs, sub, packed=pack).encode("utf-8"),
+        files = {"README.md": readme(runs, sub, plain=plain).encode("utf-8"),
                  "submission.json": (json.dumps(sub, indent=2) + "\n").encode("utf-8")}
         # Stage beside the destination, then rename: a reader never sees half a folder.
         stage = out.parent / f".{out.name}.tmp{os.getpid()}"
@@ -367,6 +384,8 @@ def write_record(run_dirs: list[str | Path], out: str | Path, *, name: str, auth
             for fname, data in files.items():
                 (stage / fname).write_bytes(data)
             shutil.copyfile(script, stage / "train_gpt.py")
+            if readable is not None:
+                shutil.copyfile(readable, stage / "train_gpt_readable.py")
             for r in runs:
                 shutil.copyfile(r.log, stage / f"train_seed{r.seed}.log")
             os.replace(stage, out)  # onto a missing or empty folder

@@ -1,0 +1,54 @@
+"""Checks that need only the config, across groups: run at compose time, before anything is written.
+
+`pgolf.build.check_values` calls `check_groups` on the resolved config (a plain dict), so a
+wrong combination costs one line and leaves no run directory, reads no data (issue 21 item 4).
+Each group's own ranges live with the group (its constructor, or `check_<group>_args` for a
+group built with runtime objects, such as the optimizer); here are the ones that span groups,
+and the runtime check of the data's BOS id (item 7), which needs the tokenizer.
+"""
+
+from __future__ import annotations
+
+from pgolf.data.packing import CONTIGUOUS_LOADERS
+from pgolf.errors import PgolfError
+from pgolf.optim import check_optimizer_args
+
+MICRO_BATCHES = 8  # world_size * grad_accum_steps: the baseline's 8 // world_size accumulation on any world size
+
+
+def check_groups(config: dict) -> None:
+    """Cross-group checks of a resolved config (PgolfError naming the values and the fix)."""
+    model, sched, data = config.get("model", {}), config.get("schedule", {}), config.get("data", {})
+    ev = config.get("eval", {})
+    if "optimizer" in config:
+        check_optimizer_args(**{k: v for k, v in config["optimizer"].items() if not k.startswith("_")})
+    if sched:
+        tokens, seq = sched["train_batch_tokens"], sched["train_seq_len"]
+        local = tokens // MICRO_BATCHES
+        if tokens % MICRO_BATCHES or local % seq:
+            raise PgolfError(f"schedule.train_batch_tokens={tokens} must split into whole sequences of {seq} over "
+                             f"{MICRO_BATCHES} micro-batches; use a multiple of {MICRO_BATCHES * seq}")
+        if ev and ev.get("val_batch_size") is not None:
+            eval_seq = ev.get("seq_len") or seq
+            if ev["val_batch_size"] // MICRO_BATCHES < eval_seq:
+                raise PgolfError(f"eval.val_batch_size={ev['val_batch_size']} gives {ev['val_batch_size'] // 8} tokens "
+                                 f"per micro-batch, fewer than one sequence of {eval_seq}; raise it to at least "
+                                 f"{MICRO_BATCHES * eval_seq}")
+    if model and data and "bos_id" in model and "bos_id" in data and model["bos_id"] != data["bos_id"]:
+        raise PgolfError(f"model.bos_id={model['bos_id']} but data.bos_id={data['bos_id']}: document boundaries must "
+                         "follow the data's tokenizer; set both to its BOS id (1 for the challenge's tokenizers)")
+    if model.get("doc_attention") and data.get("loader", "sequential") in CONTIGUOUS_LOADERS and sched:
+        packed = sched["train_batch_tokens"] // MICRO_BATCHES
+        rope = model.get("rope_train_seq_len") or 0
+        if rope and packed > rope:  # pgolf.data.packing: training attends over one packed row per micro-batch
+            raise PgolfError(f"model.rope_train_seq_len={rope} with model.doc_attention: training packs each "
+                             f"micro-batch into one row of {packed} tokens (#1530), so RoPE's NTK rescale would switch "
+                             "on in training only; set model.rope_train_seq_len=0 (the VarLen records' ROPE_YARN=0)")
+
+
+def check_bos(tokenizer_bos: int, *, model_bos: int | None, data_bos: int | None, tokenizer_path: str) -> None:
+    """Every part that looks for a BOS uses the tokenizer's: refuse a config that names another."""
+    for key, value in (("model.bos_id", model_bos), ("data.bos_id", data_bos)):
+        if value is not None and value != tokenizer_bos:
+            raise PgolfError(f"{key}={value} but the data's tokenizer {tokenizer_path} has BOS id {tokenizer_bos}; "
+                             f"set {key}={tokenizer_bos}")

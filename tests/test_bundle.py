@@ -1,0 +1,189 @@
+"""The bundle carries what its config uses (pgolf.submit.reach), and both of its forms (the
+readable source and the counted minified, lzma, base85 two-line script) build the same model
+as the package. Fast: no training here; tests/test_submit_record.py runs bundled scripts end to end.
+
+Each case execs a bundle's code as a module (not as __main__, so nothing runs), builds its GPT
+and pgolf's GPT from the same options and seed, and requires the same loss to the bit."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import copy
+import json
+import lzma
+import re
+import sys
+import types
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_compile import ALL_ON, TINY, VARIANTS
+from test_records_frontier import pgolf_kwargs
+
+import pgolf
+from pgolf.build import to_container
+from pgolf.model import GPT
+from pgolf.submit import bundle, reach
+from pgolf.submit.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def smoke() -> dict:
+    return to_container(pgolf.compose(["experiment=smoke"]))
+
+
+def with_model(config: dict, **options) -> dict:
+    out = copy.deepcopy(config)
+    out["model"].update(TINY, **options)
+    if out["model"].get("bigram_buckets"):
+        out["model"]["bigram_buckets"] = 64
+    return out
+
+
+def namespace(source: str) -> dict:
+    """The globals of `source` run as a module (dataclasses look their module up in sys.modules)."""
+    module = types.ModuleType("bundled_train_gpt")
+    sys.modules[module.__name__] = module
+    exec(compile(source, "train_gpt.py", "exec"), module.__dict__)
+    return module.__dict__
+
+
+def unwrap(script: str) -> str:
+    """The code inside a counted two-line script."""
+    lines = script.splitlines()
+    assert len(lines) == 2 and lines[0] == "import lzma as L,base64 as B", lines[0]
+    (blob,) = re.fullmatch(r'exec\(L\.decompress\(B\.b85decode\("([^"\\]*)"\)\)\)', lines[1]).groups()
+    return lzma.decompress(base64.b85decode(blob)).decode("utf-8")
+
+
+def loss_of(gpt_cls, options: dict) -> float:
+    torch.manual_seed(0)
+    model = gpt_cls(**options)
+    with torch.no_grad():  # no zero-init matrices: every part changes the loss
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 128, (2, 32), generator=g), torch.randint(0, 128, (2, 32), generator=g)
+    with torch.no_grad():
+        return float(model(x, y))
+
+
+def test_every_row_names_a_shipped_definition_and_a_real_option(smoke):
+    statements, _ = bundle._statements()
+    defined = set().union(*(bundle._defines(stmt) for _, stmt in statements))
+    for row in reach.REACH:
+        assert set(row.names) <= defined, row.names
+        for key in row.keys:
+            reach.option(smoke, key)  # an option the config or its target has
+    config = copy.deepcopy(smoke)
+    del config["data"]["loader"]  # absent: the target's default decides, as in the run
+    assert reach.option(config, "data.loader") == "sequential"
+
+
+def test_a_stale_option_name_stops_the_bundler(smoke, monkeypatch):
+    monkeypatch.setattr(reach, "REACH", (reach.Reach(("BigramHash",), ("model.bigram_vocab",), bool),))
+    with pytest.raises(AssertionError, match="reads model.bigram_vocab, which neither the config nor "
+                                             "pgolf.model.GPT has: update the table"):
+        bundle.render(smoke)
+
+
+def test_the_smoke_bundle_leaves_out_every_unused_part(smoke):
+    dropped, fixed = reach.left_out(bundle.bundle_config(smoke))
+    assert dropped == {name for row in reach.REACH for name in row.names}  # the baseline uses no part
+    assert "model.smear_gate" in fixed and "data.loader" in fixed
+    source = bundle.render(smoke)
+    tree = ast.parse(source)
+    top = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert not top & dropped
+    assert "Left out (the run's config does not use them): BigramHash, CoprimeStrideLoader" in source
+    assert f"FIXED = {fixed!r}" in source
+    counted = bundle.counted_script(smoke)
+    assert counted.count("\n") == 2 and len(counted) < len(source) / 3
+    assert bundle.code_bytes(smoke) == len(counted.encode())
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS) + ["all_on"])
+def test_the_bundled_model_equals_the_package_model(smoke, name):
+    config = with_model(smoke, **(ALL_ON if name == "all_on" else VARIANTS[name]))
+    dropped, _ = reach.left_out(config)
+    ns = namespace(bundle.render(config))
+    kept = {n for row in reach.REACH for n in row.names} - dropped
+    assert all(ns[n] is not ns["_Absent"] for n in kept) and all(ns.get(n, ns["_Absent"]) is ns["_Absent"]
+                                                                  for n in dropped)
+    options = {k: v for k, v in config["model"].items() if not k.startswith("_")}
+    assert loss_of(ns["GPT"], options) == loss_of(GPT, options)
+
+
+@pytest.mark.parametrize("name", ["smoke", "all_on"])
+def test_the_counted_script_runs_the_same_model(smoke, name):
+    config = smoke if name == "smoke" else with_model(smoke, **ALL_ON)
+    code = unwrap(bundle.counted_script(config))
+    ns = namespace(code)
+    assert ns["CONFIG"] == bundle.bundle_config(config)
+    options = {k: v for k, v in config["model"].items() if not k.startswith("_")}
+    assert loss_of(ns["GPT"], options) == loss_of(GPT, options)
+
+
+def test_an_override_of_a_frozen_option_is_refused(smoke):
+    ns = namespace(unwrap(bundle.counted_script(smoke)))
+    config = copy.deepcopy(ns["CONFIG"])
+    ns["check_fixed"](config)  # unchanged: fine
+    config["model"]["smear_gate"] = "token"
+    with pytest.raises(ns["PgolfError"], match=r"^model.smear_gate='token': this script was bundled for "
+                                               r"model.smear_gate='none' and left out the code other values use"):
+        ns["check_fixed"](config)
+    with pytest.raises(ns["PgolfError"], match="this part was left out of the bundled script"):
+        ns["BigramHash"](128, buckets=64, dim=16, hash="mul", init="normal", scale_init=None, qat={})
+
+
+def test_the_run_data_options_travel_with_the_bundle(smoke):
+    config = copy.deepcopy(smoke)
+    config["data"].update(loader="coprime", bos_id=2)
+    data = bundle.bundle_config(config)["data"]
+    assert (data["loader"], data["bos_id"], data["caseops"]) == ("coprime", 2, False)
+    ns = namespace(bundle.render(config))
+    assert ns["CoprimeStrideLoader"] is not ns["_Absent"] and ns["ShuffledSequenceLoader"] is ns["_Absent"]
+
+
+def test_the_1855_model_ships_its_parts_only(smoke):
+    """The largest frontier model (04-27 #1855 at the goldens' small shape, with doc attention and
+    the document loader): its parts are shipped and run as the package's; the others are not."""
+    config = copy.deepcopy(smoke)
+    config["model"].update(pgolf_kwargs("pr1855_lqer_bossmear"), doc_attention=True)
+    config["data"]["loader"] = "documents"
+    dropped, fixed = reach.left_out(config)
+    assert {"sparse_attn_gate", "window_smear", "_smear_window", "routed_2x2", "exclusive_self_attention",
+            "build_doc_mask", "DocumentPackingLoader"}.isdisjoint(dropped)
+    assert {"BigramHash", "ValueEmbedding", "gptj", "lane_merge", "learned_2lane", "dense_attn_gate",
+            "attn_out_gate", "token_smear", "CoprimeStrideLoader"} <= dropped
+    ns = namespace(unwrap(bundle.counted_script(config)))
+    options = {k: v for k, v in config["model"].items() if not k.startswith("_")}
+    assert loss_of(ns["GPT"], options) == loss_of(GPT, options)
+    assert bundle.code_bytes(config) > bundle.code_bytes(smoke)
+
+
+def test_the_code_command_prints_a_configs_bytes(smoke, capsys):
+    assert main(["code", "experiment=smoke"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    readable, minified = len(bundle.render(smoke).encode()), len(bundle.minified_source(smoke).encode())
+    assert out[0] == (f"code bytes for experiment=smoke: readable {readable:,}, minified {minified:,}, counted "
+                      f"{bundle.code_bytes(smoke):,} (minified + lzma + base85, the train_gpt.py a submission ships)")
+    assert out[1].startswith(f"left out ({len(reach.left_out(smoke)[0])}, the config does not use them): BigramHash, ")
+
+
+CODE_BYTES = json.loads((Path(__file__).parent / "goldens" / "code_bytes.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("case", sorted(CODE_BYTES["cases"]))
+def test_code_is_counted_as_the_record_counts_it(case):
+    """On the same source, pgolf's counted bytes equal #2135's own `_compressed_code_size`
+    (pyminify without renames or hoisting, lzma, base85, the two-line wrapper)."""
+    golden = CODE_BYTES["cases"][case]
+    script = bundle.wrap(bundle.minify(golden["source"]))
+    assert len(golden["source"].encode()) == golden["raw_bytes"]
+    assert len(script.encode()) == golden["counted_bytes"]
+    ns = namespace(unwrap(script))  # and the wrapped code runs
+    assert "Point" in ns or "Counter" in ns
