@@ -131,17 +131,28 @@ def test_every_optimizer_step_follows_a_scored_update(variant):
         torch.manual_seed(0)
         if variant == "chunked":
             ChunkedSGD(ttt_epochs=1, ttt_chunk_tokens=40, ttt_batch_seqs=2).run(tiny(), sc, rt(), seq_len=16, stride=8)
-        elif variant == "lora":
-            LoRATTT(ttt_chunk_size=6, **LORA).run(tiny(), sc, rt(), seq_len=16)
-        else:
-            PhasedTTT(ttt_chunk_size=6, phased_ttt_prefix_docs=4, phased_ttt_num_phases=2,
-                      global_ttt_chunk_tokens=32, global_ttt_batch_seqs=1, **LORA).run(tiny(), sc, rt(), seq_len=8)
+        elif variant == "lora":  # with #2014's short-document chunks and #1953's mask
+            LoRATTT(ttt_chunk_size=6, ttt_short_chunk_steps="20:2,35:4", ttt_mask="no_qv", **LORA).run(
+                tiny(), sc, rt(), seq_len=16)
+        else:  # with #1767's alpha and warm-start A
+            PhasedTTT(ttt_chunk_size=6, phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, ttt_lora_alpha=4.0,
+                      ttt_warm_start_a=True, global_ttt_chunk_tokens=32, global_ttt_batch_seqs=1, **LORA).run(
+                tiny(), sc, rt(), seq_len=8)
     finally:
         handle.remove()
     assert seen and all(kind == "update" for kind in seen)
     assert sc.ledger[0].kind == "score"
     assert len(seen) == sc.num_updates
     assert check_ledger(sc.ledger, sc.num_targets) is None
+
+
+def test_short_document_chunks_and_masks():
+    spec = LoRATTT(ttt_chunk_size=48, ttt_short_chunk_steps="2000:24,256:8", ttt_mask="no_qv", ttt_o_lora=False)
+    assert [spec.chunk_for(n) for n in (10, 256, 257, 2000, 2001)] == [8, 8, 24, 24, 48]
+    assert spec.kinds() == ("k", "mlp")
+    adapters = spec.new_adapters(tiny(), 3)
+    assert set(adapters.loras) == {"k", "mlp"} and len(adapters.loras["k"]) == 3  # 3 virtual slots
+    adapters.remove()
 
 
 def test_documents_split_at_bos_cover_every_target():
@@ -207,3 +218,16 @@ def test_two_gloo_ranks_equal_one_rank():
         tol = 1e-9 if v == "lora" else 1e-6
         assert two[(v, 0)][0] == pytest.approx(one[v][0], rel=tol)
         assert two[(v, 0)][1] == pytest.approx(one[v][1], rel=tol)
+
+
+def test_chunked_without_updates_is_the_sliding_eval():
+    """With no epochs the chunked variant scores exactly what pgolf.evaluate.eval_sliding scores: the
+    Scorer's arithmetic (full log-softmax, bytes, float64 sums) is the evals' arithmetic."""
+    from pgolf.evaluate import eval_sliding
+
+    stream, model = docs_stream([30, 8, 41, 19, 26, 12, 33], 4), tiny()
+    sc = Scorer(stream, luts())
+    ChunkedSGD(ttt_epochs=0, ttt_chunk_tokens=40).run(model, sc, rt(), seq_len=24, stride=8, batch_seqs=5)
+    ref = eval_sliding(model, stream, luts(), seq_len=24, stride=8, batch_seqs=4, rank=0, world_size=1,
+                       device=torch.device("cpu"), dtype=torch.float32)
+    assert sc.result() == pytest.approx(ref, rel=1e-9)

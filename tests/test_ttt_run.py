@@ -27,6 +27,7 @@ def ttt_run(tmp_path_factory, fast_cache):
     return run_dir, metrics(run_dir), args
 
 
+@pytest.mark.slow
 def test_run_scores_with_ttt_and_makes_it_the_headline(ttt_run):
     run_dir, m, _ = ttt_run
     assert m["final/ttt_bpb"] < m["final/quant_sliding_bpb"]  # the updates helped
@@ -40,7 +41,8 @@ def test_run_scores_with_ttt_and_makes_it_the_headline(ttt_run):
     assert events[0].kind == "score" and any(e.kind == "update" for e in events)
 
 
-@pytest.mark.parametrize("variant", ["ttt_lora", "ttt_phased"])
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["ttt_phased"])  # the phased variant runs the LoRA queue too
 def test_rescore_a_finished_artifact(ttt_run, variant, tmp_path):
     from pgolf.ttt.__main__ import main
 
@@ -57,6 +59,7 @@ def test_rescore_a_finished_artifact(ttt_run, variant, tmp_path):
         assert r["eval/ttt_global_sgd_1_s"] > 0
 
 
+@pytest.mark.slow
 def test_rescore_without_ttt_is_one_line(ttt_run, capsys):
     from pgolf.ttt.__main__ import main
 
