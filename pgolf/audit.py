@@ -21,6 +21,7 @@ metrics.json and artifact, and the data its config names. One line per check, `P
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -58,18 +59,29 @@ def doc_fingerprints(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -
         return np.add.reduceat(t * pw[pos], starts - starts[0]) ^ lens.astype(np.uint64)
 
 
-def check_overlap(val: np.ndarray, train: np.ndarray, bos_id: int, min_tokens: int = 64) -> tuple[bool, str]:
+def check_overlap(val: np.ndarray, train_shards, bos_id: int, min_tokens: int = 64) -> tuple[bool, str]:
     """Validation documents of >= `min_tokens` tokens that equal a training document (short ones,
-    such as empty files or boilerplate, recur in any corpus and are only counted)."""
+    such as empty files or boilerplate, recur in any corpus and are only counted). `train_shards`
+    yields token arrays in order; one shard at a time is in memory (a document cut by a shard
+    boundary is carried into the next)."""
     vs, ve = doc_spans(val, bos_id)
-    ts, te = doc_spans(train, bos_id)
-    vf, tf = doc_fingerprints(val, vs, ve), doc_fingerprints(train, ts, te)
-    hit = np.flatnonzero(np.isin(vf, tf))
-    by_fp = {fp: i for i, fp in enumerate(tf.tolist())}
-    same = [k for k in hit if np.array_equal(val[vs[k]:ve[k]], train[ts[by_fp[int(vf[k])]]:te[by_fp[int(vf[k])]]])]
+    vf = doc_fingerprints(val, vs, ve)
+    same, n_train, carry = set(), 0, np.zeros(0, dtype=val.dtype)
+    for shard in itertools.chain(train_shards, [None]):
+        toks = carry if shard is None else np.concatenate([carry, shard])
+        ts, te = doc_spans(toks, bos_id)
+        if shard is not None and len(ts):  # the last document may go on in the next shard
+            carry, ts, te = toks[ts[-1]:], ts[:-1], te[:-1]
+        n_train += len(ts)
+        tf = doc_fingerprints(toks, ts, te)
+        by_fp = {fp: i for i, fp in enumerate(tf.tolist())}
+        for k in np.flatnonzero(np.isin(vf, tf)):
+            j = by_fp[int(vf[k])]
+            if np.array_equal(val[vs[k]:ve[k]], toks[ts[j]:te[j]]):
+                same.add(int(k))
     long = [k for k in same if ve[k] - vs[k] >= min_tokens]
     return _line(not long, "overlap", f"{len(long)} of {len(vs)} validation documents (>= {min_tokens} tokens) are "
-                 f"training documents; {len(same) - len(long)} shorter ones recur ({len(ts)} training documents)")
+                 f"training documents; {len(same) - len(long)} shorter ones recur ({n_train} training documents)")
 
 
 def check_calibration(metrics: dict) -> tuple[bool, str]:
@@ -192,27 +204,31 @@ def check_val_bytes(sp, luts, val: torch.Tensor, sidecar, pattern: str) -> tuple
 
 
 def check_bytes(run_dir: Path, artifact_name: str, config: dict, metrics: dict) -> tuple[bool, str]:
-    """Artifact on disk + the bundled code (recomputed from the config) against the cap, and
-    against what the run reported."""
+    """Artifact on disk + code against the cap: the code the run counted (metrics.json) and the
+    bundle of this checkout for the run's config (pgolf.submit.bundle.render) must both fit, and the
+    artifact must be the one the run reported."""
     from pgolf.submit.bundle import render
 
     path = run_dir / artifact_name
     if not path.is_file():
         return _line(False, "bytes", f"{path} is missing")
-    model_bytes, code_bytes = path.stat().st_size, len(render(config).encode("utf-8"))
-    total = model_bytes + code_bytes
-    reported = metrics.get("artifact/model_bytes")
+    model_bytes, code_now = path.stat().st_size, len(render(config).encode("utf-8"))
+    code_run, reported = metrics.get("artifact/code_bytes"), metrics.get("artifact/model_bytes")
+    total = model_bytes + max(code_now, code_run or 0)
     same = reported in (None, model_bytes)
-    return _line(total <= SIZE_CAP and same, "bytes", f"model {model_bytes:,} + code {code_bytes:,} = {total:,} "
-                 f"(cap {SIZE_CAP:,}); metrics.json reported model {reported}"
+    run_code = "?" if code_run is None else f"{code_run:,}"
+    return _line(total <= SIZE_CAP and same, "bytes", f"model {model_bytes:,} + code {run_code} (run) / {code_now:,} "
+                 f"(this checkout) -> {total:,} (cap {SIZE_CAP:,}); metrics.json model {reported}"
                  + ("" if same else " (the artifact on disk is not the one the run scored)"))
 
 
-def train_tokens(pattern: str) -> np.ndarray:
+def train_shards(pattern: str):
+    """The training shards' tokens, one shard at a time, in order."""
     from pgolf.data.loader import _match
     from pgolf.data.shards import read_shard
 
-    return np.concatenate([read_shard(p).numpy() for p in _match(pattern, "training shards")])
+    for path in _match(pattern, "training shards"):
+        yield read_shard(path).numpy()
 
 
 def audit(run_dir: str | Path, *, num_windows: int = 2) -> list[tuple[bool, str]]:
@@ -240,7 +256,7 @@ def audit(run_dir: str | Path, *, num_windows: int = 2) -> list[tuple[bool, str]
     luts = build_byte_luts(sp, vocab)
     sidecar = load_sidecar(paths.val_bytes_pattern, val.numel()) if paths.val_bytes_pattern else None
     lines = [check_val_bytes(sp, luts, val, sidecar, paths.val_pattern),
-             check_overlap(val.numpy(), train_tokens(paths.train_pattern), sp.bos_id())]
+             check_overlap(val.numpy(), train_shards(paths.train_pattern), sp.bos_id())]
 
     model = run["model_fn"]()
     model.load_state_dict(load_artifact(run_dir / run["quant"].artifact_name), strict=True)
@@ -250,9 +266,10 @@ def audit(run_dir: str | Path, *, num_windows: int = 2) -> list[tuple[bool, str]
                                      token_boost=spec.token_boost)) if spec.ngram_tilt_enabled else (lambda s: None)
     n = val.numel() - 1
     window = min(seq_len, n - 1)
-    starts = sorted({int(k * (n - window) / max(num_windows - 1, 1)) for k in range(num_windows)})
-    lines.append(check_causal(model, make_tilt, val, window, starts, vocab))
-    lines.append(check_normalised(model, make_tilt(val), val, window, starts))
+    spread = lambda hi: sorted({int(k * hi / max(num_windows - 1, 1)) for k in range(num_windows)})  # noqa: E731
+    # C1 rebuilds the tilt on each window's prefix: windows in the first 65,536 targets keep that cheap
+    lines.append(check_causal(model, make_tilt, val, window, spread(min(n - window, 1 << 16)), vocab))
+    lines.append(check_normalised(model, make_tilt(val), val, window, spread(n - window)))
     lines += check_ledger(load_ledgers(run_dir) or sliding_ledger(n, seq_len, stride), n)
     lines.append(check_calibration(metrics))
     lines.append(check_bytes(run_dir, run["quant"].artifact_name, config, metrics))

@@ -315,7 +315,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
             out = eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
                                batch_seqs=spec.batch_seqs, token_bytes=token_bytes,
                                tilt=tilt() if spec.ttt is None else None, **common)
-        if tilt() is not None and (kind == "ttt" or spec.ttt is None):  # the switch shows how often it fired
+        if (kind == "ttt" or spec.ttt is None) and tilt() is not None:  # the switch shows how often it fired
             log(tilt().describe())
         return out
 

@@ -47,7 +47,8 @@ def test_legal_run_passes_with_one_line_per_check(legal_run):
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 0, r.stdout + r.stderr
     names = [ln.split()[1].rstrip(":") for ln in lines[:-1]]
-    assert names == ["val_bytes", "overlap", "causal", "normalised", "score_first", "single_pass", "calibration", "bytes"]
+    assert names == ["val_bytes", "overlap", "causal", "normalised", "score_first", "single_pass", "calibration",
+                     "bytes"]
     assert all(ln.startswith("PASS") for ln in lines[:-1]) and "tilt fired on" in lines[3]
 
 
@@ -122,4 +123,26 @@ def test_ledger_check_across_ranks():
     assert all(ok for ok, _ in audit.check_ledger([r0, r1], 100))
     r1_bad = [("update", np.arange(90, 110)), ("score", np.arange(50, 100))]
     lines = audit.check_ledger([r0, r1_bad], 110)
-    assert [ok for ok, _ in lines] == [False, False] and "20 trained targets" in lines[0][1] and "10 never" in lines[1][1]
+    assert [ok for ok, _ in lines] == [False, False]
+    assert "20 trained targets" in lines[0][1] and "10 never" in lines[1][1]
+
+
+def test_overlap_finds_a_document_cut_by_a_shard_boundary():
+    g = np.random.default_rng(0)
+    docs = [np.concatenate([[1], g.integers(2, 100, n)]) for n in (80, 120, 70, 90)]
+    val = np.concatenate([docs[0], docs[1]])
+    train = np.concatenate([docs[2], docs[1], docs[3]])
+    cut = len(docs[2]) + 50  # docs[1] spans the two shards
+    ok, line = audit.check_overlap(val, iter([train[:cut], train[cut:]]), bos_id=1)
+    assert not ok and line.startswith("FAIL overlap: 1 of 2 validation documents") and "(3 training documents)" in line
+    ok, _ = audit.check_overlap(val, iter([docs[2], docs[3]]), bos_id=1)
+    assert ok
+
+
+def test_artifact_over_the_cap_fails(legal_run, tmp_path):
+    run = doctored(legal_run, tmp_path, "big")
+    artifact = next(run.glob("*.ptz"))
+    with open(artifact, "ab") as f:
+        f.write(b"\0" * 16_000_000)
+    bad = fails(run)
+    assert len(bad) == 1 and bad[0].startswith("FAIL bytes:") and "not the one the run scored" in bad[0]

@@ -109,7 +109,8 @@ def test_tilt_through_the_ttt_scorer_equals_the_closed_form():
     from pgolf.ttt.scorer import Scorer
 
     toks = synthetic_stream(600) % 64
-    luts = ByteLUTs(torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool))
+    no = torch.zeros(64, dtype=torch.bool)
+    luts = ByteLUTs(torch.ones(64, dtype=torch.int16), no, no)
     tilt = NgramTilt(toks, token_order=3, token_threshold=0.3)
     logits = torch.randn(599, 64, generator=torch.Generator().manual_seed(1)) * 3
     scorer = Scorer(toks, luts, tilt=tilt)
@@ -117,3 +118,40 @@ def test_tilt_through_the_ttt_scorer_equals_the_closed_form():
     via_hook, fired = scorer.totals()[0], tilt.fired
     closed = float(tilt.nll(logits, toks[1:], torch.arange(599)).sum())
     assert fired == int(tilt.hints.fired.sum()) > 50 and via_hook == pytest.approx(closed, rel=1e-6)
+
+
+def test_lora_ttt_scores_through_the_tilt():
+    """The #2135 combination at a tiny shape: LoRA TTT (pgolf.ttt.lora) with the tilt as the scorer's
+    hook. The tilt fires, lowers the committed loss on a repetitive stream, keeps the ledger legal,
+    and takes as many LoRA steps as without it."""
+    from pgolf.evaluate import ByteLUTs
+    from pgolf.model import GPT
+    from pgolf.ttt.common import TTTRuntime
+    from pgolf.ttt.lora import LoRATTT
+    from pgolf.ttt.scorer import Scorer, check_ledger
+
+    toks = synthetic_stream(700) % 62 + 2
+    toks[::100] = 1  # seven documents
+    luts = ByteLUTs(torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.arange(64) < 2)
+    results, states = [], []
+    for tilt in (None, NgramTilt(toks, token_order=3, token_threshold=0.3)):
+        torch.manual_seed(0)
+        model = GPT(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+        scorer = Scorer(toks, luts, tilt=tilt)
+        torch.manual_seed(1)
+        LoRATTT(ttt_lora_rank=4, ttt_chunk_size=16, ttt_batch_size=2, ttt_lora_lr=1e-2).run(
+            model, scorer, TTTRuntime(log=lambda s: None), seq_len=32)
+        assert check_ledger(scorer.ledger, scorer.num_targets) is None
+        results.append(scorer.result()[0])
+        states.append(sum(int(e.kind == "update") for e in scorer.ledger))
+    assert tilt.fired > 50 and tilt.scored == 699 and results[1] < results[0] and states[0] == states[1] > 0
+
+
+@pytest.mark.parametrize("override,field", [("eval.token_order=40", "token_order"),
+                                            ("eval.token_threshold=1.5", "token_threshold"),
+                                            ("eval.token_boost=-1", "token_boost")])
+def test_bad_tilt_options_fail_at_compose_time(override, field):
+    from pgolf.build import compose
+
+    with pytest.raises(PgolfError, match=f"eval.{field}="):
+        compose(["experiment=smoke", "eval.ngram_tilt_enabled=true", override])

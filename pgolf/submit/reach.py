@@ -64,6 +64,9 @@ REACH = (
     # QAT (linear.py: the fake-quantized weight) and MuonEq-R (optim.py)
     Reach(("fake_quantize",), ("model.qat_bits",), _on),
     Reach(("row_normalize",), ("optimizer.muon_row_normalize",), _on),
+    # Output head (head.py) and the eval's n-gram tilt (ttt/ngram.py)
+    Reach(("asym_softcap",), ("model.asym_logit_rescale",), _on),
+    Reach(("NgramTilt", "check_tilt_args"), ("eval.ngram_tilt_enabled",), _on),
     # Training loaders (data/loaders.py; `sequential` is the baseline's, always shipped)
     Reach(("ShuffledSequenceLoader",), ("data.loader",), _is("shuffled")),
     Reach(("CoprimeStrideLoader",), ("data.loader",), _is("coprime")),

@@ -53,9 +53,18 @@ def rescore(run_dir: Path, overrides: list[str]) -> dict:
     sliding = eval_sliding(model, val_tokens, luts, seq_len=seq_len, stride=stride, batch_seqs=spec.batch_seqs,
                            token_bytes=token_bytes, **common)
     print(f"quant_sliding val_loss:{sliding[0]:.8f} val_bpb:{sliding[1]:.8f}", flush=True)
+    tilt = None
+    if spec.ngram_tilt_enabled:  # the TTT score is tilted, as in the trainer (pgolf/ttt/ngram.py)
+        from pgolf.ttt.ngram import NgramTilt
+
+        tilt = NgramTilt(val_tokens.to(rt.device), token_order=spec.token_order,
+                         token_threshold=spec.token_threshold, token_boost=spec.token_boost)
     loss, bpb, figures = spec.ttt.evaluate(model, val_tokens, luts, seq_len=seq_len, stride=stride,
                                            batch_seqs=spec.batch_seqs, token_bytes=token_bytes,
-                                           log=lambda s: print(s, flush=True), seed=int(cfg.seed), **common)
+                                           log=lambda s: print(s, flush=True), seed=int(cfg.seed), tilt=tilt,
+                                           **common)
+    if tilt is not None:
+        print(tilt.describe(), flush=True)
     print(f"ttt val_loss:{loss:.8f} val_bpb:{bpb:.8f} gain:{bpb - sliding[1]:+.8f}", flush=True)
     return {"artifact": str(artifact), "overrides": overrides, "final/quant_sliding_bpb": sliding[1],
             "final/ttt_bpb": bpb, "final/ttt_loss_nats": loss, "final/ttt_gain_bpb": bpb - sliding[1], **figures}

@@ -160,9 +160,11 @@ class NgramTilt:
         """(tilted log-distribution (N, V) float64, hint (N,), fired (N,)) from log-probs (N, V)."""
         logp = logp.double()
         hint, fired = self._gather(target_idx, logp.device)
-        boost = torch.zeros_like(logp).scatter_(1, hint[:, None], self.beta)
-        shift = boost - self.log_z(logp.gather(1, hint[:, None]))
-        return torch.where(fired[:, None], logp + shift, logp), hint, fired
+        log_z = torch.where(fired, self.log_z(logp.gather(1, hint[:, None]).squeeze(1)), 0.0)
+        out = logp - log_z[:, None]  # one (N, V) copy: rows that did not fire are unchanged
+        rows = torch.nonzero(fired).squeeze(1)
+        out[rows, hint[rows]] += self.beta
+        return out, hint, fired
 
     def _count(self, base: Tensor, out: Tensor, y: Tensor, hint: Tensor, fired: Tensor) -> None:
         self.scored += out.numel()
