@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_compile import ALL_ON, TINY, VARIANTS
-from test_records_frontier import pgolf_kwargs
+from test_records_frontier import model_kwargs
 
 import pgolf
 from pgolf.build import to_container
@@ -152,7 +152,7 @@ def test_the_1855_model_ships_its_parts_only(smoke):
     """The largest frontier model (04-27 #1855 at the goldens' small shape, with doc attention and
     the document loader): its parts are shipped and run as the package's; the others are not."""
     config = copy.deepcopy(smoke)
-    config["model"].update(pgolf_kwargs("pr1855_lqer_bossmear"), doc_attention=True)
+    config["model"].update(model_kwargs("pr1855_lqer_bossmear"), doc_attention=True)
     config["data"]["loader"] = "documents"
     dropped, fixed = reach.left_out(config)
     assert {"sparse_attn_gate", "window_smear", "_smear_window", "routed_2x2", "exclusive_self_attention",
