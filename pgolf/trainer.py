@@ -196,7 +196,37 @@ def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
         return _run_job(job, run_dir, preemption)
 
 
-def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
+@dataclass
+class RunData:
+    """What the data step hands on: the token files, validation tokens and their byte tables."""
+
+    paths: Any
+    vocab: int
+    grad_accum: int
+    eval_seq_len: int
+    stride: int
+    val_tokens: torch.Tensor
+    luts: Any
+    token_bytes: torch.Tensor | None
+    unigram_bpb: float
+
+
+@dataclass
+class Model:
+    """The model as each consumer needs it: `base` (weights, export, sliding eval), `compiled`,
+    `train` (DDP-wrapped when distributed) and its optimizers."""
+
+    base: nn.Module
+    compiled: nn.Module
+    train: nn.Module
+    opt: Any
+    has_qat: bool
+    n_params: int
+    pass_counts: list[int]  # the loop-pass counts the run switches through (compile_limits.loop_pass_counts)
+
+
+def start_run(job: Job, run_dir: Path) -> tuple[Runtime, RunLog, Path]:
+    """Runtime, run directory and log (the resolved config and environment first), then the seeds."""
     rt = setup_runtime(job)
     run_dir = run_dir.resolve()
     if rt.master:
@@ -212,16 +242,20 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     random.seed(job.seed)
     np.random.seed(job.seed)
     torch.manual_seed(job.seed)
+    return rt, log, run_dir
 
-    # -------------------------------- data --------------------------------
+
+def load_data(job: Job, rt: Runtime, log: RunLog) -> RunData:
+    """Build or find the dataset (rank 0 first), check the tokenizer against the model's vocab and
+    the batch against the world size, load the validation tokens and their byte counts."""
     import sentencepiece as spm
 
     paths = job.data.ensure() if rt.master else None
     if rt.distributed:  # rank 0 may have built the dataset; the others wait, then resolve
         dist.barrier()
         paths = job.data.ensure() if paths is None else paths
-    sched, spec = job.schedule, job.eval_spec
-    eval_seq_len, stride = spec.resolve(sched.train_seq_len)
+    sched = job.schedule
+    eval_seq_len, stride = job.eval_spec.resolve(sched.train_seq_len)
     sp = spm.SentencePieceProcessor(model_file=str(paths.tokenizer_path))
     vocab = int(job.config["model"]["vocab_size"])
     check_bos(sp.bos_id(), model_bos=job.config["model"].get("bos_id"), data_bos=job.config["data"].get("bos_id"),
@@ -236,66 +270,135 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                          f"{sched.train_seq_len} over {rt.world_size * grad_accum} micro-batches; use a multiple of "
                          f"{rt.world_size * grad_accum * sched.train_seq_len}")
     val_tokens = load_validation_tokens(paths.val_pattern, eval_seq_len, vocab_size=vocab)
-    model = job.model_fn()
     cpu_luts = build_byte_luts(sp, vocab)
-    luts = cpu_luts.to(rt.device)
     # CaseOps data charges each target its original-text bytes from the sidecar (PR #1729);
     # otherwise the byte tables, checked against the decoded validation documents first.
     sidecar = load_sidecar(paths.val_bytes_pattern, val_tokens.numel()) if paths.val_bytes_pattern else None
     log(check_validation(sp, cpu_luts, val_tokens, sidecar, pattern=paths.val_pattern))
-    token_bytes = None if sidecar is None else sidecar.to(rt.device)
     floor = unigram_bpb(paths.train_pattern, val_tokens, cpu_luts, vocab, sidecar)
     log(f"val_tokens:{val_tokens.numel() - 1} eval_seq_len:{eval_seq_len} stride:{stride} unigram_bpb:{floor:.4f}")
-    job.quant.check_names({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    return RunData(paths, vocab, grad_accum, eval_seq_len, stride, val_tokens, cpu_luts.to(rt.device),
+                   None if sidecar is None else sidecar.to(rt.device), floor)
 
-    # -------------------------------- model + optimizer --------------------------------
-    base_model = place_model(model, rt)
-    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if rt.compile else base_model
-    opt = job.optimizers_fn(base_model)
+
+def build_model(job: Job, rt: Runtime, run_dir: Path, log: RunLog, data: RunData) -> Model:
+    """The model transforms, in this order (torchtitan's): build the weights (seeded), check the
+    export's name rules against them, place them (device, bf16 with fp32 linears/controls), QAT is
+    part of the built linears and switched by the schedule (`set_qat`), compile the placed model,
+    make the optimizers on the placed parameters (Parallel Muon reduces its own gradients, so DDP
+    ignores those), then wrap in DDP. Hooks and adapters attach to `base` from outside, later."""
+    model = job.model_fn()
+    job.quant.check_names({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    base = place_model(model, rt)
+    has_qat = any(getattr(m, "qat_bits", 0) for m in base.modules())
+    compiled = torch.compile(base, dynamic=False, fullgraph=True) if rt.compile else base
+    opt = job.optimizers_fn(base)
     if rt.distributed and getattr(opt, "ddp_ignored", None):  # Parallel Muon reduces the matrices' gradients itself
         DDP._set_params_and_buffers_to_ignore_for_model(
             compiled, [n for n, p in compiled.named_parameters() if p in opt.ddp_ignored])
-    pass_counts = loop_pass_counts(sched, getattr(base_model, "num_loops", 0))  # every layer sequence the run uses
-    idle = idle_params(base_model, vocab, rt.device, pass_counts) if rt.distributed else []  # DDP must expect them
+    pass_counts = loop_pass_counts(job.schedule, getattr(base, "num_loops", 0))  # every layer sequence the run uses
+    idle = idle_params(base, data.vocab, rt.device, pass_counts) if rt.distributed else []  # DDP must expect them
     if idle:
         log(f"ddp_find_unused_parameters:True idle_in_some_phase:{len(idle)} first:{idle[0]}")
-    train_model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                      broadcast_buffers=False, find_unused_parameters=bool(idle)) if rt.distributed else compiled
-    n_params = sum(p.numel() for p in base_model.parameters())
+    train = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=bool(idle)) if rt.distributed else compiled
+    n_params = sum(p.numel() for p in base.parameters())
     if rt.master:
         check_disk(run_dir, n_params)
-    log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{grad_accum} device:{rt.device} "
-        f"dtype:{rt.dtype} compile:{rt.compile}")
+    log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{8 // rt.world_size} "
+        f"device:{rt.device} dtype:{rt.dtype} compile:{rt.compile}")
     if rt.compile:  # every graph the run needs fits under dynamo's recompile limit (compile_limits.py)
         log(allow_graphs(graphs_needed(pass_counts, eval_batch_sizes(
-            val_tokens.numel(), eval_seq_len, spec.val_batch_size // (rt.world_size * grad_accum), rt.rank,
-            rt.world_size))))
-    log(sched.describe())
+            data.val_tokens.numel(), data.eval_seq_len,
+            job.eval_spec.val_batch_size // (rt.world_size * data.grad_accum), rt.rank, rt.world_size))))
+    log(job.schedule.describe())
     log(opt.describe())
-    if getattr(base_model, "doc_attention", False):  # the switch shows in the log with its kernel (docs.py)
-        log(f"doc_attention:on bos_id:{base_model.bos_id} kernel:{doc_backend(rt.device)}")
+    if getattr(base, "doc_attention", False):  # the switch shows in the log with its kernel (docs.py)
+        log(f"doc_attention:on bos_id:{base.bos_id} kernel:{doc_backend(rt.device)}")
+    return Model(base, compiled, train, opt, has_qat, n_params, pass_counts)
+
+
+def warm_up(model: Model, sched: Any, train_step: Callable, log: RunLog) -> None:
+    """Prime the compiled paths outside the timed loop, then restore the initial weights and
+    optimizer state. Every layer sequence the run will switch to is compiled here (the records warm
+    up 20 plain then 20 looped steps): the steps are split over the schedule's loop phases in order."""
+    base = model.base
+    init_model = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+    init_opt = copy.deepcopy(model.opt.state_dict())
+    base.set_qat(model.has_qat)
+    passes = model.pass_counts
+    for i in range(sched.warmup_steps):
+        base.set_looping(passes[i * len(passes) // sched.warmup_steps])
+        train_step(0, 1.0)
+        fault_point("warmup")
+        if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
+            log(f"warmup_step:{i + 1}/{sched.warmup_steps}")
+    base.set_looping(loop_passes(sched.loop_phase(0.0, 0), base.num_loops))
+    base.load_state_dict(init_model, strict=True)
+    model.opt.load_state_dict(init_opt)
+    model.opt.zero_grad()
+
+
+def start_averages_or_resume(job: Job, rt: Runtime, run_dir: Path, model: Model, loader: Any,
+                             log: RunLog) -> tuple[SWA, EMA, int, float]:
+    """The weight averages (EMA starts at the restored initial weights, as the records'), then the
+    checkpoint to continue from, if any: returns (swa, ema, step, train_ms)."""
+    swa, ema = SWA(), EMA(job.schedule.ema_decay)
+    if job.schedule.ema_decay > 0 and job.schedule.ema_start_frac == 0:
+        ema.start(model.base)
+    step, train_ms = 0, 0.0
+    source = resume_source(job.resume, run_dir)
+    if source is not None:
+        step, train_ms = restore_checkpoint(source, rank=rt.rank, world_size=rt.world_size, config=job.config,
+                                            model=model.base, optimizers=model.opt, swa=swa, loader=loader, ema=ema)
+        log(f"resumed:{source} step:{step} train_time:{train_ms:.0f}ms")
+    return swa, ema, step, train_ms
+
+
+def apply_average(base: nn.Module, swa: SWA, ema: EMA, evaluate: Callable, pre_bpb: float,
+                  log: RunLog) -> tuple[float, float] | None:
+    """Load the EMA shadow (or the SWA average of 2+ snapshots) into the model: the averaged weights
+    are what gets exported and scored. Returns their (loss, bpb), or None when nothing was averaged."""
+    averaged = ("ema", ema) if ema.count > 0 else ("swa", swa) if swa.count > 1 else None
+    if averaged is None:
+        return None
+    kind, avg = averaged
+    log(f"{kind}:applying {'EMA shadow' if kind == 'ema' else 'average'} of {avg.count} "
+        f"{'updates' if kind == 'ema' else 'snapshots'}")
+    base.load_state_dict(avg.average(base.state_dict()), strict=True)
+    loss, bpb = evaluate("standard")
+    log(f"{kind} val_loss:{loss:.4f} val_bpb:{bpb:.4f} pre_averaging_val_bpb:{pre_bpb:.4f}")
+    return loss, bpb
+
+
+def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
+    # -------------------------------- setup: runtime, data, model --------------------------------
+    rt, log, run_dir = start_run(job, run_dir)
+    sched, spec = job.schedule, job.eval_spec
+    data = load_data(job, rt, log)
+    model = build_model(job, rt, run_dir, log, data)
+    base_model, opt, grad_accum = model.base, model.opt, data.grad_accum
     if not rt.master:  # only rank 0 talks to W&B
         from pgolf.runlog import NullLogger
 
         job.logger = NullLogger()
     job.logger.start(config=job.config, run_dir=run_dir, log=log, resuming=can_resume(job.resume, run_dir))
     new_loader = lambda: pack_documents(job.data.make_loader(  # noqa: E731  (doc attention: one packed row, #1530)
-        paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device, seq_len=sched.train_seq_len,
-        vocab_size=vocab), base_model, job.data.loader, sched.train_seq_len)
+        data.paths.train_pattern, rank=rt.rank, world_size=rt.world_size, device=rt.device,
+        seq_len=sched.train_seq_len, vocab_size=data.vocab), base_model, job.data.loader, sched.train_seq_len)
     loader = new_loader()
     log(f"data_loader:{job.data.loader} train_rows:{'packed' if isinstance(loader, PackedRows) else 'rows'}")
-    has_qat = any(getattr(m, "qat_bits", 0) for m in base_model.modules())
     autocast = lambda: torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)  # noqa: E731
 
     def train_step(step: int, scale: float, wd_mul: float = 1.0) -> torch.Tensor:
         loss_sum = torch.zeros((), device=rt.device)
         for micro in range(grad_accum):
             if rt.distributed:  # DDP syncs gradients on the last micro-step only
-                train_model.require_backward_grad_sync = micro == grad_accum - 1
+                model.train.require_backward_grad_sync = micro == grad_accum - 1
             x, y = loader.next_batch(sched.train_batch_tokens, sched.train_seq_len, grad_accum)
             docs = (loader.doc_mask(doc_backend(rt.device)),) if isinstance(loader, PackedRows) else ()
             with autocast():
-                loss = train_model(x, y, *docs)
+                loss = model.train(x, y, *docs)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
         opt.step(step, scale, wd_mul)
@@ -304,16 +407,16 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     def evaluate(kind: str) -> tuple[float, float]:
         common = dict(rank=rt.rank, world_size=rt.world_size, device=rt.device, dtype=rt.dtype)
         if kind == "standard":
-            return eval_standard(train_model, val_tokens, luts, seq_len=eval_seq_len,
+            return eval_standard(model.train, data.val_tokens, data.luts, seq_len=data.eval_seq_len,
                                  batch_tokens=spec.val_batch_size // (rt.world_size * grad_accum),
-                                 token_bytes=token_bytes, **common)
+                                 token_bytes=data.token_bytes, **common)
         if kind == "ttt":  # legal score-first TTT on the artifact (pgolf/ttt); trains base_model in place
-            out = spec.ttt.evaluate(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                                    batch_seqs=spec.batch_seqs, token_bytes=token_bytes, log=log, seed=job.seed,
-                                    run_dir=run_dir, tilt=tilt(), **common)
+            out = spec.ttt.evaluate(base_model, data.val_tokens, data.luts, seq_len=data.eval_seq_len,
+                                    stride=data.stride, batch_seqs=spec.batch_seqs, token_bytes=data.token_bytes,
+                                    log=log, seed=job.seed, run_dir=run_dir, tilt=tilt(), **common)
         else:  # the tilt goes to the headline scorer: TTT's when it is on, else this one
-            out = eval_sliding(base_model, val_tokens, luts, seq_len=eval_seq_len, stride=stride,
-                               batch_seqs=spec.batch_seqs, token_bytes=token_bytes,
+            out = eval_sliding(base_model, data.val_tokens, data.luts, seq_len=data.eval_seq_len, stride=data.stride,
+                               batch_seqs=spec.batch_seqs, token_bytes=data.token_bytes,
                                tilt=tilt() if spec.ttt is None else None, **common)
         if (kind == "ttt" or spec.ttt is None) and tilt() is not None:  # the switch shows how often it fired
             log(tilt().describe())
@@ -323,8 +426,9 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     def tilt():  # built at its first use, inside the eval timer (#2135 counts it there)
         from pgolf.ttt.ngram import NgramTilt
 
-        return NgramTilt(val_tokens.to(rt.device), token_order=spec.token_order, token_threshold=spec.token_threshold,
-                         token_boost=spec.token_boost) if spec.ngram_tilt_enabled else None
+        return NgramTilt(data.val_tokens.to(rt.device), token_order=spec.token_order,
+                         token_threshold=spec.token_threshold, token_boost=spec.token_boost) \
+            if spec.ngram_tilt_enabled else None
 
     figures = final_state(job.resume, run_dir, job.config)
     if figures is not None:  # training finished in an earlier attempt: export and evaluate final_model.pt again
@@ -335,39 +439,12 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         rt.close()
         return metrics
 
-    # -------------------------------- warmup (prime compile, then restore) --------------------------------
+    # -------------------------------- warm-up (prime compile, then restore), resume --------------------------------
     if sched.warmup_steps > 0:
-        init_model = {k: v.detach().cpu().clone() for k, v in base_model.state_dict().items()}
-        init_opt = copy.deepcopy(opt.state_dict())
-        base_model.set_qat(has_qat)
-        # Every layer sequence the run will switch to is compiled here, outside the timed loop
-        # (the records warm up 20 plain then 20 looped steps): the warm-up steps are split over
-        # the distinct loop-pass counts in schedule order.
-        passes = pass_counts
-        for i in range(sched.warmup_steps):
-            base_model.set_looping(passes[i * len(passes) // sched.warmup_steps])
-            train_step(0, 1.0)
-            fault_point("warmup")
-            if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
-                log(f"warmup_step:{i + 1}/{sched.warmup_steps}")
-        base_model.set_looping(loop_passes(sched.loop_phase(0.0, 0), base_model.num_loops))
-        base_model.load_state_dict(init_model, strict=True)
-        opt.load_state_dict(init_opt)
-        opt.zero_grad()
+        warm_up(model, sched, train_step, log)
         loader = new_loader()
-
-    # -------------------------------- resume --------------------------------
-    swa, ema = SWA(), EMA(sched.ema_decay)
-    if sched.ema_decay > 0 and sched.ema_start_frac == 0:
-        ema.start(base_model)  # the records' shadow starts at the (restored) initial weights
-    train_ms, step, stop_after = 0.0, 0, None
-    saving = job.checkpoint or Checkpointing()
-    source = resume_source(job.resume, run_dir)
-    if source is not None:
-        step, train_ms = restore_checkpoint(source, rank=rt.rank, world_size=rt.world_size, config=job.config,
-                                            model=base_model, optimizers=opt, swa=swa, loader=loader, ema=ema)
-        log(f"resumed:{source} step:{step} train_time:{train_ms:.0f}ms")
-    saved_at = (step, train_ms)
+    swa, ema, step, train_ms = start_averages_or_resume(job, rt, run_dir, model, loader, log)
+    stop_after, saving, saved_at = None, job.checkpoint or Checkpointing(), (step, train_ms)
     barrier = dist.barrier if rt.distributed else (lambda: None)
 
     def checkpoint_now() -> Path:
@@ -409,7 +486,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
 
             point = sched.at(step, train_ms + 1000.0 * (time.perf_counter() - t0))  # every switch reads this
             scale = point.lr_mul
-            if has_qat and point.qat != qat_on:
+            if model.has_qat and point.qat != qat_on:
                 qat_on = point.qat
                 base_model.set_qat(qat_on)
                 log(f"qat:{'on' if qat_on else 'off'} step:{step} lr_scale:{scale:.4f}")
@@ -450,27 +527,24 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
             if stop_after is None and capped:
                 stop_after = step
 
+    # -------------------------------- finish: average, export, score --------------------------------
     base_model.set_looping(base_model.num_loops)  # evals run the full schedule, as a loaded artifact does
     peak_mib = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else 0
     log(f"peak memory allocated: {peak_mib} MiB")
     raw_bpb = pre_bpb  # before weight averaging
-    averaged = ("ema", ema) if ema.count > 0 else ("swa", swa) if swa.count > 1 else None  # SWA: 2+ snapshots
-    if averaged is not None:  # the averaged weights are what gets exported and scored
-        kind, avg = averaged
-        log(f"{kind}:applying {'EMA shadow' if kind == 'ema' else 'average'} of {avg.count} "
-            f"{'updates' if kind == 'ema' else 'snapshots'}")
-        base_model.load_state_dict(avg.average(base_model.state_dict()), strict=True)
-        pre_loss, pre_bpb = evaluate("standard")
-        log(f"{kind} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} pre_averaging_val_bpb:{raw_bpb:.4f}")
+    averaged = apply_average(base_model, swa, ema, evaluate, raw_bpb, log)
+    pre_loss, pre_bpb = averaged if averaged is not None else (pre_loss, pre_bpb)
     # GPTQ calibration (pgolf/quant/calibrate.py): train batches right after the loop, inside the budget
     # the GPTQ reserve kept free (eval time excluded, as from train_ms), or the model's own samples.
     calibration = job.quant.calibrate(
-        base_model, next_batch=lambda: loader.next_batch(sched.train_batch_tokens, sched.train_seq_len, grad_accum)[0],
-        train_s=train_ms / 1000.0, cap_s=sched.max_wallclock_seconds or None, log=log, vocab_size=vocab,
+        base_model, next_batch=lambda: loader.next_batch(sched.train_batch_tokens, sched.train_seq_len,
+                                                         data.grad_accum)[0],
+        train_s=train_ms / 1000.0, cap_s=sched.max_wallclock_seconds or None, log=log, vocab_size=data.vocab,
         device=rt.device, autocast=autocast)
     metrics = finish(job, rt, run_dir, log, base_model, evaluate, dict(
-        pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=n_params, steps=step, train_ms=train_ms, peak_mib=peak_mib,
-        unigram_bpb=floor, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb), preemption, calibration)
+        pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=model.n_params, steps=step, train_ms=train_ms,
+        peak_mib=peak_mib, unigram_bpb=data.unigram_bpb, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb),
+        preemption, calibration)
     rt.close()
     return metrics
 

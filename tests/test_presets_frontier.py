@@ -191,6 +191,7 @@ SMALL_1855 = ("experiment=record_0427_pr1855_lqer", "debug=smoke", "model.num_la
               "schedule.train_log_every=4", "data.num_val_docs=5")
 
 
+@pytest.mark.slow
 def test_1855_preset_trains_end_to_end_on_the_smoke_data(fast_cache, tmp_path):
     """`python run.py experiment=record_0427_pr1855_lqer debug=smoke model.num_layers=5 ...` finishes
     on CPU: looping switches on at 35% of the 8 steps, EMA is applied, the artifact is scored."""
