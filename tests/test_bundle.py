@@ -98,7 +98,7 @@ def test_the_smoke_bundle_leaves_out_every_unused_part(smoke):
     tree = ast.parse(source)
     top = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assert not top & dropped
-    assert "Left out (the run's config does not use them): BigramHash, CoprimeStrideLoader" in source
+    assert "Left out (the run's config does not use them): AttnOutGate, BigramHash, CoprimeStrideLoader" in source
     assert f"FIXED = {fixed!r}" in source
     counted = bundle.counted_script(smoke)
     assert counted.count("\n") == 2 and len(counted) < len(source) / 3
@@ -155,10 +155,10 @@ def test_the_1855_model_ships_its_parts_only(smoke):
     config["model"].update(model_kwargs("pr1855_lqer_bossmear"), doc_attention=True)
     config["data"]["loader"] = "documents"
     dropped, fixed = reach.left_out(config)
-    assert {"sparse_attn_gate", "window_smear", "_smear_window", "routed_2x2", "exclusive_self_attention",
+    assert {"SparseAttnGate", "window_smear", "WindowSmearPart", "routed_2x2", "exclusive_self_attention",
             "build_doc_mask", "DocumentPackingLoader"}.isdisjoint(dropped)
-    assert {"BigramHash", "ValueEmbedding", "gptj", "lane_merge", "learned_2lane", "dense_attn_gate",
-            "attn_out_gate", "token_smear", "CoprimeStrideLoader"} <= dropped
+    assert {"BigramHash", "ValueEmbedding", "gptj", "lane_merge", "learned_2lane", "DenseAttnGate",
+            "AttnOutGate", "token_smear", "CoprimeStrideLoader"} <= dropped
     ns = namespace(unwrap(bundle.counted_script(config)))
     options = {k: v for k, v in config["model"].items() if not k.startswith("_")}
     assert loss_of(ns["GPT"], options) == loss_of(GPT, options)

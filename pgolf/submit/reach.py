@@ -42,22 +42,22 @@ def _parallel(step: str) -> Reach:
 
 
 REACH = (
-    # Embedding path (embeddings.py; gpt.py's SMEAR_PARTS)
+    # Embedding path (embeddings.py: the SmearGate parts `smear_part` builds)
     Reach(("BigramHash",), ("model.bigram_buckets",), _on),
-    Reach(("SigmoidSmear", "_smear_sigmoid"), ("model.smear_gate",), _is("pre_norm", "post_norm")),
-    Reach(("token_smear", "_smear_token"), ("model.smear_gate",), _is("token")),
-    Reach(("window_smear", "_smear_window"), ("model.smear_gate",), _is("window")),
+    Reach(("SigmoidSmear", "SigmoidSmearPart"), ("model.smear_gate",), _is("pre_norm", "post_norm")),
+    Reach(("token_smear", "TokenSmearPart"), ("model.smear_gate",), _is("token")),
+    Reach(("window_smear", "WindowSmearPart"), ("model.smear_gate",), _is("window")),
     Reach(("ValueEmbedding",), ("model.ve_enabled",), _on),
     Reach(("orthogonal_init_",), ("model.ortho_init",), _on),
     Reach(("overtone_init_",), ("model.overtone_init",), _on),
     Reach(("phase_resid_mix_init_",), ("model.phase_resid_mix_init",), _on),
-    # Attention (attention.py, value_residual.py, docs.py)
+    # Attention (attention.py's OUTPUT_GATES, value_residual.py's parts, docs.py)
     Reach(("exclusive_self_attention",), ("model.xsa_last_n",), _on),
-    Reach(("attn_out_gate",), ("model.attn_out_gate_enabled",), _on),
-    Reach(("dense_attn_gate",), ("model.gated_attn_enabled",), _on),
-    Reach(("sparse_attn_gate",), ("model.sparse_attn_gate_enabled",), _on),
-    Reach(("lambda_residual",), ("model.value_residual",), _is("lambda")),
-    Reach(("sigmoid_residual",), ("model.value_residual",), _is("sigmoid")),
+    Reach(("AttnOutGate",), ("model.attn_out_gate_enabled",), _on),
+    Reach(("DenseAttnGate",), ("model.gated_attn_enabled",), _on),
+    Reach(("SparseAttnGate",), ("model.sparse_attn_gate_enabled",), _on),
+    Reach(("LambdaResidual",), ("model.value_residual",), _is("lambda")),
+    Reach(("SigmoidResidual",), ("model.value_residual",), _is("sigmoid")),
     Reach(("build_doc_mask",), ("model.doc_attention",), _on),
     # Residual routing (residual.py's STEPS)
     *(_parallel(step) for step in ("gptj", "lane_merge", "routed_2x2", "learned_2lane")),
