@@ -171,7 +171,7 @@ def test_the_code_command_prints_a_configs_bytes(smoke, capsys):
     readable, minified = len(bundle.render(smoke).encode()), len(bundle.minified_source(smoke).encode())
     assert out[0] == (f"code bytes for experiment=smoke: readable {readable:,}, minified {minified:,}, counted "
                       f"{bundle.code_bytes(smoke):,} (minified + lzma + base85, the train_gpt.py a submission ships)")
-    assert out[1].startswith(f"left out ({len(reach.left_out(smoke)[0])}, the config does not use them): BigramHash, ")
+    assert out[1].startswith(f"left out ({len(reach.left_out(smoke)[0])}, the config does not use them): AttnOutGate, BigramHash, ")
 
 
 CODE_BYTES = json.loads((Path(__file__).parent / "goldens" / "code_bytes.json").read_text(encoding="utf-8"))
