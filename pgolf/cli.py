@@ -143,7 +143,7 @@ def launch_workers(nproc: int, overrides: list[str], run_dir: str) -> dict:
     run_py = Path(__file__).resolve().parent.parent / "run.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(run_py),
            *[o for o in overrides if not o.startswith("hydra.run.dir=")], f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, env=dict(os.environ, PGOLF_RUN_ID=Path(run_dir).name, **{HOLDER_ENV: me()}))
+    proc = subprocess.run(cmd, env=dict(os.environ, PGOLF_RUN_ID=Path(run_dir).resolve().name, **{HOLDER_ENV: me()}))
     metrics_path = Path(run_dir) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if proc.returncode != 0 or metrics.get("status") != "finished":

@@ -19,7 +19,6 @@ MICRO_BATCHES = 8  # world_size * grad_accum_steps: the baseline's 8 // world_si
 def check_groups(config: dict) -> None:
     """Cross-group checks of a resolved config (PgolfError naming the values and the fix)."""
     model, sched, data = config.get("model", {}), config.get("schedule", {}), config.get("data", {})
-    ev = config.get("eval", {})
     if "optimizer" in config:
         check_optimizer_args(**{k: v for k, v in config["optimizer"].items() if not k.startswith("_")})
     if sched:
@@ -28,12 +27,6 @@ def check_groups(config: dict) -> None:
         if tokens % MICRO_BATCHES or local % seq:
             raise PgolfError(f"schedule.train_batch_tokens={tokens} must split into whole sequences of {seq} over "
                              f"{MICRO_BATCHES} micro-batches; use a multiple of {MICRO_BATCHES * seq}")
-        if ev and ev.get("val_batch_size") is not None:
-            eval_seq = ev.get("seq_len") or seq
-            if ev["val_batch_size"] // MICRO_BATCHES < eval_seq:
-                raise PgolfError(f"eval.val_batch_size={ev['val_batch_size']} gives {ev['val_batch_size'] // 8} tokens "
-                                 f"per micro-batch, fewer than one sequence of {eval_seq}; raise it to at least "
-                                 f"{MICRO_BATCHES * eval_seq}")
     if model and data and "bos_id" in model and "bos_id" in data and model["bos_id"] != data["bos_id"]:
         raise PgolfError(f"model.bos_id={model['bos_id']} but data.bos_id={data['bos_id']}: document boundaries must "
                          "follow the data's tokenizer; set both to its BOS id (1 for the challenge's tokenizers)")

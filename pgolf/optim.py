@@ -380,7 +380,9 @@ class Optimizers:
         for opt in self.all:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_scale
-        if self.grad_clip_norm > 0:  # with muon_parallel the matrices' grads are still local here (as #549)
+        if self.grad_clip_norm > 0 and self.muon.parallel and dist.is_available() and dist.is_initialized():
+            clip_across_ranks(list(self.model.parameters()), self.grad_clip_norm)
+        elif self.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
         if self.muon.parallel:  # reduce-scatters in flight while Adam steps (#549)
             self.muon.launch_reduce_scatters()
@@ -426,3 +428,15 @@ def check_optimizer_args(**kw) -> None:
     if kw.get("embed_proj_optimizer", "muon") not in ("muon", "adam"):
         raise PgolfError(f"optimizer.embed_proj_optimizer={kw['embed_proj_optimizer']!r} is unknown; use muon (the "
                          "records up to 03-22 and from 04-01) or adam (03-23 #549, 03-31 #1204)")
+
+
+def clip_across_ranks(params: list[nn.Parameter], max_norm: float) -> None:
+    """Gradient clipping under Parallel Muon, where the matrices' gradients are still this rank's
+    own when the optimizer steps (#549 reduces them inside Muon): one coefficient for every rank,
+    from the rank-mean of the squared total norms, so replicated parameters stay bit-identical
+    across ranks (a per-rank norm would scale each rank's copy differently; issue 21 item 6)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads).float()
+    sq = total * total
+    dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, (sq / dist.get_world_size()).sqrt())

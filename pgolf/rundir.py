@@ -5,7 +5,8 @@ holds `<dir>/.lock` (an exclusive `flock` on a file that says `pid N host H`) fr
 writes anything until it exits. The kernel drops the flock when the holder dies, however it
 dies, so a lock left by a killed job is detected as stale and taken over: that is how a
 requeued SLURM job (or `resume=DIR`) continues in its own directory. A job that finds the
-lock held by a live process refuses with one line and writes nothing there.
+lock held by a live process refuses with one line and writes nothing there. A directory is
+known by its resolved path, so `run`, `./x/../run`, `/abs/run` and a symlink to it are one.
 
 torchrun workers share their job's directory: only rank 0 takes the lock, and workers that
 a job launches itself inherit it (PGOLF_LOCK_HOLDER names the launching process).
@@ -44,7 +45,7 @@ def _holder(path: Path) -> str:
 def hold(run_dir: str | os.PathLike) -> str | None:
     """Hold `run_dir` for this process (idempotent; creates the directory). Returns the stale
     holder's line when a dead job's lock was taken over, else None. Raises RunDirBusy."""
-    run_dir = Path(run_dir).absolute()
+    run_dir = Path(run_dir).resolve()  # one directory however it is spelled (relative, `..`, a symlink)
     if run_dir in _held:
         return None
     path = run_dir / LOCK_NAME
@@ -102,11 +103,12 @@ def _busy(run_dir: Path, path: Path) -> RunDirBusy:
 
 def release(run_dir: str | os.PathLike) -> None:
     """Give the directory up: remove the lock file, then drop the flock."""
-    fd = _held.pop(Path(run_dir).absolute(), None)
+    run_dir = Path(run_dir).resolve()
+    fd = _held.pop(run_dir, None)
     if fd is None:
         return
     try:
-        (Path(run_dir).absolute() / LOCK_NAME).unlink(missing_ok=True)
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
     except OSError:
         pass
     os.close(fd)

@@ -33,7 +33,9 @@ from pgolf.checkpoint import (CHECKPOINT_DIR, FINAL_STATE, Checkpointing, Preemp
                               final_state, final_state_bytes, restore_checkpoint, resume_source, rng_state,
                               save_checkpoint)
 from pgolf.data import load_validation_tokens
+from pgolf.compile_limits import allow_graphs, eval_batch_sizes, graphs_needed, loop_pass_counts
 from pgolf.config_checks import check_bos
+from pgolf.idle_params import idle_params
 from pgolf.data.byte_counts import check_validation, load_sidecar
 from pgolf.data.packing import PackedRows, pack_documents
 from pgolf.errors import PgolfError
@@ -253,13 +255,21 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     if rt.distributed and getattr(opt, "ddp_ignored", None):  # Parallel Muon reduces the matrices' gradients itself
         DDP._set_params_and_buffers_to_ignore_for_model(
             compiled, [n for n, p in compiled.named_parameters() if p in opt.ddp_ignored])
+    pass_counts = loop_pass_counts(sched, getattr(base_model, "num_loops", 0))  # every layer sequence the run uses
+    idle = idle_params(base_model, vocab, rt.device, pass_counts) if rt.distributed else []  # DDP must expect them
+    if idle:
+        log(f"ddp_find_unused_parameters:True idle_in_some_phase:{len(idle)} first:{idle[0]}")
     train_model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                      broadcast_buffers=False) if rt.distributed else compiled
+                      broadcast_buffers=False, find_unused_parameters=bool(idle)) if rt.distributed else compiled
     n_params = sum(p.numel() for p in base_model.parameters())
     if rt.master:
         check_disk(run_dir, n_params)
     log(f"model_params:{n_params} world_size:{rt.world_size} grad_accum_steps:{grad_accum} device:{rt.device} "
         f"dtype:{rt.dtype} compile:{rt.compile}")
+    if rt.compile:  # every graph the run needs fits under dynamo's recompile limit (compile_limits.py)
+        log(allow_graphs(graphs_needed(pass_counts, eval_batch_sizes(
+            val_tokens.numel(), eval_seq_len, spec.val_batch_size // (rt.world_size * grad_accum), rt.rank,
+            rt.world_size))))
     log(sched.describe())
     log(opt.describe())
     if getattr(base_model, "doc_attention", False):  # the switch shows in the log with its kernel (docs.py)
@@ -333,7 +343,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         # Every layer sequence the run will switch to is compiled here, outside the timed loop
         # (the records warm up 20 plain then 20 looped steps): the warm-up steps are split over
         # the distinct loop-pass counts in schedule order.
-        passes = sorted({loop_passes(p, base_model.num_loops) for p in sched.loop_phases()})
+        passes = pass_counts
         for i in range(sched.warmup_steps):
             base_model.set_looping(passes[i * len(passes) // sched.warmup_steps])
             train_step(0, 1.0)
@@ -484,15 +494,23 @@ def check_finite(loss: float, step: int, model: nn.Module | None = None) -> None
                          "(the last checkpoint, if any, is kept)")
 
 
-def ranks_identical(model: nn.Module, rt: Runtime) -> bool:
-    """Whether every rank holds bit-identical weights (compared through fp64 sums and sums of squares)."""
+def ranks_identical(model: nn.Module, rt: Runtime, log: Callable[[str], None] | None = None) -> bool:
+    """Whether every rank holds bit-identical weights and buffers: a SHA-256 of each tensor's raw
+    bytes, gathered from all ranks; the first tensor that differs is logged."""
     if not rt.distributed:
         return True
-    flat = [p.detach().double() for p in model.parameters()]
-    mine = torch.stack([sum(p.sum() for p in flat), sum((p * p).sum() for p in flat)]).to(rt.device)
+    import hashlib
+
+    state = model.state_dict()
+    mine = torch.tensor([int.from_bytes(hashlib.sha256(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+                                                       .numpy().tobytes()).digest()[:7], "little")
+                         for v in state.values()], dtype=torch.int64, device=rt.device)
     everyone = [torch.zeros_like(mine) for _ in range(rt.world_size)]
     dist.all_gather(everyone, mine)
-    return all(torch.equal(everyone[0], other) for other in everyone[1:])
+    differ = [k for i, k in enumerate(state) if any(int(o[i]) != int(everyone[0][i]) for o in everyone[1:])]
+    if differ and log is not None:
+        log(f"ranks_differ: {len(differ)} tensors, first {differ[0]}")
+    return not differ
 
 
 def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Module, evaluate, t: dict,
@@ -502,8 +520,8 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     final_model.pt and final_state.json come first: a signal from then on stops the run at the
     next phase boundary, and a resume exports and evaluates again without training (the
     calibration is saved beside them, since training data cannot be read again after the cap)."""
-    calibration = keep_calibration(run_dir, calibration, job.quant, master=rt.master)
-    identical = ranks_identical(base_model, rt)
+    calibration = keep_calibration(run_dir, calibration, master=rt.master)
+    identical = ranks_identical(base_model, rt, log)
     log(f"ranks_identical:{identical} world_size:{rt.world_size}")
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()}
     artifact = run_dir / job.quant.artifact_name

@@ -33,7 +33,6 @@ CASES = [
     (["schedule.train_batch_tokens=1000"], "train_batch_tokens=1000 must split"),
     (["eval.stride=0"], "eval.stride=0"),
     (["eval.batch_seqs=0"], "eval.batch_seqs=0"),
-    (["eval.val_batch_size=8"], "eval.val_batch_size=8"),
     (["checkpoint.every_steps=-5"], "checkpoint.every_steps=-5 must be >= 0"),
     (["distributed.nproc_per_node=3"], "nproc_per_node=3"),
     (["data.loader=random"], "data.loader='random' is unknown"),

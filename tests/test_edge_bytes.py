@@ -144,8 +144,10 @@ def test_error_line_never_quotes_the_whole_text(nospace_sp):
     assert len(msg) < 600 and "chars)" in msg, msg[:600]
 
 
-def test_split_with_only_control_tokens_is_refused(nospace_sp):
+def test_split_with_nothing_checkable_is_refused(nospace_sp):
+    """Text tokens but no whole character to check (a byte run cut by the split's end)."""
     sp = nospace_sp
     luts = build_byte_luts(sp, sp.vocab_size())
+    run = sp.encode("中中")[:5]
     with pytest.raises(PgolfError, match="could not be checked"):
-        check_validation(sp, luts, torch.tensor([1, 1, 1, 1, 2]), None, pattern="v")
+        check_validation(sp, luts, torch.tensor([2, *run]), None, pattern="v")

@@ -79,18 +79,25 @@ def test_group_bytes_and_permutations_equal_1855(golden_object, monkeypatch):  #
 
 
 @pytest.mark.parametrize("backend", ["brotli", "lzma", "zpaq", "lrzip"])
-def test_pergroup_round_trip(golden_object, backend, tmp_path):  # noqa: F811
+def test_pergroup_round_trip(golden_object, backend, tmp_path, monkeypatch):  # noqa: F811
     if backend == "lrzip" and shutil.which("lrzip") is None:
         pytest.skip("lrzip binary not installed")
     if backend == "zpaq":
         pytest.importorskip("zpaq")
     sd, obj = golden_object
     obj = {**obj, "lqer": apply_lqer(sd, obj, LQER())}
-    blob = pergroup.pergroup_encode(obj, backend=backend)
-    assert detect_compressor(blob) == "pergroup"
+    if backend == "lrzip":  # lrzip 0.651's ZPAQ stage hangs on some machines (seen on a loaded 2-core VM)
+        monkeypatch.setattr(pergroup, "LRZIP_TIMEOUT_S", 180)
     path = tmp_path / "a.ptz"
-    path.write_bytes(blob)
-    back = load_quantized(path)
+    try:
+        blob = pergroup.pergroup_encode(obj, backend=backend)
+        path.write_bytes(blob)
+        back = load_quantized(path)
+    except PgolfError as e:
+        if backend == "lrzip" and "did not finish" in str(e):
+            pytest.xfail(str(e))
+        raise
+    assert detect_compressor(blob) == "pergroup"
     assert list(back["quantized"]) == list(obj["quantized"])
     a, b = dequantize_state_dict(obj), dequantize_state_dict(back)
     assert all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)

@@ -260,3 +260,28 @@ def test_the_record_readme_names_every_frontier_part():
         assert sum(needle in line for line in lines) == 1, (needle, lines)
     assert not [line for line in techniques(OmegaConf.to_container(pgolf.compose([]), resolve=True))
                 if "XSA" in line or "gate" in line]  # the baseline lists none of them
+
+
+def test_part_objects_keep_their_registered_parameters_through_copy_and_placement():
+    """Gates, value residual, SmearGate and lane routing hold their parameters themselves; the model
+    registers the same objects under the records' names. deepcopy (EMA, warm-up restore) and the
+    bf16 placement must keep the two the same tensor, or a part would train one copy and read another."""
+    import copy
+
+    from pgolf.trainer import Runtime, place_model
+
+    def linked(m: GPT) -> list[bool]:
+        a = m.blocks[1].attn
+        return [a.output_gate.w is a.attn_gate_w, a.value_residual.lam is a.vr_lambda,
+                m.smear_part.lam is m.smear_lambda, m.smear_part.gate is m.smear_gate,
+                m.routing.resid_lambdas is m.parallel_resid_lambdas]
+
+    model = models()["all_on"]
+    copied = copy.deepcopy(model)
+    rt = Runtime(device=torch.device("cpu"), dtype=torch.bfloat16, compile=False, rank=0, world_size=1,
+                 local_rank=0, distributed=False)
+    assert all(linked(model)) and all(linked(copied)) and all(linked(place_model(copied, rt)))
+    assert copied.smear_lambda is not model.smear_lambda
+    with torch.no_grad():
+        copied.parallel_resid_lambdas.fill_(0.0)  # the copy's routing reads the copy's lambdas
+    assert copied.routing.resid_lambdas.abs().sum() == 0 and model.routing.resid_lambdas.abs().sum() > 0

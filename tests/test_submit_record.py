@@ -318,8 +318,9 @@ def test_the_bundle_imports_only_the_allowed_packages(runs, tmp_path):
     source = bundle.write_bundle(runs[0], tmp_path / "train_gpt.py", plain=True).read_text()
     roots = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
              for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
-    # FlashAttention is optional (model/docs.py imports it under try/except ImportError).
-    optional = {"zstandard", "flash_attn_interface", "flash_attn"}
+    # FlashAttention is optional (model/docs.py imports it under try/except ImportError); so are the
+    # compressors' packages: brotli under try/except ImportError, zpaq inside the per-group back end.
+    optional = {"zstandard", "flash_attn_interface", "flash_attn", "brotli", "zpaq"}
     assert roots - set(sys.stdlib_module_names) - optional == {"torch", "numpy", "sentencepiece"}
     assert "pgolf.data.prepare is not part of this bundled script" in source  # the one unused path
     counted = bundle.write_bundle(runs[0], tmp_path / "counted.py").read_text()

@@ -149,10 +149,14 @@ def check_validation(sp, luts, val_tokens: torch.Tensor, sidecar: torch.Tensor |
                          "and re-download or re-prepare the data")
     spans = text_spans(sp, toks, max_spans=max_docs)
     checked = sum(check_span(sp, luts, toks, a, b, pattern=pattern) for a, b in spans)
+    text_tokens = [i for i in range(sp.vocab_size()) if not (sp.is_control(i) or sp.is_unknown(i))]
+    if checked == 0 and not bool(torch.isin(toks[1:], torch.tensor(text_tokens)).any()):
+        # only control tokens: no bytes at all, which the unigram floor refuses right after, naming it
+        return "val_bpb:byte_sidecar:disabled byte_tables_checked spans:0 (no text: only control tokens)"
     if checked == 0:
-        raise PgolfError(f"{pattern}: the byte tables could not be checked: its first {min(toks.numel(), 65536)} "
-                         "tokens spell no text (only control or byte pieces); check that the shards were made with "
-                         "this tokenizer")
+        raise PgolfError(f"{pattern}: the byte tables could not be checked: its {toks.numel()} tokens spell no whole "
+                         "character (only control or cut byte pieces); check that the shards were made with this "
+                         "tokenizer")
     docs = int((toks[:spans[-1][1]] == sp.bos_id()).sum())
     return (f"val_bpb:byte_sidecar:disabled byte_tables_checked spans:{len(spans)} docs:{docs} "
             f"tokens:{spans[-1][1] - spans[0][0]} bytes:{checked}")

@@ -158,8 +158,6 @@ class GPT(nn.Module):
         # Depth recurrence: one (encoder, decoder) schedule per number of extra passes.
         loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
         self.num_loops = num_loops
-        self.loop_description = describe_loop(num_layers, **loop, virtual_blocks=layer_index == "virtual",
-                                              untie_mlp=loop_untie_mlp)
         self.init_description = [text for on, text in (
             (overtone_init, "overtone embedding init: spectrum S_k = S_1/sqrt(k) (2026-03-19 OvertoneInit)"),
             (phase_resid_mix_init, "phase-transition resid_mix init (2026-03-19 OvertoneInit)")) if on]
@@ -170,6 +168,7 @@ class GPT(nn.Module):
                       for p in range(num_loops + 1)]
         n_blocks = len(sum(self.schedules[num_loops], ())) if virtual else num_layers
         self.loop_passes = num_loops
+        self.loop_description = describe_loop(**loop, virtual_blocks=virtual, untie_mlp=loop_untie_mlp)
         self.num_encoder_layers = num_layers // 2
         self.num_decoder_layers = num_layers - self.num_encoder_layers
         # U-Net skip rows: min(|enc|, |dec|) of the looped schedule, or as many as a record allocated
@@ -214,7 +213,8 @@ class GPT(nn.Module):
         self.ve_slot = {layer: k for k, layer in enumerate(_layer_list(ve_layers))} if ve_enabled else {}
         self.ve_shared = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if self.ve_slot else None
         if self.ve_slot:
-            self.ve_layer_scales = with_role(nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot), CONTROL)
+            scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot)
+            self.ve_layer_scales = with_role(scales, CONTROL)
         # Skip weights and gates steer the stream: Adam at scalar_lr, fp32, kept float.
         for name in ("skip_weights", "skip_gates"):
             if self._parameters.get(name) is not None:
@@ -246,7 +246,8 @@ class GPT(nn.Module):
         xsa = [i for i, a in enumerate(attn) if a.use_xsa]
         gate = next((a.output_gate for a in attn if a.output_gate is not None), None)
         vr = next((a.value_residual for a in attn if a.value_residual is not None), None)
-        lines = [self.blocks[0].mlp.describe(), describe_rope(self.rope_dims, attn[0].head_dim, self.rope_train_seq_len),
+        lines = [self.blocks[0].mlp.describe(),
+                 describe_rope(self.rope_dims, attn[0].head_dim, self.rope_train_seq_len),
                  "LN scale 1/sqrt(layer+1) (2026-03-21 #315)" if self.blocks[-1].ln_scale_factor != 1.0 else None,
                  f"XSA on {len(xsa)} of {len(attn)} layers ({xsa[0]}..{xsa[-1]}; 2026-03-20 #265)" if xsa else None,
                  gate.describe() if gate else None, VR_DESCRIPTIONS[vr.form] if vr else None,

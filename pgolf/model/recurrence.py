@@ -25,14 +25,14 @@ def layer_schedule(num_layers: int, *, num_loops: int = 0, loop_start: int = 0, 
     return tuple(order[:half]), tuple(order[half:])
 
 
-def describe_loop(num_layers: int, *, num_loops: int, loop_start: int, loop_end: int, virtual_blocks: bool,
+def describe_loop(*, num_loops: int, loop_start: int, loop_end: int, virtual_blocks: bool,
                   untie_mlp: bool) -> str | None:
-    """One line for the record README (None without depth recurrence); when looping switches on is
-    the schedule's (`pgolf.schedule`), not the model's."""
+    """One line for the record README (None without depth recurrence). When looping switches on
+    is the schedule's to say, not the model's."""
     if not num_loops:
         return None
-    extras = "".join(text for on, text in ((virtual_blocks, "; one block of scalars per virtual layer"),
-                                           (untie_mlp, "; untied repeat MLPs")) if on)
+    extras = ("; one block of scalars per virtual layer" if virtual_blocks else "") + (
+        "; untied repeat MLPs" if untie_mlp else "")
     return (f"depth recurrence: physical layers {loop_start}..{loop_end} run {1 + num_loops} times{extras} "
             "(2026-04-05 #1394, 04-09 #1493, 03-31 #1204)")
 

@@ -206,6 +206,8 @@ def load_quantized(path: str | os.PathLike[str]) -> dict[str, object]:
             obj = pergroup_decode(blob, source=str(path))
         else:
             obj = torch.load(io.BytesIO(decompress(blob, source=str(path))), map_location="cpu", weights_only=True)
+    except PgolfError:
+        raise
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PgolfError(f"{path} holds a pickle that weights_only loading refuses ({first}); "

@@ -222,7 +222,7 @@ def calibrate(*, source: str, model: nn.Module, names: Iterable[str], num_batche
 CALIBRATION_FILE = "calibration.pt"
 
 
-def keep_calibration(run_dir, calibration: Calibration | None, spec=None, *, master: bool = True) -> Calibration | None:
+def keep_calibration(run_dir, calibration: Calibration | None, *, master: bool = True) -> Calibration | None:
     """Save a fresh calibration beside final_model.pt (rank 0), or load the saved one when a resumed
     run exports again: training data cannot be read a second time once the budget is spent."""
     path = Path(run_dir) / CALIBRATION_FILE

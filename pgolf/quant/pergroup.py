@@ -49,6 +49,7 @@ PERGROUP_HOT = ("tok_emb.weight", "attn.c_q.weight", "mlp.fc.weight")
 PERGROUP_BACKENDS = ("zpaq", "lrzip", "lzma", "brotli")
 PERGROUP_MAX_SORT_ROWS = 65_535  # uint16 permutations
 PERGROUP_MIN_CODES = 65_536
+LRZIP_TIMEOUT_S = 900
 
 
 def check_pergroup_backend(backend: str) -> None:
@@ -102,7 +103,14 @@ def _lrzip(data: bytes, args: list[str]) -> bytes:
         src, dst = os.path.join(d, "in"), os.path.join(d, "out")
         with open(src, "wb") as f:
             f.write(data)
-        subprocess.run(["lrzip", *args, "-o", dst, src], capture_output=True, check=True)
+        try:
+            subprocess.run(["lrzip", "-q", *args, "-o", dst, src], capture_output=True, check=True, timeout=LRZIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise PgolfError(f"lrzip did not finish {len(data):,} bytes in {LRZIP_TIMEOUT_S} s (lrzip 0.651's ZPAQ stage "
+                             "hangs on some machines); use pergroup_backend=zpaq") from None
+        except subprocess.CalledProcessError as e:
+            raise PgolfError(f"lrzip failed ({e.stderr.decode(errors='replace').strip()[:200]}); "
+                             "use pergroup_backend=zpaq") from None
         with open(dst, "rb") as f:
             return f.read()
 

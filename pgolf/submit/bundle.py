@@ -38,7 +38,7 @@ MODULES = (
     "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim", "schedule",
     "evaluate", "ttt/scorer", "ttt/common", "ttt/adapters", "ttt/run", "ttt/chunked", "ttt/lora", "ttt/phased", "ttt/ngram",
     "data/shards", "data/loader", "data/loaders", "data/packing", "data/caseops", "data/byte_counts", "data/spec",
-    "config_checks", "runlog", "checkpoint", "trainer", "submit/entry",
+    "config_checks", "compile_limits", "idle_params", "runlog", "checkpoint", "trainer", "submit/entry",
 )
 ENTRY = "submit/entry"
 # Groups a bundled script does not use: it logs to its run dir only, and torchrun starts the workers.
