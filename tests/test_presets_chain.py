@@ -113,3 +113,14 @@ def test_chain_preset_builds_and_steps_at_a_tiny_shape(row):
         o.step()
     assert math.isfinite(loss.item())
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_chain_preset_real_shape_parameter_count_equals_the_log(row):
+    """35,945,673 = #1855's 35,945,671 + softcap_pos/neg (the `model_params:` line of each row's log)."""
+    import torch
+
+    cfg = _composed(CHAIN[row]["preset"], ())
+    with torch.device("meta"):
+        model = build(cfg, "model")
+    assert sum(p.numel() for p in model.parameters()) == CHAIN[row]["params"]
