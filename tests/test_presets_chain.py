@@ -149,7 +149,8 @@ def test_2135_preset_runs_end_to_end_on_the_smoke_data(fast_cache, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "doc_attention:on" in log and "ttt_phased: docs:4 prefix_docs:2 phases:1" in log
-    assert "adapters:q,v,mlp,o+head" in log or "adapters:q,v,o,mlp+head" in log, "TTT_K_LORA=0: no K adapters"
+    assert "adapters:q,v,mlp,o+head" in log, "TTT_K_LORA=0: no K adapters"
+    assert "ngram_tilt:on order:4" in log and "final_ttt " in log
     m = metrics(tmp_path / "run")
     assert m["status"] == "finished" and m["train/steps"] == 4
     assert math.isfinite(m["final/quant_sliding_bpb"])
