@@ -132,7 +132,7 @@ def test_chain_preset_real_shape_parameter_count_equals_the_log(row):
 SMALL_2135 = ("experiment=record_0501_pr2135_ngram_calib32", "debug=smoke", "model.num_layers=5", "model.model_dim=64",
               "model.num_heads=2", "model.num_kv_heads=1", "model.loop_start=1", "model.loop_end=2",
               "model.parallel_start_layer=3", "model.xsa_last_n=5", "schedule.iterations=4",
-              "schedule.train_log_every=2", "data.num_val_docs=4", "quant.small_numel=2048",
+              "schedule.train_log_every=2", "data.num_val_docs=5", "quant.small_numel=2048",
               "quant.gptq_calibration_batches=2", "eval.seq_len=1024", "eval.ttt.phased_ttt_prefix_docs=2",
               "eval.ttt.ttt_batch_size=2", "eval.ttt.ttt_chunk_size=1024", "eval.ttt.ttt_lora_rank=8",
               "eval.ttt.global_ttt_chunk_tokens=2048",  # one 32K-token global-SGD row needs a 32K^2 mask on CPU
@@ -148,7 +148,7 @@ def test_2135_preset_runs_end_to_end_on_the_smoke_data(fast_cache, tmp_path):
     r = run_py([*SMALL_2135, fast_cache, "logger=none", "hydra.run.dir=run"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "doc_attention:on" in log and "ttt_phased: docs:4 prefix_docs:2 phases:1" in log
+    assert "doc_attention:on" in log and "ttt_phased: docs:5 prefix_docs:2 phases:1" in log
     assert "adapters:q,v,mlp,o+head" in log, "TTT_K_LORA=0: no K adapters"
     assert "ngram_tilt:on order:4" in log and "final_ttt " in log
     m = metrics(tmp_path / "run")
