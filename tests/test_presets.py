@@ -152,6 +152,19 @@ TABLE = [
     ("quant.default",                       None,       None,       None,       None,       None),
     ("data.name",                           "fineweb10B_sp1024", "fineweb10B_sp1024", "fineweb10B_sp1024",
                                             "fineweb10B_sp1024", "fineweb10B_sp1024"),
+    # The frontier exporters, eval options and output head (issues 19, 20): off in these records.
+    ("eval.ngram_tilt_enabled",             False,      False,      False,      False,      False),
+    ("eval.token_order",                    NA,         NA,         NA,         NA,         NA),
+    ("eval.token_threshold",                NA,         NA,         NA,         NA,         NA),
+    ("eval.token_boost",                    NA,         NA,         NA,         NA,         NA),
+    ("model.asym_logit_rescale",            False,      False,      False,      False,      False),
+    ("model.asym_logit_trainable",          False,      False,      False,      False,      False),
+    ("quant.byte_shuffle",                  0,          0,          0,          0,          0),
+    ("quant.lqer",                          None,       None,       None,       None,       None),
+    ("quant.pergroup_backend",              NA,         NA,         NA,         NA,         NA),
+    ("quant.prune",                         False,      False,      False,      False,      False),
+    ("quant.prune_max_bits",                NA,         NA,         NA,         NA,         NA),
+    ("quant.prune_target_bytes",            NA,         NA,         NA,         NA,         NA),
     ("seed",                                1337,       1337,       42,         1337,       2025),
 ]
 # fmt: on
