@@ -100,7 +100,8 @@ def agrees(role, name: str, shape: tuple[int, ...], rules) -> str | None:
     numel = int(torch.tensor(shape).prod()) if shape else 1
     control = any(p in name for p in rules.control_patterns)
     named_float = any(matches(p, name) and r.kind != "int" for p, r in rules.rules)
-    if role.quant == "control" and t.kind == "int":
+    # The quant-gate presets (#1736 on) store the attention-gate weights int8 per row by design.
+    if role.quant == "control" and t.kind == "int" and not (t.label == "int8:gate" and name.endswith("attn_gate_w")):
         return f"control tensor quantized to {t.label}"
     if role.quant == "matrix" and t.kind != "int" and not (numel <= rules.small_numel or named_float):
         return f"matrix kept as {t.label} by the control step" if control else f"matrix kept as {t.label}"
