@@ -29,7 +29,7 @@ CAP_BYTES = 16_000_000
 def measure(overrides: list[str], *, std: float = 0.02, seed: int = 0, out_dir: str | None = None) -> dict:
     """{model_bytes, code_bytes, total_bytes, cap_bytes, params, report} for the composed config."""
     from pgolf.build import build, compose, to_container
-    from pgolf.submit.bundle import render
+    from pgolf.submit.bundle import code_bytes as counted_code_bytes
 
     cfg = compose(overrides)
     model, quant = build(cfg, "model"), build(cfg, "quant")
@@ -40,7 +40,7 @@ def measure(overrides: list[str], *, std: float = 0.02, seed: int = 0, out_dir: 
     if quant.hessian_needed:
         names = quant.hessian_names({k: tuple(v.shape) for k, v in state.items() if v.is_floating_point()})
         calibration = SimpleNamespace(hessians={n: torch.eye(state[n].shape[1]) for n in names}, act_rms={})
-    code_bytes = len(render(to_container(cfg)).encode("utf-8"))
+    code_bytes = counted_code_bytes(to_container(cfg))  # the minified, lzma-wrapped train_gpt.py the records count
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(out_dir or tmp) / quant.artifact_name
         report = quant.export(state, path, calibration, code_bytes=code_bytes)
