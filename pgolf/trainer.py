@@ -371,6 +371,43 @@ def apply_average(base: nn.Module, swa: SWA, ema: EMA, evaluate: Callable, pre_b
     return loss, bpb
 
 
+def make_evaluate(job: Job, rt: Runtime, data: RunData, model: Model, log: RunLog,
+                  run_dir: Path) -> Callable[[str], tuple]:
+    """The run's one eval entry, `evaluate(kind)` -> (loss nats, bpb[, extras]): "standard" (the
+    compiled/DDP model, every periodic eval), "sliding" (the artifact's headline without TTT) and
+    "ttt" (legal score-first TTT, pgolf/ttt, which trains the base model in place). The n-gram tilt
+    goes to the headline scorer only: TTT's when it is on, else the sliding eval."""
+    spec, grad_accum = job.eval_spec, data.grad_accum
+
+    @functools.cache
+    def tilt():  # built at its first use, inside the eval timer (#2135 counts it there)
+        from pgolf.ttt.ngram import NgramTilt
+
+        return NgramTilt(data.val_tokens.to(rt.device), token_order=spec.token_order,
+                         token_threshold=spec.token_threshold, token_boost=spec.token_boost) \
+            if spec.ngram_tilt_enabled else None
+
+    def evaluate(kind: str) -> tuple:
+        common = dict(rank=rt.rank, world_size=rt.world_size, device=rt.device, dtype=rt.dtype)
+        if kind == "standard":
+            return eval_standard(model.train, data.val_tokens, data.luts, seq_len=data.eval_seq_len,
+                                 batch_tokens=spec.val_batch_size // (rt.world_size * grad_accum),
+                                 token_bytes=data.token_bytes, **common)
+        if kind == "ttt":
+            out = spec.ttt.evaluate(model.base, data.val_tokens, data.luts, seq_len=data.eval_seq_len,
+                                    stride=data.stride, batch_seqs=spec.batch_seqs, token_bytes=data.token_bytes,
+                                    log=log, seed=job.seed, run_dir=run_dir, tilt=tilt(), **common)
+        else:
+            out = eval_sliding(model.base, data.val_tokens, data.luts, seq_len=data.eval_seq_len, stride=data.stride,
+                               batch_seqs=spec.batch_seqs, token_bytes=data.token_bytes,
+                               tilt=tilt() if spec.ttt is None else None, **common)
+        if (kind == "ttt" or spec.ttt is None) and tilt() is not None:  # the switch shows how often it fired
+            log(tilt().describe())
+        return out
+
+    return evaluate
+
+
 def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     # -------------------------------- setup: runtime, data, model --------------------------------
     rt, log, run_dir = start_run(job, run_dir)
@@ -404,31 +441,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         opt.step(step, scale, wd_mul)
         return loss_sum / grad_accum
 
-    def evaluate(kind: str) -> tuple[float, float]:
-        common = dict(rank=rt.rank, world_size=rt.world_size, device=rt.device, dtype=rt.dtype)
-        if kind == "standard":
-            return eval_standard(model.train, data.val_tokens, data.luts, seq_len=data.eval_seq_len,
-                                 batch_tokens=spec.val_batch_size // (rt.world_size * grad_accum),
-                                 token_bytes=data.token_bytes, **common)
-        if kind == "ttt":  # legal score-first TTT on the artifact (pgolf/ttt); trains base_model in place
-            out = spec.ttt.evaluate(base_model, data.val_tokens, data.luts, seq_len=data.eval_seq_len,
-                                    stride=data.stride, batch_seqs=spec.batch_seqs, token_bytes=data.token_bytes,
-                                    log=log, seed=job.seed, run_dir=run_dir, tilt=tilt(), **common)
-        else:  # the tilt goes to the headline scorer: TTT's when it is on, else this one
-            out = eval_sliding(base_model, data.val_tokens, data.luts, seq_len=data.eval_seq_len, stride=data.stride,
-                               batch_seqs=spec.batch_seqs, token_bytes=data.token_bytes,
-                               tilt=tilt() if spec.ttt is None else None, **common)
-        if (kind == "ttt" or spec.ttt is None) and tilt() is not None:  # the switch shows how often it fired
-            log(tilt().describe())
-        return out
-
-    @functools.cache
-    def tilt():  # built at its first use, inside the eval timer (#2135 counts it there)
-        from pgolf.ttt.ngram import NgramTilt
-
-        return NgramTilt(data.val_tokens.to(rt.device), token_order=spec.token_order,
-                         token_threshold=spec.token_threshold, token_boost=spec.token_boost) \
-            if spec.ngram_tilt_enabled else None
+    evaluate = make_evaluate(job, rt, data, model, log, run_dir)
 
     figures = final_state(job.resume, run_dir, job.config)
     if figures is not None:  # training finished in an earlier attempt: export and evaluate final_model.pt again
