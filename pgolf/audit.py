@@ -30,9 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pgolf.errors import PgolfError
+from pgolf.errors import SIZE_CAP_BYTES, PgolfError
 
-SIZE_CAP = 16_000_000
 LEDGER_GLOB = "ttt_ledger.rank*.jsonl"  # pgolf.ttt.scorer.Scorer.save_ledger, one file per rank
 
 
@@ -217,8 +216,8 @@ def check_bytes(run_dir: Path, artifact_name: str, config: dict, metrics: dict) 
     total = model_bytes + max(code_now, code_run or 0)
     same = reported in (None, model_bytes)
     run_code = "?" if code_run is None else f"{code_run:,}"
-    return _line(total <= SIZE_CAP and same, "bytes", f"model {model_bytes:,} + code {run_code} (run) / {code_now:,} "
-                 f"(this checkout) -> {total:,} (cap {SIZE_CAP:,}); metrics.json model {reported}"
+    return _line(total <= SIZE_CAP_BYTES and same, "bytes", f"model {model_bytes:,} + code {run_code} (run) / {code_now:,} "
+                 f"(this checkout) -> {total:,} (cap {SIZE_CAP_BYTES:,}); metrics.json model {reported}"
                  + ("" if same else " (the artifact on disk is not the one the run scored)"))
 
 

@@ -38,7 +38,7 @@ from pgolf.config_checks import check_bos
 from pgolf.idle_params import idle_params
 from pgolf.data.byte_counts import check_validation, load_sidecar
 from pgolf.data.packing import PackedRows, pack_documents
-from pgolf.errors import PgolfError
+from pgolf.errors import SIZE_CAP_BYTES, PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.model.docs import doc_backend
 from pgolf.quant import load_artifact
@@ -46,7 +46,6 @@ from pgolf.quant.calibrate import NO_CALIBRATION, keep_calibration
 from pgolf.runlog import RunLog, describe_environment
 from pgolf.schedule import EMA, SWA, loop_passes
 
-SIZE_CAP_BYTES = 16_000_000
 
 
 @dataclass

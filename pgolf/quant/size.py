@@ -21,9 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
-from pgolf.errors import PgolfError
+from pgolf.errors import SIZE_CAP_BYTES, PgolfError
 
-CAP_BYTES = 16_000_000
 
 
 def measure(overrides: list[str], *, std: float = 0.02, seed: int = 0, out_dir: str | None = None) -> dict:
@@ -46,7 +45,7 @@ def measure(overrides: list[str], *, std: float = 0.02, seed: int = 0, out_dir: 
         report = quant.export(state, path, calibration, code_bytes=code_bytes)
     total = report.total_bytes + code_bytes
     return {"params": sum(v.numel() for v in state.values()), "model_bytes": report.total_bytes,
-            "code_bytes": code_bytes, "total_bytes": total, "cap_bytes": CAP_BYTES, "report": report}
+            "code_bytes": code_bytes, "total_bytes": total, "cap_bytes": SIZE_CAP_BYTES, "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,13 +14,12 @@ from dataclasses import dataclass, replace
 
 from torch import Tensor
 
-from pgolf.errors import PgolfError
+from pgolf.errors import SIZE_CAP_BYTES, PgolfError
 from pgolf.quant.artifact import ExportReport, check_codec, export
 from pgolf.quant.calibrate import SOURCES, Calibration, calibrate
 from pgolf.quant.pergroup import PERGROUP_BACKENDS
 from pgolf.quant.rules import QuantRules, get_rules, validate_rules
 
-CAP_BYTES_DEFAULT = 16_000_000  # the challenge's cap on code + compressed model, decimal bytes (as trainer.SIZE_CAP_BYTES)
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class QuantSpec:
     byte_shuffle: int = 0
     pergroup_backend: str = "zpaq"
     prune: bool = False
-    prune_target_bytes: int = CAP_BYTES_DEFAULT
+    prune_target_bytes: int = SIZE_CAP_BYTES
     prune_max_bits: int = 6
     artifact_name: str = "final_model.int8.ptz"
     calibration: str = "none"
@@ -76,7 +75,7 @@ class QuantSpec:
         if self.pergroup_backend not in PERGROUP_BACKENDS:
             raise PgolfError(f"quant.pergroup_backend={self.pergroup_backend!r} is unknown; use one of {', '.join(PERGROUP_BACKENDS)}")
         if self.prune and self.prune_target_bytes <= 0:
-            raise PgolfError(f"quant.prune_target_bytes={self.prune_target_bytes} must be positive (the cap: {CAP_BYTES_DEFAULT})")
+            raise PgolfError(f"quant.prune_target_bytes={self.prune_target_bytes} must be positive (the cap: {SIZE_CAP_BYTES})")
         if not 2 <= self.prune_max_bits <= 8:
             raise PgolfError(f"quant.prune_max_bits={self.prune_max_bits} is out of range; use 2..8 (#1019: 6)")
         plan = self.plan  # parse the rules now: a typo fails at config time

@@ -16,12 +16,11 @@ import warnings
 import numpy as np
 from scipy import stats
 
-from pgolf.errors import PgolfError
+from pgolf.errors import SIZE_CAP_BYTES, PgolfError
 from pgolf.runlog import flatten
 from pgolf.report.jobs import DEFAULT_KEY, Job, natural, override_key
 
 BPB, LOSS = "final/quant_sliding_bpb", "final/quant_sliding_loss_nats"
-SIZE_CAP_BYTES = 16_000_000  # the challenge's cap, as pgolf.trainer.SIZE_CAP_BYTES (not imported: that pulls in torch)
 MIN_GAIN_NATS = 0.005        # challenge README: a record must beat the last one by >= 0.005 nats ...
 ALPHA = 0.01                 # ... at p < 0.01
 FRONTIER_ALPHA = 0.25       # PR #1902: p < 0.25 against the previous top row, no margin
