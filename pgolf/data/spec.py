@@ -26,6 +26,11 @@ BUILT_SOURCES = ("stdlib",)
 _VARIANT_OF_DIR = {"fineweb10B_sp8192_lossless_caps_caseops_v1_reserved": "sp8192_caseops"}
 
 
+def cache_root() -> Path:
+    """pgolf's cache folder: `$PGOLF_CACHE`, else `~/.cache/pgolf` (built data, minified code)."""
+    return Path(os.environ.get("PGOLF_CACHE") or "~/.cache/pgolf").expanduser().absolute()
+
+
 @dataclass(frozen=True)
 class ResolvedData:
     """Absolute paths the training run reads: shard globs, the SentencePiece model, and the
@@ -85,9 +90,8 @@ class DataSpec:
         """Where a built source is cached."""
         if self.cache_dir:
             return Path(self.cache_dir).expanduser().absolute()
-        base = os.environ.get("PGOLF_CACHE") or "~/.cache/pgolf"
         name = f"{self.source}_sp{self.vocab_size}" + ("_caseops" if self.caseops else "")
-        return Path(base).expanduser().absolute() / (name + ("" if self.normalization == "nmt_nfkc" else
+        return cache_root() / (name + ("" if self.normalization == "nmt_nfkc" else
                                                             f"_{self.normalization}"))
 
     def ensure(self) -> ResolvedData:

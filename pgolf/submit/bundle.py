@@ -20,12 +20,16 @@ import ast
 import base64
 import builtins
 import functools
+import hashlib
+import importlib.metadata
 import lzma
+import os
 import pprint
 from pathlib import Path
 
 import yaml
 
+from pgolf.data.spec import cache_root
 from pgolf.errors import PgolfError
 from pgolf.submit.reach import left_out
 
@@ -238,15 +242,31 @@ def render(config: dict) -> str:
     return f'"""{doc}"""\n' + source.replace(CONFIG_TOKEN, config_text)
 
 
+MINIFY_OPTIONS = dict(rename_locals=False, rename_globals=False, hoist_literals=False, remove_literal_statements=True)
+
+
 @functools.lru_cache(maxsize=None)
 def minify(source: str) -> str:
     """`source` minified as the records count code (#1530 on; #2135's `_compressed_code_size`):
     python-minifier with no renames and no literal hoisting, docstrings removed. A bundle is
-    minified one top-level statement at a time, so the statements that runs share are done once."""
+    minified one top-level statement at a time, so the statements that runs share are done once;
+    results are also kept on disk (`$PGOLF_CACHE/minified/`, keyed by the source, the options and
+    python-minifier's version), since every exporting run counts its code (about 3 CPU s a bundle)."""
     import python_minifier
 
-    return python_minifier.minify(source, rename_locals=False, rename_globals=False, hoist_literals=False,
-                                  remove_literal_statements=True)
+    key = hashlib.sha256(repr((importlib.metadata.version("python-minifier"), sorted(MINIFY_OPTIONS.items()), source)).encode())
+    path = cache_root() / "minified" / f"{key.hexdigest()}.py"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    code = python_minifier.minify(source, **MINIFY_OPTIONS)
+    try:  # a cache only: an unwritable folder costs time, never the result
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(code, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return code
 
 
 def wrap(source: str) -> str:
