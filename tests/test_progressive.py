@@ -118,6 +118,13 @@ def test_the_2014_preset_trains_at_the_records_shapes():
     assert (sched.train_seq_len, sched.seq_lens, sched.seq_change_warmup_steps) == (3072, [1024, 2048, 3072], 32)
     assert train_shapes(sched, 2) == [(1024, 0), (2048, 0), (2048, 2), (3072, 2)]
     assert graphs_needed([0, 2], {48, 16}, 4) == 4 + 2 * 2  # + standard eval batches per pass count
+    # a bundled train_gpt.py reads the record's environment names
+    from pgolf.submit.entry import apply_env
+
+    config = pgolf.build.to_container(cfg)
+    apply_env(config, {"TRAIN_SEQ_SCHEDULE": "1024@0.2,3072@1.0", "SEQ_CHANGE_WARMUP_STEPS": "8"})
+    assert (config["schedule"]["train_seq_schedule"], config["schedule"]["seq_change_warmup_steps"]) == \
+        ("1024@0.2,3072@1.0", 8)
     # without a schedule the shapes are one per pass count, as before
     assert train_shapes(Schedule(enable_looping_at=0.5, loop_phase2_at=0.65), 2) == [(1024, 0), (1024, 1), (1024, 2)]
 
