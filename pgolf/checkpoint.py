@@ -259,8 +259,9 @@ def load_checkpoint(ckpt: Path, *, rank: int, world_size: int, config: dict) -> 
 
 
 def restore_checkpoint(ckpt: Path, *, rank: int, world_size: int, config: dict, model, optimizers, swa, loader,
-                       ema=None) -> tuple[int, float]:
-    """Load a checkpoint into the run's objects; returns (step, train_ms) to continue from."""
+                       ema=None, growth=None) -> tuple[int, float]:
+    """Load a checkpoint into the run's objects (`growth`: the training length and its LR re-warm,
+    pgolf.progressive.SeqGrowth); returns (step, train_ms) to continue from."""
     state = load_checkpoint(ckpt, rank=rank, world_size=world_size, config=config)
     model.load_state_dict(state["model"], strict=True)
     swa.load_state_dict(state["swa"])
@@ -269,4 +270,6 @@ def restore_checkpoint(ckpt: Path, *, rank: int, world_size: int, config: dict, 
     optimizers.load_state_dict(state["rank_state"]["optimizer"])
     loader.load_state_dict(state["rank_state"]["loader"])
     set_rng_state(state["rank_state"]["rng"])
+    if growth is not None and "growth" in state["rank_state"]:
+        growth.load_state_dict(state["rank_state"]["growth"])
     return state["step"], state["train_ms"]

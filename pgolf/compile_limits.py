@@ -6,7 +6,8 @@ the full schedule the final evals use) times each call shape: the training step,
 standard eval's full batch and its last, shorter one (train and eval mode are different graphs).
 Dynamo keeps at most `recompile_limit` graphs per frame (8 by default) and then silently runs
 the frame eagerly, so a looped run with periodic evals could fall off the compiled path in the
-middle of training (3 pass counts x 3 shapes = 9). `graphs_needed` counts them ahead and
+middle of training (3 pass counts x 3 shapes = 9). Progressive context growth (#2014) adds a
+training graph per (length, pass count) pair it trains at. `graphs_needed` counts them ahead and
 `allow_graphs` raises the limit to fit; tests/test_compile_limits.py counts real graphs.
 """
 
@@ -31,9 +32,11 @@ def eval_batch_sizes(num_val_tokens: int, seq_len: int, batch_tokens: int, rank:
     return {min(s + batch_seqs, last) - s for s in range(first, last, batch_seqs)}
 
 
-def graphs_needed(pass_counts: list[int], eval_sizes: set[int]) -> int:
-    """Distinct compiled graphs of one run: pass counts x (one training shape + eval batch sizes)."""
-    return len(pass_counts) * (1 + len(eval_sizes))
+def graphs_needed(pass_counts: list[int], eval_sizes: set[int], num_train_shapes: int | None = None) -> int:
+    """Distinct compiled graphs of one run: the training shapes (one per pass count, or
+    `num_train_shapes` (length, pass count) pairs of progressive context growth,
+    pgolf.progressive.train_shapes) + pass counts x eval batch sizes."""
+    return (len(pass_counts) if num_train_shapes is None else num_train_shapes) + len(pass_counts) * len(eval_sizes)
 
 
 def allow_graphs(count: int) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pgolf.data.packing import CONTIGUOUS_LOADERS
 from pgolf.errors import PgolfError
 from pgolf.optim import check_optimizer_args
+from pgolf.progressive import parse_train_seq_schedule
 
 MICRO_BATCHES = 8  # world_size * grad_accum_steps: the baseline's 8 // world_size accumulation on any world size
 
@@ -22,11 +23,16 @@ def check_groups(config: dict) -> None:
     if "optimizer" in config:
         check_optimizer_args(**{k: v for k, v in config["optimizer"].items() if not k.startswith("_")})
     if sched:
-        tokens, seq = sched["train_batch_tokens"], sched["train_seq_len"]
+        tokens = sched["train_batch_tokens"]
         local = tokens // MICRO_BATCHES
-        if tokens % MICRO_BATCHES or local % seq:
-            raise PgolfError(f"schedule.train_batch_tokens={tokens} must split into whole sequences of {seq} over "
-                             f"{MICRO_BATCHES} micro-batches; use a multiple of {MICRO_BATCHES * seq}")
+        for seq in seq_lens(sched):  # each length of a progressive schedule (#2014) too
+            if tokens % MICRO_BATCHES or local % seq:
+                raise PgolfError(f"schedule.train_batch_tokens={tokens} must split into whole sequences of {seq} over "
+                                 f"{MICRO_BATCHES} micro-batches; use a multiple of {MICRO_BATCHES * seq}")
+        loader = data.get("loader", "sequential")
+        if len(seq_lens(sched)) > 1 and loader not in CONTIGUOUS_LOADERS:
+            raise PgolfError(f"schedule.train_seq_schedule changes the training length but data.loader={loader} draws "
+                             f"windows of one fixed length; use data.loader=documents (#2014) or sequential")
     if model and data and "bos_id" in model and "bos_id" in data and model["bos_id"] != data["bos_id"]:
         raise PgolfError(f"model.bos_id={model['bos_id']} but data.bos_id={data['bos_id']}: document boundaries must "
                          "follow the data's tokenizer; set both to its BOS id (1 for the challenge's tokenizers)")
@@ -37,6 +43,12 @@ def check_groups(config: dict) -> None:
             raise PgolfError(f"model.rope_train_seq_len={rope} with model.doc_attention: training packs each "
                              f"micro-batch into one row of {packed} tokens (#1530), so RoPE's NTK rescale would switch "
                              "on in training only; set model.rope_train_seq_len=0 (the VarLen records' ROPE_YARN=0)")
+
+
+def seq_lens(sched: dict) -> list[int]:
+    """The training lengths of a schedule config: its train_seq_schedule's, else train_seq_len."""
+    plan = parse_train_seq_schedule(sched.get("train_seq_schedule", ""), sched["train_seq_len"])
+    return list(dict.fromkeys(length for _, length in plan))
 
 
 def check_bos(tokenizer_bos: int, *, model_bos: int | None, data_bos: int | None, tokenizer_path: str) -> None:

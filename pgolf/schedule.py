@@ -2,7 +2,8 @@
 
 `Schedule.at(step, elapsed_ms)` is the one place the loop asks "where are we": it returns a
 `Point` with the training fraction, the LR multiplier, the Muon WD multiplier and the
-switches (late QAT, EMA window, the depth-recurrence loop phase). Wall-clock time is an input,
+switches (late QAT, EMA window, the depth-recurrence loop phase, the training sequence length of
+progressive context growth, pgolf/progressive.py). Wall-clock time is an input,
 so a run ends its warm-down when its time budget ends, whatever the hardware. The model keeps
 which layers loop and how (`model.num_loops`, `loop_start`, `loop_end`); the schedule says when:
 `enable_looping_at` / `loop_phase2_at` (fractions of the budget, 2026-04-05 #1394, progressive
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from pgolf.errors import PgolfError
+from pgolf.progressive import describe_plan, parse_train_seq_schedule, seq_len_at
 
 
 # Depth-recurrence phases (Point.loop_phase): no extra pass, one extra pass (#1412's first
@@ -51,6 +53,7 @@ class Point:
     qat: bool
     ema: bool
     loop_phase: int = field(default=LOOP_ALL)
+    seq_len: int = 0  # the training sequence length (pgolf.progressive; the whole run's without a schedule)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,13 +78,17 @@ class Schedule:
     enable_looping_at: float = 0.0
     loop_phase2_at: float = 0.0
     recur_start_step: int = 0
+    train_seq_schedule: str = ""  # progressive context (#2014): "1024@0.100,2048@0.700,3072@1.000"
+    seq_change_warmup_steps: int = 0  # LR re-warm after each length change (#2014: 32)
+    seq_change_drop_batches: int = 0  # micro-batches dropped at a change (#2014's flushed prefetch: 2)
 
     def __post_init__(self):
         for name in ("iterations", "train_batch_tokens", "train_seq_len"):
             if getattr(self, name) <= 0:
                 raise PgolfError(f"schedule.{name}={getattr(self, name)} must be positive")
         for name in ("warmup_steps", "warmdown_iters", "max_wallclock_seconds", "swa_every", "train_log_every",
-                     "gptq_reserve_seconds", "wd_taper_final_mult"):
+                     "gptq_reserve_seconds", "wd_taper_final_mult", "seq_change_warmup_steps",
+                     "seq_change_drop_batches"):
             if getattr(self, name) < 0:
                 raise PgolfError(f"schedule.{name}={getattr(self, name)} must be >= 0")
         for name in ("warmdown_frac", "min_lr", "ema_start_frac", "wd_taper_start_frac", "enable_looping_at",
@@ -104,6 +111,12 @@ class Schedule:
         if self.max_wallclock_seconds > 0 and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise PgolfError(f"schedule.gptq_reserve_seconds={self.gptq_reserve_seconds} leaves no training time of "
                              f"max_wallclock_seconds={self.max_wallclock_seconds}; lower it")
+        object.__setattr__(self, "seq_plan", parse_train_seq_schedule(self.train_seq_schedule, self.train_seq_len))
+
+    @property
+    def seq_lens(self) -> list[int]:
+        """Every training length of the run, in order (one without a train_seq_schedule)."""
+        return list(dict.fromkeys(length for _, length in self.seq_plan))
 
     @property
     def budget_ms(self) -> float:
@@ -171,7 +184,8 @@ class Schedule:
         f = self.frac(step, elapsed_ms)
         lr = self.lr_mul(step, elapsed_ms)
         return Point(frac=f, lr_mul=lr, wd_mul=self.wd_mul(f), qat=self.qat_active(lr),
-                     ema=self.ema_decay > 0 and f >= self.ema_start_frac, loop_phase=self.loop_phase(f, step))
+                     ema=self.ema_decay > 0 and f >= self.ema_start_frac, loop_phase=self.loop_phase(f, step),
+                     seq_len=seq_len_at(self.seq_plan, f))
 
     def describe(self) -> str:
         """One log line naming the schedule options in effect."""
@@ -183,7 +197,10 @@ class Schedule:
                 f"wd_taper:{self.wd_taper_start_frac}->x{self.wd_taper_final_mult}"
                 + (f" recur_start_step:{self.recur_start_step}" if self.recur_start_step else
                    f" enable_looping_at:{self.enable_looping_at} loop_phase2_at:{self.loop_phase2_at}"
-                   if self.enable_looping_at or self.loop_phase2_at else ""))
+                   if self.enable_looping_at or self.loop_phase2_at else "")
+                + (f" train_seq_schedule:{describe_plan(self.seq_plan)} seq_change_warmup_steps:"
+                   f"{self.seq_change_warmup_steps} seq_change_drop_batches:{self.seq_change_drop_batches}"
+                   if len(self.seq_lens) > 1 else ""))
 
 
 class SWA:

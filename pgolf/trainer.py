@@ -43,6 +43,7 @@ from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
 from pgolf.model.docs import doc_backend
 from pgolf.quant import load_artifact
 from pgolf.quant.calibrate import NO_CALIBRATION, keep_calibration
+from pgolf.progressive import SeqGrowth, train_shapes
 from pgolf.runlog import RunLog, describe_environment
 from pgolf.schedule import EMA, SWA, loop_passes
 
@@ -222,6 +223,7 @@ class Model:
     has_qat: bool
     n_params: int
     pass_counts: list[int]  # the loop-pass counts the run switches through (compile_limits.loop_pass_counts)
+    shapes: list[tuple[int, int]]  # the (train length, pass count) pairs it trains at (progressive.train_shapes)
 
 
 def start_run(job: Job, run_dir: Path) -> tuple[Runtime, RunLog, Path]:
@@ -296,6 +298,7 @@ def build_model(job: Job, rt: Runtime, run_dir: Path, log: RunLog, data: RunData
         DDP._set_params_and_buffers_to_ignore_for_model(
             compiled, [n for n, p in compiled.named_parameters() if p in opt.ddp_ignored])
     pass_counts = loop_pass_counts(job.schedule, getattr(base, "num_loops", 0))  # every layer sequence the run uses
+    shapes = train_shapes(job.schedule, getattr(base, "num_loops", 0))  # x every training length (#2014)
     idle = idle_params(base, data.vocab, rt.device, pass_counts) if rt.distributed else []  # DDP must expect them
     if idle:
         log(f"ddp_find_unused_parameters:True idle_in_some_phase:{len(idle)} first:{idle[0]}")
@@ -309,29 +312,34 @@ def build_model(job: Job, rt: Runtime, run_dir: Path, log: RunLog, data: RunData
     if rt.compile:  # every graph the run needs fits under dynamo's recompile limit (compile_limits.py)
         log(allow_graphs(graphs_needed(pass_counts, eval_batch_sizes(
             data.val_tokens.numel(), data.eval_seq_len,
-            job.eval_spec.val_batch_size // (rt.world_size * data.grad_accum), rt.rank, rt.world_size))))
+            job.eval_spec.val_batch_size // (rt.world_size * data.grad_accum), rt.rank, rt.world_size), len(shapes))))
     log(job.schedule.describe())
     log(opt.describe())
     if getattr(base, "doc_attention", False):  # the switch shows in the log with its kernel (docs.py)
         log(f"doc_attention:on bos_id:{base.bos_id} kernel:{doc_backend(rt.device)}")
-    return Model(base, compiled, train, opt, has_qat, n_params, pass_counts)
+    return Model(base, compiled, train, opt, has_qat, n_params, pass_counts, shapes)
 
 
 def warm_up(model: Model, sched: Any, train_step: Callable, log: RunLog) -> None:
     """Prime the compiled paths outside the timed loop, then restore the initial weights and
     optimizer state. Every layer sequence the run will switch to is compiled here (the records warm
-    up 20 plain then 20 looped steps): the steps are split over the schedule's loop phases in order."""
+    up 20 plain then 20 looped steps): the steps are split over the (training length, loop-pass
+    count) shapes in the order the run reaches them, at least one step each (#2014 primes every
+    length x loop mode, `COMPILE_SHAPE_WARMUP=1`)."""
     base = model.base
     init_model = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
     init_opt = copy.deepcopy(model.opt.state_dict())
     base.set_qat(model.has_qat)
-    passes = model.pass_counts
-    for i in range(sched.warmup_steps):
-        base.set_looping(passes[i * len(passes) // sched.warmup_steps])
-        train_step(0, 1.0)
+    shapes, steps = model.shapes, max(sched.warmup_steps, len(model.shapes))
+    if len(shapes) > len(model.pass_counts):  # progressive context: say which graphs were primed
+        log("warmup_shapes:" + ",".join(f"{length}x{passes}" for length, passes in shapes))
+    for i in range(steps):
+        seq_len, passes = shapes[i * len(shapes) // steps]
+        base.set_looping(passes)
+        train_step(0, 1.0, 1.0, seq_len)
         fault_point("warmup")
-        if sched.warmup_steps <= 20 or (i + 1) % 10 == 0:
-            log(f"warmup_step:{i + 1}/{sched.warmup_steps}")
+        if steps <= 20 or (i + 1) % 10 == 0:
+            log(f"warmup_step:{i + 1}/{steps}")
     base.set_looping(loop_passes(sched.loop_phase(0.0, 0), base.num_loops))
     base.load_state_dict(init_model, strict=True)
     model.opt.load_state_dict(init_opt)
@@ -339,7 +347,7 @@ def warm_up(model: Model, sched: Any, train_step: Callable, log: RunLog) -> None
 
 
 def start_averages_or_resume(job: Job, rt: Runtime, run_dir: Path, model: Model, loader: Any,
-                             log: RunLog) -> tuple[SWA, EMA, int, float]:
+                             log: RunLog, growth: SeqGrowth | None = None) -> tuple[SWA, EMA, int, float]:
     """The weight averages (EMA starts at the restored initial weights, as the records'), then the
     checkpoint to continue from, if any: returns (swa, ema, step, train_ms)."""
     swa, ema = SWA(), EMA(job.schedule.ema_decay)
@@ -349,7 +357,8 @@ def start_averages_or_resume(job: Job, rt: Runtime, run_dir: Path, model: Model,
     source = resume_source(job.resume, run_dir)
     if source is not None:
         step, train_ms = restore_checkpoint(source, rank=rt.rank, world_size=rt.world_size, config=job.config,
-                                            model=model.base, optimizers=model.opt, swa=swa, loader=loader, ema=ema)
+                                            model=model.base, optimizers=model.opt, swa=swa, loader=loader, ema=ema,
+                                            growth=growth)
         log(f"resumed:{source} step:{step} train_time:{train_ms:.0f}ms")
     return swa, ema, step, train_ms
 
@@ -425,13 +434,15 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     loader = new_loader()
     log(f"data_loader:{job.data.loader} train_rows:{'packed' if isinstance(loader, PackedRows) else 'rows'}")
     autocast = lambda: torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32)  # noqa: E731
+    # the training length now and the LR re-warm after a change (progressive context, #2014)
+    growth = SeqGrowth(sched, drop=lambda seq_len: loader.next_batch(sched.train_batch_tokens, seq_len, grad_accum))
 
-    def train_step(step: int, scale: float, wd_mul: float = 1.0) -> torch.Tensor:
+    def train_step(step: int, scale: float, wd_mul: float = 1.0, seq_len: int | None = None) -> torch.Tensor:
         loss_sum = torch.zeros((), device=rt.device)
         for micro in range(grad_accum):
             if rt.distributed:  # DDP syncs gradients on the last micro-step only
                 model.train.require_backward_grad_sync = micro == grad_accum - 1
-            x, y = loader.next_batch(sched.train_batch_tokens, sched.train_seq_len, grad_accum)
+            x, y = loader.next_batch(sched.train_batch_tokens, seq_len or growth.seq_len, grad_accum)
             docs = (loader.doc_mask(doc_backend(rt.device)),) if isinstance(loader, PackedRows) else ()
             with autocast():
                 loss = model.train(x, y, *docs)
@@ -455,12 +466,13 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     if sched.warmup_steps > 0:
         warm_up(model, sched, train_step, log)
         loader = new_loader()
-    swa, ema, step, train_ms = start_averages_or_resume(job, rt, run_dir, model, loader, log)
+    swa, ema, step, train_ms = start_averages_or_resume(job, rt, run_dir, model, loader, log, growth)
     stop_after, saving, saved_at = None, job.checkpoint or Checkpointing(), (step, train_ms)
     barrier = dist.barrier if rt.distributed else (lambda: None)
 
     def checkpoint_now() -> Path:
-        rank_state = {"optimizer": opt.state_dict(), "loader": loader.state_dict(), "rng": rng_state()}
+        rank_state = {"optimizer": opt.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
+                      "growth": growth.state_dict()}
         model_state = {k: v.detach().cpu() for k, v in base_model.state_dict().items()} if rt.master else None
         return save_checkpoint(run_dir, rank=rt.rank, world_size=rt.world_size, barrier=barrier, write=write_atomic,
                                step=step, train_ms=train_ms, config=job.config, model_state=model_state,
@@ -497,7 +509,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                 break
 
             point = sched.at(step, train_ms + 1000.0 * (time.perf_counter() - t0))  # every switch reads this
-            scale = point.lr_mul
+            scale = point.lr_mul * growth.advance(step, point, log)  # x the re-warm after a length change
             if model.has_qat and point.qat != qat_on:
                 qat_on = point.qat
                 base_model.set_qat(qat_on)
@@ -517,9 +529,10 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                 loss_value = train_loss.item()
                 check_finite(loss_value, step)
                 log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
-                    f"step_avg:{approx_ms / step:.2f}ms lr_scale:{scale:.4f} wd_mul:{point.wd_mul:.4f}")
+                    f"step_avg:{approx_ms / step:.2f}ms lr_scale:{scale:.4f} wd_mul:{point.wd_mul:.4f}"
+                    + (f" seq_len:{growth.seq_len}" if growth.active else ""))
                 job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/wd_mul": point.wd_mul,
-                                "train/step_ms": approx_ms / step}, step=step)
+                                "train/step_ms": approx_ms / step, "train/seq_len": growth.seq_len}, step=step)
             fault_point(f"step:{step}")
             capped, save_now, preempted = any_rank(
                 [capped, saving.due(step, approx_ms, *saved_at), preemption.signum is not None], rt)
@@ -555,7 +568,8 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         device=rt.device, autocast=autocast)
     metrics = finish(job, rt, run_dir, log, base_model, evaluate, dict(
         pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=model.n_params, steps=step, train_ms=train_ms,
-        peak_mib=peak_mib, unigram_bpb=data.unigram_bpb, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb),
+        peak_mib=peak_mib, unigram_bpb=data.unigram_bpb, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb,
+        seq_switches=growth.switches),
         preemption, calibration)
     rt.close()
     return metrics
@@ -671,6 +685,7 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
         "train/ms_per_step": t["train_ms"] / max(t["steps"], 1),
         "train/swa_snapshots": t["swa_count"],
         "train/ema_updates": t["ema_count"],
+        "train/seq_len_switches": t.get("seq_switches", []),  # [step, new length] per change (#2014)
         "final/pre_averaging_bpb": t["raw_bpb"],
         "eval/time_s": eval_s,
         "memory/peak_mib": t["peak_mib"],

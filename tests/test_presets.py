@@ -136,6 +136,10 @@ TABLE = [
     ("schedule.enable_looping_at", NA, NA, NA, NA, NA),
     ("schedule.loop_phase2_at", NA, NA, NA, NA, NA),
     ("schedule.recur_start_step", 0, 0, 0, 0, 0),
+    # One training length throughout (progressive context growth begins with 2026-04-30 #2014).
+    ("schedule.train_seq_schedule", "", "", "", "", ""),
+    ("schedule.seq_change_warmup_steps", 0, 0, 0, 0, 0),
+    ("schedule.seq_change_drop_batches", 0, 0, 0, 0, 0),
     ("eval.val_batch_size",                 524288,     524288,     524288,     524288,     524288),
     ("eval.val_loss_every",                 200,        0,          500,        200,        0),
     ("eval.seq_len",                        None,       None,       None,       None,       None),

@@ -26,17 +26,17 @@ ROWS = sorted(CHAIN)
 # (row, record key) -> why the preset differs (also in its header)
 DEVIATIONS = {
     ("pr2135", "gptq_reserve_seconds"): "0.5 s put the 32-batch Hessian collection at ~616 s; 8 as #1868's rerun",
-    ("pr2014", "train_seq_len"): "progressive context growth 1024->2048->3072 is not built: trains at 2048",
     ("pr2014", "eval_stride"): "EVAL_STRIDE=1536 is never read by its code: the sliding diagnostic keeps 64",
 }
 # Knobs of these rows pgolf has no option for (off in the run, training-only kernels, bookkeeping,
-# or not built yet: progressive context growth, the tail of the val stream, the Muon global-TTT option).
+# or not built yet: the tail of the val stream, the Muon global-TTT option; TRAIN_SEQ_SCHEDULE_MODE=wallclock is
+# pgolf's fraction whenever a cap is set).
 NOT_IN_PGOLF_CHAIN = {
     "awq_lite_group_size", "awq_lite_group_top_k", "compile_shape_warmup", "compile_shape_warmup_iters",
     "compile_shape_warmup_loop_modes", "eval_include_tail", "global_ttt_muon_nesterov", "global_ttt_muon_ns_steps",
     "global_ttt_optimizer", "lqer_gain_select", "lqer_scope", "midrun_cap_log_updates", "midrun_cap_schedule",
     "muon_huber_delta", "muon_huber_wd", "ngram_hint_precompute_outside", "optrot_enabled", "qk_gain_schedule",
-    "seed", "seq_change_warmup_steps", "train_seq_schedule", "train_seq_schedule_mode", "ttt_eval_batches",
+    "seed", "train_seq_schedule_mode", "ttt_eval_batches",
     "ttt_grad_steps_clean", "ttt_short_beta2", "ttt_short_chunk_size", "ttt_short_doc_len", "ttt_short_lora_enabled",
     "ttt_short_lora_lr", "ttt_short_lora_rank", "ttt_short_weight_decay", "ttt_train_max_doc_len",
     "ttt_train_min_doc_len", "ttt_warm_start_mean_doc_len", "ttt_warm_start_mean_enabled",
@@ -45,7 +45,8 @@ NOT_IN_PGOLF_CHAIN = {
 }
 EXTRA = {"asym_logit_rescale": "model.asym_logit_rescale", "ngram_tilt_enabled": "eval.ngram_tilt_enabled",
          "token_order": "eval.token_order", "token_threshold": "eval.token_threshold",
-         "token_boost": "eval.token_boost"}
+         "token_boost": "eval.token_boost", "train_seq_schedule": "schedule.train_seq_schedule",
+         "seq_change_warmup_steps": "schedule.seq_change_warmup_steps"}
 
 
 @pytest.mark.parametrize("row", ROWS)

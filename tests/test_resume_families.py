@@ -6,7 +6,8 @@ three times in this process: straight through; stopped by a signal after step 3 
 and raises SystemExit, as under SLURM preemption); then resumed from that checkpoint. The resumed
 run must end with bit-identical weights and the same final metrics. The families' one-time
 transitions (looping at a budget fraction or a step, QAT, EMA and the WD taper from a fraction)
-fall after the stop, so the resumed run has to reproduce them from the checkpoint.
+fall after the stop, so the resumed run has to reproduce them from the checkpoint; a training-length
+change (progressive context) falls before it, so the resumed run must continue its LR re-warm.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ FAMILIES = {  # options of one kind combined into one job each, to keep the suit
         "schedule.qat_start_frac=0.5", "schedule.wd_taper_start_frac=0.5", "schedule.wd_taper_final_mult=0.5",
         "data.loader=coprime"],
     "swa_shuffled": ["schedule.swa_every=1", "schedule.swa_start_frac=0.5", "data.loader=shuffled"],
-    "documents_packed_doc_attention": ["data.loader=documents", "model.doc_attention=true", "model.smear_gate=window",
-                                       "model.gate_window=4", "model.bigram_buckets=37", "model.bigram_dim=8"],
+    # progressive context (#2014): 32 -> 64 at step 2, before the stop, so the resumed run needs the saved
+    # length and re-warm (steps 2-4); 64 -> 128 at step 5, after it
+    "documents_packed_doc_attention_progressive": [
+        "data.loader=documents", "model.doc_attention=true", "model.smear_gate=window", "model.gate_window=4",
+        "model.bigram_buckets=37", "model.bigram_dim=8", "schedule.train_seq_schedule='32@0.125,64@0.5,128@1.0'",
+        "schedule.seq_change_warmup_steps=3", "schedule.seq_change_drop_batches=2"],
 }
 SAME = ("final/quant_sliding_bpb", "final/quant_bpb", "final/prequant_bpb", "final/pre_averaging_bpb", "train/steps",
         "train/ema_updates", "train/swa_snapshots", "artifact/model_bytes")

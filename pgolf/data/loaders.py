@@ -308,7 +308,7 @@ class DocumentPackingLoader:
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         nseq = _local_seqs(global_tokens, seq_len, self.world_size, grad_accum_steps)
-        span = nseq * seq_len + 1
+        span, self.seq_len = nseq * seq_len + 1, seq_len  # segments follow the call's length (#2014)
         tried = 0
         while self.cursor + span * self.world_size > self.tokens.numel():
             tried += 1

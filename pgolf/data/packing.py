@@ -39,7 +39,9 @@ def segment_starts(x: Tensor, bos_id: int, max_doc_len: int) -> Tensor:
 class PackedRows:
     """A contiguous loader's micro-batches as one packed row (1, N) each, with the segment
     starts of the last batch in `last_segments` (1, N) bool and its BOS positions in
-    `last_starts` (1, N) bool. State (resume) is the wrapped loader's."""
+    `last_starts` (1, N) bool. Documents are cut every `seq_len` tokens of the call, so the
+    segments follow a progressive length (#2014 cuts at its current length). State (resume) is
+    the wrapped loader's."""
 
     def __init__(self, loader, *, bos_id: int, max_doc_len: int):
         self.loader, self.bos_id, self.max_doc_len = loader, bos_id, max_doc_len
@@ -48,6 +50,7 @@ class PackedRows:
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         x, y = self.loader.next_batch(global_tokens, seq_len, grad_accum_steps)
+        self.max_doc_len = seq_len  # the length of this step: progressive context (#2014) changes it
         x, y = x.reshape(1, -1), y.reshape(1, -1)  # (B, T) views of one contiguous span -> (1, B*T)
         self.last_starts = x == self.bos_id
         self.last_segments = segment_starts(x, self.bos_id, self.max_doc_len).view(1, -1)
