@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf.model.docs import build_doc_mask
+from pgolf.model.docs import doc_backend, segment_mask
 
 
 @dataclass
@@ -80,8 +80,8 @@ def segment_docs(x: Tensor, bos_id: int, max_len: int):
     first = torch.nonzero(starts).squeeze(1)
     offset = torch.arange(x.size(1), device=x.device) - first[seg - 1]
     starts |= (offset % max_len == 0)
-    marks = torch.where(starts, bos_id, bos_id + 1)[None]
-    return build_doc_mask(marks, bos_id)
+    # Segments are at most max_len long: the CPU kernel then keeps its mask O(N * max_len).
+    return segment_mask(starts[None], starts[None], doc_backend(x.device), max_seqlen=max_len)
 
 
 def sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, rows: list[Tensor],
