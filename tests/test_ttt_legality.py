@@ -261,3 +261,37 @@ def test_chunked_without_updates_is_the_sliding_eval():
     ref = eval_sliding(model, stream, luts(), seq_len=24, stride=8, batch_seqs=4, rank=0, world_size=1,
                        device=torch.device("cpu"), dtype=torch.float32)
     assert sc.result() == pytest.approx(ref, rel=1e-9)
+
+
+def test_the_ttt_forward_with_adapters_traces_fullgraph():
+    """Issue 20 item 6 (a probe, not a compiled eval yet): the LoRA TTT forward, adapters hooked per
+    virtual slot with their Python call counters, traces with fullgraph=True (dynamo inlines the
+    hooks), equals eager, and a reset of the same adapters (a new draw of A) reuses the graph; a new
+    DocAdapters object (new hooks) compiles a new one."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model, spec = tiny(), LoRATTT(**LORA)
+    adapters = spec.new_adapters(model, 2)
+    x = torch.randint(2, V, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def forward(ids):
+        h = model.hidden(ids)
+        return model.logits(h, adapters.head_delta(h))
+
+    eager = forward(x)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(forward, fullgraph=True, backend="eager")
+    try:
+        torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+        adapters.reset()
+        compiled(x)
+        assert counters["stats"]["unique_graphs"] == 1
+        adapters.remove()
+        adapters = spec.new_adapters(model, 2)
+        compiled(x)
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        adapters.remove()
+        torch._dynamo.reset()
