@@ -27,7 +27,8 @@ from pgolf.ttt.scorer import at_least_fp32
 @dataclass
 class TTTRuntime:
     """What a TTT variant runs with (runtime objects, never config): rank, world size, device,
-    autocast dtype, the log function, the eval context length and the base model's seed."""
+    dtype (bf16/fp16: autocast; fp32, or fp64 for a model cast with .double(): as is), the log
+    function and the base model's seed."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
