@@ -187,3 +187,23 @@ def test_code_is_counted_as_the_record_counts_it(case):
     assert len(script.encode()) == golden["counted_bytes"]
     ns = namespace(unwrap(script))  # and the wrapped code runs
     assert "Point" in ns or "Counter" in ns
+
+
+def test_the_records_ttt_variables_reach_the_nested_eval_ttt_keys():
+    """#1530/#1626's TTT_*, PHASED_TTT_*, GLOBAL_TTT_* variables (eval.ttt's keys upper-cased) and
+    the prefixed EVAL_TTT_<KEY> override a bundled phased-TTT script's nested eval.ttt."""
+    config = to_container(pgolf.compose(["experiment=smoke", "eval=ttt_phased"]))
+    ns = namespace(bundle.render(config))
+    run = copy.deepcopy(ns["CONFIG"])
+    environ = {"TTT_LORA_RANK": "8", "EVAL_TTT_TTT_CHUNK_SIZE": "48", "TTT_LORA_ALPHA": "144", "TTT_MASK": "no_qv",
+               "TTT_K_LORA": "0", "PHASED_TTT_PREFIX_DOCS": "2500", "PHASED_TTT_NUM_PHASES": "1",
+               "GLOBAL_TTT_LR": "0.002", "EVAL_STRIDE": "32"}
+    applied = ns["apply_env"](run, environ)
+    assert sorted(a.split("=")[0] for a in applied) == sorted(environ)
+    ttt = ns["make"](run["eval"]).ttt
+    assert (ttt.ttt_lora_rank, ttt.ttt_chunk_size, ttt.ttt_lora_alpha, ttt.ttt_mask, ttt.ttt_k_lora) == \
+        (8, 48, 144, "no_qv", False)
+    assert (ttt.phased_ttt_prefix_docs, ttt.phased_ttt_num_phases, ttt.global_ttt_lr) == (2500, 1, 0.002)
+    assert run["eval"]["stride"] == 32 and type(ttt).__name__ == "PhasedTTT"
+    with pytest.raises(ns["PgolfError"], match=r"^TTT_LORA_RANK='eight' is not a int"):
+        ns["apply_env"](copy.deepcopy(ns["CONFIG"]), {"TTT_LORA_RANK": "eight"})

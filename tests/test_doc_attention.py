@@ -211,6 +211,37 @@ def test_cuda_backends_agree_with_the_cpu_mask(backend, monkeypatch):
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
 
 
+def test_long_rows_attend_block_by_block_as_one_mask():
+    """A row longer than SDPA_QUERY_BLOCK (#1626's global SGD packs 32 rows of 2,048 tokens into
+    one) is attended per block of queries over keys within the segment bound: it equals the one
+    (B, 1, T, T) mask of shorter rows and per-segment attention (FlashAttention's varlen semantics),
+    forward and backward, and the mask keeps (B, T) segment ids, not a T x T tensor."""
+    from pgolf.ttt.common import segment_docs
+
+    g = torch.Generator().manual_seed(3)
+    T, M = 70, 9
+    x = torch.randint(2, V, (1, T), generator=g)
+    x[0, [0, 4, 5, 31, 33, 60]] = BOS  # documents of 4, 1, 26, 2, 27 and 10 tokens, cut every 9
+    docs = segment_docs(x, BOS, M)
+    assert docs.segment_ids.shape == (1, T) and docs.max_seqlen == M
+    q = torch.randn(1, 4, T, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 2, T, 8, generator=g, requires_grad=True) for _ in range(2))
+    outs, grads = [], []
+    for block in (T, 16, 7):  # one mask, then query blocks with a key window of M - 1 + block
+        out = docs_mod.sdpa_doc_attention(q, k, v, docs.segment_ids, M, block=block)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * out).sum(), (q, k, v)))
+    flat = lambda t: t.detach()[0].transpose(0, 1)  # noqa: E731  (T, heads, D)
+    cu = segment_cu_seqlens(docs.starts)
+    ref = _reference_varlen(flat(q), flat(k), flat(v), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=M,
+                            max_seqlen_k=M, causal=True)
+    torch.testing.assert_close(outs[0].detach()[0], ref, rtol=0, atol=1e-6)
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-6)
+        for a, b in zip(grad, grads[0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_sliding_eval_over_packed_documents_equals_scoring_each_alone():
     """Documents no longer than seq_len - stride + 1 see their whole prefix in either case. A
     document's span ends with the next document's BOS as its last target (#1530's doc split)."""

@@ -99,11 +99,23 @@ def test_lora_equals_1530_eval_val_ttt_lora(key):
     assert any(e.kind == "update" for e in scorer.ledger)
 
 
-def test_phased_equals_1626_eval_val_ttt_phased():
+def test_phased_equals_1626_eval_val_ttt_phased(monkeypatch):
     """Two global phases (boundaries 3 and 6 documents), each training the base model on the
-    documents scored so far, then fresh adapters (#1626, on #1530's architecture and weights)."""
+    documents scored so far, then fresh adapters (#1626, on #1530's architecture and weights).
+    The global SGD's packed rows (4 x 32 tokens) run the CPU doc attention block by block (query
+    blocks of 32, keys within the 32-token segment bound), as a 32,768-token row does at the
+    default block of 2,048: the blocked path equals #1626's own varlen attention too."""
+    from pgolf.model import docs as docs_mod
     from pgolf.ttt.phased import PhasedTTT
 
+    blocked, sdpa = [], docs_mod.sdpa_doc_attention
+
+    def spy(q, k, v, segment_ids, max_seqlen, block=None):
+        blocked.append(q.size(2) > docs_mod.SDPA_QUERY_BLOCK and max_seqlen < q.size(2))
+        return sdpa(q, k, v, segment_ids, max_seqlen, block)
+
+    monkeypatch.setattr(docs_mod, "SDPA_QUERY_BLOCK", 32)
+    monkeypatch.setattr(docs_mod, "sdpa_doc_attention", spy)
     h = GOLDEN["phased"]["h"]
     scorer = run_lora_golden("phased", cls=PhasedTTT, phased_ttt_prefix_docs=h["phased_ttt_prefix_docs"],
                              phased_ttt_num_phases=h["phased_ttt_num_phases"], global_ttt_lr=h["global_ttt_lr"],
@@ -112,3 +124,4 @@ def test_phased_equals_1626_eval_val_ttt_phased():
                              global_ttt_batch_seqs=h["global_ttt_batch_seqs"],
                              global_ttt_grad_clip=h["global_ttt_grad_clip"])
     assert scorer.result()[0] != pytest.approx(GOLDEN["lora"]["val_loss"], rel=1e-4)  # the phases took effect
+    assert any(blocked)  # the global phases ran the blocked doc attention

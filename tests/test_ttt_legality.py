@@ -175,49 +175,79 @@ def test_bad_lora_options_are_one_line_errors(bad, match):
 
 
 # ------------------------------------------------------------------ 2 gloo ranks = 1 rank
+DTYPES = (torch.float32, torch.float64)
+
+
 def _worker(rank: int, world: int, port: int, variants: tuple[str, ...], out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for v in variants:
-            out[(v, rank)] = run_variant(v, rank, world)
+            for dtype in DTYPES:
+                out[(v, dtype, rank)] = run_variant(v, rank, world, dtype)
     finally:
         dist.destroy_process_group()
 
 
-def run_variant(variant: str, rank: int, world: int) -> tuple[float, float]:
+def run_variant(variant: str, rank: int, world: int, dtype: torch.dtype = torch.float32) -> dict:
+    """One variant on one rank: its score, the learning rate and updated targets of every
+    full-model SGD step and the variant's log (document split, chunks, phase boundaries)."""
     stream = docs_stream([30, 8, 41, 19, 26, 12, 33], 9)
     sc = Scorer(stream, luts())
+    logs, lrs, updates = [], [], []
+
+    def pre_step(opt, args, kwargs):
+        if isinstance(opt, torch.optim.SGD):  # a full-model step: its lr and the update it follows
+            lrs.append(opt.param_groups[0]["lr"])
+            updates.append(sc.ledger[-1].positions().tolist())
+
+    run = TTTRuntime(rank=rank, world_size=world, dtype=dtype, log=logs.append)
+    handle = register_optimizer_step_pre_hook(pre_step)
     torch.manual_seed(0)
-    if variant == "chunked":
-        ChunkedSGD(ttt_lr=0.05, ttt_epochs=1, ttt_chunk_tokens=48, ttt_batch_seqs=3).run(
-            tiny(), sc, rt(rank, world), seq_len=16, stride=8)
-    elif variant == "lora":
-        LoRATTT(ttt_chunk_size=6, **LORA).run(tiny(), sc, rt(rank, world), seq_len=16)
-    else:
-        # one row per global step: #1626 packs a rank's rows into one row under the document mask, so a
-        # document cut by a row boundary attends across it only within a rank (world-size dependent)
-        PhasedTTT(ttt_chunk_size=6, phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, global_ttt_lr=0.05,
-                  global_ttt_chunk_tokens=32, global_ttt_batch_seqs=1, **LORA).run(tiny(), sc, rt(rank, world), seq_len=8)
-    return sc.result()
+    try:
+        if variant == "chunked":
+            ChunkedSGD(ttt_lr=0.05, ttt_epochs=1, ttt_chunk_tokens=48, ttt_batch_seqs=3).run(
+                tiny().to(dtype), sc, run, seq_len=16, stride=8)
+        elif variant == "lora":
+            LoRATTT(ttt_chunk_size=6, **LORA).run(tiny().to(dtype), sc, run, seq_len=16)
+        else:
+            # one row per global step: #1626 packs a rank's rows into one row under the document mask, so a
+            # document cut by a row boundary attends across it only within a rank (world-size dependent)
+            PhasedTTT(ttt_chunk_size=6, phased_ttt_prefix_docs=4, phased_ttt_num_phases=2, global_ttt_lr=0.05,
+                      global_ttt_chunk_tokens=32, global_ttt_batch_seqs=1, **LORA).run(
+                tiny().to(dtype), sc, run, seq_len=8)
+    finally:
+        handle.remove()
+    return dict(result=sc.result(), updates=updates, lrs=lrs, logs=logs)
 
 
 def test_two_gloo_ranks_equal_one_rank():
-    """LoRA: documents go to ranks by queue position and A follows the queue on every rank, so the
-    score is the one-rank score to float64 summation order (1e-9). Chunked and phased all-reduce
-    gradient sums, whose float32 summation order differs from one rank's backward (1e-6)."""
+    """Nothing but float summation order depends on the world size. In float64 (the model cast
+    with .double()), 2 ranks give one rank's score within 1e-9 for every variant; in float32,
+    chunked and phased all-reduce gradient sums whose float32 order differs from one rank's
+    backward (1e-6; LoRA needs no collective: 1e-9). In both: the full-model SGD steps see the
+    same learning rates (cosine over the same chunks), each step's updates of the two ranks
+    together are one rank's (the same rows, documents and chunk order), and every rank logs the
+    one-rank chunks, documents and phase boundaries."""
     variants = ("lora", "chunked", "phased")
-    one = {v: run_variant(v, 0, 1) for v in variants}
+    one = {(v, d): run_variant(v, 0, 1, d) for v in variants for d in DTYPES}
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_worker, args=(2, 29500 + os.getpid() % 1000, variants, out), nprocs=2, join=True)
         two = dict(out)
-    for v in variants:
-        assert two[(v, 0)] == two[(v, 1)]
-        tol = 1e-9 if v == "lora" else 1e-6
-        assert two[(v, 0)][0] == pytest.approx(one[v][0], rel=tol)
-        assert two[(v, 0)][1] == pytest.approx(one[v][1], rel=tol)
+    for (v, dtype), ref in one.items():
+        r0, r1 = two[(v, dtype, 0)], two[(v, dtype, 1)]
+        assert r0["result"] == r1["result"]
+        tol = 1e-6 if dtype == torch.float32 and v != "lora" else 1e-9
+        assert r0["result"] == pytest.approx(ref["result"], rel=tol, abs=0), (v, dtype)
+        assert r0["logs"] == r1["logs"] == ref["logs"]
+        if v != "lora":  # collective steps: the same steps on every rank
+            assert r0["lrs"] == r1["lrs"] == ref["lrs"] and ref["lrs"]
+            assert len(r0["updates"]) == len(r1["updates"]) == len(ref["updates"])
+            for a, b, u in zip(r0["updates"], r1["updates"], ref["updates"]):
+                assert sorted(a + b) == sorted(u) and not set(a) & set(b)
+    assert one[("phased", torch.float64)]["result"] != one[("phased", torch.float32)]["result"]  # the cast took effect
 
 
 def test_chunked_without_updates_is_the_sliding_eval():
@@ -231,3 +261,37 @@ def test_chunked_without_updates_is_the_sliding_eval():
     ref = eval_sliding(model, stream, luts(), seq_len=24, stride=8, batch_seqs=4, rank=0, world_size=1,
                        device=torch.device("cpu"), dtype=torch.float32)
     assert sc.result() == pytest.approx(ref, rel=1e-9)
+
+
+def test_the_ttt_forward_with_adapters_traces_fullgraph():
+    """Issue 20 item 6 (a probe, not a compiled eval yet): the LoRA TTT forward, adapters hooked per
+    virtual slot with their Python call counters, traces with fullgraph=True (dynamo inlines the
+    hooks), equals eager, and a reset of the same adapters (a new draw of A) reuses the graph; a new
+    DocAdapters object (new hooks) compiles a new one."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model, spec = tiny(), LoRATTT(**LORA)
+    adapters = spec.new_adapters(model, 2)
+    x = torch.randint(2, V, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def forward(ids):
+        h = model.hidden(ids)
+        return model.logits(h, adapters.head_delta(h))
+
+    eager = forward(x)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(forward, fullgraph=True, backend="eager")
+    try:
+        torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+        adapters.reset()
+        compiled(x)
+        assert counters["stats"]["unique_graphs"] == 1
+        adapters.remove()
+        adapters = spec.new_adapters(model, 2)
+        compiled(x)
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        adapters.remove()
+        torch._dynamo.reset()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pgolf.ttt.scorer import check_ledger, load_ledger
 from runs import FAST, metrics, run_py
@@ -79,3 +80,46 @@ def test_bench_projects_the_ttt_eval(tmp_path, capsys):
     assert r["eval_ttt_tokens_per_s"] > 0
     assert r["projected_full_val_ttt_s"] == pytest.approx(62_021_632 / r["eval_ttt_tokens_per_s"] / 8)
     assert "full val, TTT (N GPUs)" in capsys.readouterr().out
+
+
+class ValTokens(torch.Tensor):
+    """The validation stream, marked: the tensors computed from it stay ValTokens
+    (__torch_function__), so a forward can tell whether its input ids came from validation data."""
+
+
+@pytest.mark.slow
+def test_nothing_trains_on_validation_tokens_before_the_first_score(fast_cache, tmp_path, monkeypatch):
+    """Issue 20 item 2: the compile warm-up and any priming use training tokens. An in-process run
+    (warm-up steps, training, export, the quantized sliding eval, TTT) records every forward: before
+    the TTT scorer's first commit, no forward with gradients enabled reads a token of the (marked)
+    validation stream; the warm-up and training forwards before it read training tokens only."""
+    import pgolf
+    import pgolf.submit.bundle
+    import pgolf.trainer
+    from pgolf.build import train
+    from pgolf.model import GPT
+    from pgolf.ttt.scorer import Scorer
+
+    load, hidden, score = pgolf.trainer.load_validation_tokens, GPT.hidden, Scorer.score
+    seen, scored = [], []
+    monkeypatch.setattr(pgolf.trainer, "load_validation_tokens", lambda *a, **k: load(*a, **k).as_subclass(ValTokens))
+
+    def spy_hidden(self, input_ids, docs=None):
+        seen.append((isinstance(input_ids, ValTokens), torch.is_grad_enabled(), bool(scored)))
+        return hidden(self, input_ids.as_subclass(torch.Tensor), docs)  # the model itself runs unmarked
+
+    def spy_score(self, positions, logits):
+        scored.append(True)
+        return score(self, positions, logits)
+
+    monkeypatch.setattr(GPT, "hidden", spy_hidden)
+    monkeypatch.setattr(Scorer, "score", spy_score)
+    monkeypatch.setattr(pgolf.submit.bundle, "code_bytes", lambda config: 0)  # minifying costs 15 s; not tested here
+    cfg = pgolf.compose([*FAST, fast_cache, "schedule.iterations=2", "eval.stride=128", *SGD, "logger=none"])
+    m = train(cfg, run_dir=tmp_path)
+    before = [(val, grad) for val, grad, after in seen if not after]
+    assert sum(grad for _, grad in before) >= cfg.schedule.warmup_steps + 2  # warm-up and training steps ran
+    assert any(val for val, _ in before)  # the quantized sliding eval read the (marked) validation stream
+    assert not any(val and grad for val, grad in before)  # ... without gradients, as did everything before TTT
+    assert any(val and grad for val, grad, after in seen if after)  # TTT trains on validation tokens after scoring
+    assert m["eval/ttt_updates"] > 0

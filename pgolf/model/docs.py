@@ -13,7 +13,11 @@ Three kernels give the same mask, chosen from the device once per forward (`buil
   segments, #1530's padding rule), so torch.compile sees one shape. A loader that knows its
   documents can pass a tighter DocMask to `GPT.hidden(..., docs=)` instead.
 - `flex` (CUDA without FlashAttention): a `flex_attention` BlockMask, causal and same document.
-- `sdpa` (CPU): a boolean (B, 1, T, T) mask, causal and same document, in SDPA.
+- `sdpa` (CPU): SDPA under a boolean mask, causal and same document, built per block of
+  queries from the (B, T) segment ids (`sdpa_doc_attention`): a row of T <= SDPA_QUERY_BLOCK
+  is one (B, 1, T, T) mask; a longer row (#1626's global SGD packs 32 rows of 2,048 into one)
+  is cut into query blocks whose keys start at most `max_seqlen` - 1 before the block, so the
+  memory is O(T * (block + max_seqlen)) instead of O(T^2) (a 32K x 32K mask was 18.5 GB).
 
 The mask only forbids; it never reorders the keys a query sees, so a document packed after
 others scores what it scores alone up to float rounding (tests/test_doc_attention.py).
@@ -44,12 +48,13 @@ class DocMask(NamedTuple):
     """What each query may see, built once per forward and shared by every layer.
 
     `starts` (B, T) bool is True at a BOS (a document's first position); the embedding-path
-    parts (SmearGate, BigramHash) treat it like position 0. Exactly one of `mask` (sdpa),
-    `block_mask` (flex) or `cu_seqlens` (varlen, int32 (B*T+1,)) is set; `max_seqlen` = T."""
+    parts (SmearGate, BigramHash) treat it like position 0. Exactly one of `segment_ids` (sdpa,
+    (B, T) int32 segment index), `block_mask` (flex) or `cu_seqlens` (varlen, int32 (B*T+1,)) is
+    set; `max_seqlen`: the longest segment (at most T)."""
 
     backend: str
     starts: Tensor
-    mask: Tensor | None = None
+    segment_ids: Tensor | None = None
     block_mask: object | None = None
     cu_seqlens: Tensor | None = None
     max_seqlen: int = 0
@@ -103,10 +108,8 @@ def segment_mask(segments: Tensor, starts: Tensor, backend: str, max_seqlen: int
 
         return DocMask(backend, starts, block_mask=create_block_mask(same_doc_causal, B, None, T, T,
                                                                      device=segments.device), max_seqlen=T)
-    if backend == "sdpa":
-        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-        mask = causal & (doc[:, :, None] == doc[:, None, :])  # (B, T, T)
-        return DocMask(backend, starts, mask=mask[:, None], max_seqlen=T)
+    if backend == "sdpa":  # the mask itself is built per query block in sdpa_doc_attention
+        return DocMask(backend, starts, segment_ids=doc, max_seqlen=min(max_seqlen or T, T))
     raise PgolfError(f"doc attention backend {backend!r} is not one of {', '.join(DOC_BACKENDS)}")
 
 
@@ -117,7 +120,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: DocMask | None) -> T
     if docs is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
     if docs.backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask, enable_gqa=gqa).transpose(1, 2)
+        return sdpa_doc_attention(q, k, v, docs.segment_ids, docs.max_seqlen)
     if docs.backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -131,3 +134,29 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: DocMask | None) -> T
                                max_seqlen_q=docs.max_seqlen, max_seqlen_k=docs.max_seqlen, causal=True)
     y = y[0] if isinstance(y, tuple) else y  # some FA3 builds return (out, lse)
     return y.reshape(B, T, H, D)
+
+
+SDPA_QUERY_BLOCK = 2048  # rows up to this length take one dense (B, 1, T, T) mask
+
+
+def sdpa_doc_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Tensor, max_seqlen: int,
+                       block: int | None = None) -> Tensor:
+    """Causal attention within segments by SDPA under a boolean mask, one block of queries at a
+    time: q (B, H, T, D), k, v (B, Hkv, T, D), segment_ids (B, T) -> (B, T, H, D). Segments are at
+    most `max_seqlen` long, so queries [q0, q1) see keys in [q0 - max_seqlen + 1, q1) only; every
+    bound is static (one graph under torch.compile). Peak mask memory B * block * (block +
+    max_seqlen) bools instead of B * T^2; a row no longer than `block` is today's single mask."""
+    B, H, T, D = q.shape
+    block = block or SDPA_QUERY_BLOCK
+    gqa = k.size(1) != H
+    pos = torch.arange(T, device=q.device)
+    out = []
+    for q0 in range(0, T, block):
+        q1 = min(q0 + block, T)
+        k0 = 0 if T <= block else max(0, q0 - max_seqlen + 1)
+        causal = pos[q0:q1, None] >= pos[None, k0:q1]  # (Tq, Tk)
+        same = segment_ids[:, q0:q1, None] == segment_ids[:, None, k0:q1]  # (B, Tq, Tk)
+        mask = (causal & same)[:, None]  # (B, 1, Tq, Tk)
+        out.append(F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], attn_mask=mask,
+                                                  enable_gqa=gqa))
+    return torch.cat(out, dim=2).transpose(1, 2)

@@ -7,7 +7,8 @@ can be overridden by an environment variable: `SEED`, `ITERATIONS`, `DATA_PATH`,
 bundler left out: `SMEAR_GATE=token` on a script bundled without it is refused). A group key
 is set by `GROUP_KEY` (`EVAL_STRIDE`, `MODEL_NUM_LAYERS`) or, when its name has an underscore
 or is one of the records' one-word names, by its bare upper-cased name (`NUM_LAYERS`,
-`VOCAB_SIZE` sets every group's `vocab_size`); one-word keys
+`VOCAB_SIZE` sets every group's `vocab_size`); a nested option's key the same way
+(`TTT_LORA_RANK` or `EVAL_TTT_TTT_LORA_RANK` sets `eval.ttt.ttt_lora_rank`); one-word keys
 such as `name` or `level` need the group prefix so that unrelated environment variables
 cannot change a run.
 """
@@ -68,16 +69,27 @@ def apply_env(config: dict, environ: dict) -> list[str]:
             config[key] = parse_env(key.upper(), environ[key.upper()], value)
             applied.append(f"{key.upper()}={environ[key.upper()]}")
     for group, node in config.items():
-        if not isinstance(node, dict):
-            continue
-        for key, value in node.items():
-            bare = ("_" in key or key in ONE_WORD_NAMES) and not key.startswith("_")
-            for name in (f"{group}_{key}".upper(), *([key.upper()] if bare else [])):
-                if not key.startswith("_") and name in environ:
-                    node[key] = parse_env(name, environ[name], value)
-                    applied.append(f"{name}={environ[name]}")
-                    break
+        if isinstance(node, dict):
+            _apply_group(node, group.upper(), environ, applied)
     return applied
+
+
+def _apply_group(node: dict, prefix: str, environ: dict, applied: list[str]) -> None:
+    """A group's keys (`PREFIX_KEY`, or the bare `KEY`) and, one level down, a nested option's
+    (`eval.ttt.ttt_lora_rank` from `EVAL_TTT_TTT_LORA_RANK` or the records' `TTT_LORA_RANK`;
+    #1530/#1626's TTT_*, PHASED_TTT_*, GLOBAL_TTT_* are eval.ttt's keys upper-cased)."""
+    for key, value in node.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            _apply_group(value, f"{prefix}_{key.upper()}", environ, applied)
+            continue
+        bare = "_" in key or key in ONE_WORD_NAMES
+        for name in (f"{prefix}_{key.upper()}", *([key.upper()] if bare else [])):
+            if name in environ:
+                node[key] = parse_env(name, environ[name], value)
+                applied.append(f"{name}={environ[name]}")
+                break
 
 
 def check_fixed(config: dict) -> None:

@@ -20,13 +20,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf.model.docs import build_doc_mask
+from pgolf.model.docs import doc_backend, segment_mask
+from pgolf.ttt.scorer import at_least_fp32
 
 
 @dataclass
 class TTTRuntime:
     """What a TTT variant runs with (runtime objects, never config): rank, world size, device,
-    autocast dtype, the log function, the eval context length and the base model's seed."""
+    dtype (bf16/fp16: autocast; fp32, or fp64 for a model cast with .double(): as is), the log
+    function and the base model's seed."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -35,7 +37,8 @@ class TTTRuntime:
     seed: int = 0
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        # float32 and float64 (a model cast with .double(), for the world-size tests) run as they are
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype in (torch.bfloat16, torch.float16))
 
     @property
     def distributed(self) -> bool:
@@ -80,12 +83,12 @@ def segment_docs(x: Tensor, bos_id: int, max_len: int):
     first = torch.nonzero(starts).squeeze(1)
     offset = torch.arange(x.size(1), device=x.device) - first[seg - 1]
     starts |= (offset % max_len == 0)
-    marks = torch.where(starts, bos_id, bos_id + 1)[None]
-    return build_doc_mask(marks, bos_id)
+    # Segments are at most max_len long: the CPU kernel then keeps its mask O(N * max_len).
+    return segment_mask(starts[None], starts[None], doc_backend(x.device), max_seqlen=max_len)
 
 
 def sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, rows: list[Tensor],
-             total_tokens: int, rt: Runtime, grad_clip: float, docs_bos: int | None = None,
+             total_tokens: int, rt: TTTRuntime, grad_clip: float, docs_bos: int | None = None,
              max_len: int = 0) -> None:
     """One optimizer step on this rank's `rows` (each (T+1,) tokens: x = row[:-1], y = row[1:]) of a
     global batch holding `total_tokens` targets. `docs_bos`: pack the rows into one flat row with a
@@ -101,7 +104,7 @@ def sgd_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Opti
                 x, y = torch.stack([r[:-1] for r in rows]), torch.stack([r[1:] for r in rows])
                 h = model.hidden(x)
             logits = model.logits(h)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        loss = F.cross_entropy(at_least_fp32(logits).reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
         (loss / total_tokens).backward()
     if rt.distributed:
         for p in params:

@@ -29,7 +29,7 @@ from pgolf.errors import PgolfError
 from pgolf.ttt.adapters import KINDS, MASKS, DocAdapters
 from pgolf.ttt.common import PhaseTimer, TTTRuntime
 from pgolf.ttt.run import TTTVariant
-from pgolf.ttt.scorer import Scorer
+from pgolf.ttt.scorer import Scorer, at_least_fp32
 
 
 def find_docs(stream: Tensor, bos_id: int) -> list[tuple[int, int]]:
@@ -217,7 +217,7 @@ class LoRARun:
                     nll = scorer.score(idx.gather(1, sel)[keep], logits[keep])
                 else:  # further steps on the same, already scored chunk (TTT_GRAD_STEPS)
                     y = scorer.stream[idx.gather(1, sel)[keep] + 1].long()
-                    nll = torch.nn.functional.cross_entropy(logits[keep].float(), y, reduction="none")
+                    nll = torch.nn.functional.cross_entropy(at_least_fp32(logits[keep]), y, reduction="none")
                 if not bool(train.any()):
                     break
                 per_tok = torch.zeros(keep.shape, device=rt.device, dtype=nll.dtype).masked_scatter(keep, nll)

@@ -56,6 +56,12 @@ from pgolf.errors import PgolfError
 NORMALISATION_TOL = 1e-6
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """`t` in float32, or float64 when it already is: the losses of a float64 model (the world-size
+    tests' dtype, where summation order falls below 1e-9) are not rounded to float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class ScoringError(PgolfError):
     """A score-first rule was about to be broken (double score, update before score, bad tilt)."""
 
@@ -137,7 +143,7 @@ class Scorer:
         pos = pos_cpu.to(self.device)
         stream = self.stream
         target = stream[pos + 1].long()
-        logp = torch.log_softmax(logits.float(), dim=-1)  # C2: the model's full distribution
+        logp = torch.log_softmax(at_least_fp32(logits), dim=-1)  # C2: the model's full distribution
         nll = -logp.gather(1, target[:, None]).squeeze(1)
         committed = nll.detach()
         if self.tilt is not None:
@@ -147,7 +153,7 @@ class Scorer:
             if not math.isfinite(worst) or worst > NORMALISATION_TOL:
                 raise ScoringError(f"the tilt's distribution sums to {1 + worst:.9f}, not 1 within "
                                    f"{NORMALISATION_TOL} (C2); renormalise it over the vocabulary")
-            committed = -tilted.gather(1, target[:, None]).squeeze(1).float()
+            committed = at_least_fp32(-tilted.gather(1, target[:, None]).squeeze(1))
         if self.token_bytes is not None:
             nbytes = self.token_bytes[pos + 1]
         else:
