@@ -66,7 +66,8 @@ def test_reference_comparison_runs_on_identical_inputs(tmp_path):
     assert ts["bf16_ns_weights_identical"] and ts["pgolf_ms"] > 0 and ts["baseline_ms"] > 0
     assert sw["pgolf_bpb"] == pytest.approx(sw["record_bpb"], rel=0.05)  # the records score the edges differently
     assert ex["same_quantized_values"] and ex["same_bytes_before_compression"]
-    assert ex["pgolf_bytes"] == ex["record_bytes"]
+    assert ex["pgolf_artifact_decompresses_to_record_bytes"]
+    assert ex["pgolf_bytes"] <= ex["record_bytes"]  # zstd's multithreaded framing: equal, or smaller on big inputs
 
 
 # -----------------------------
