@@ -308,8 +308,8 @@ def format_table(out: dict) -> str:
         ex = out["export"]
         lines += [f"{'export ' + format(ex['params'], ',') + ' params, int6 ' + ex['codec']:<44}"
                   f"{'pgolf':>14}{'record':>14}{'ratio':>9}"]
-        for part, label in (("total", f"whole export, {ex['rounds']} calls each"),
-                            ("own", f"own steps (zstd call cached), {ex['own_rounds']} each")):
+        for part, label in (("total", f"whole export x{ex['rounds']}"),
+                            ("own", f"own steps x{ex['own_rounds']} (zstd cached)")):
             for key in ("cpu_min", "cpu_median", "wall_min", "wall_median"):
                 r = ex[f"{part}_{key}"]
                 lines.append(f"{'  ' + label + ', ' + key.replace('_', ' '):<44}{r['pgolf']:>12.2f} s"
