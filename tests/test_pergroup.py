@@ -86,8 +86,8 @@ def test_pergroup_round_trip(golden_object, backend, tmp_path, monkeypatch):  # 
         pytest.importorskip("zpaq")
     sd, obj = golden_object
     obj = {**obj, "lqer": apply_lqer(sd, obj, LQER())}
-    if backend == "lrzip":  # lrzip 0.651's ZPAQ stage hangs on some machines (seen on a loaded 2-core VM)
-        monkeypatch.setattr(pergroup, "LRZIP_TIMEOUT_S", 180)
+    if backend == "lrzip":  # never stall the suite: a busy machine gets an xfail, not a hang
+        monkeypatch.setattr(pergroup, "LRZIP_TIMEOUT_S", 60)
     path = tmp_path / "a.ptz"
     try:
         blob = pergroup.pergroup_encode(obj, backend=backend)
