@@ -134,7 +134,7 @@ SMALL_2135 = ("experiment=record_0501_pr2135_ngram_calib32", "debug=smoke", "mod
               "model.num_heads=2", "model.num_kv_heads=1", "model.loop_start=1", "model.loop_end=2",
               "model.parallel_start_layer=3", "model.xsa_last_n=5", "schedule.iterations=4",
               "schedule.train_log_every=2", "data.num_val_docs=5", "quant.small_numel=2048",
-              "quant.gptq_calibration_batches=2", "eval.seq_len=1024", "eval.ttt.phased_ttt_prefix_docs=2",
+              "quant.gptq_calibration_batches=2", "eval.seq_len=1024", "eval.stride=512", "eval.ttt.phased_ttt_prefix_docs=2",
               "eval.ttt.ttt_batch_size=2", "eval.ttt.ttt_chunk_size=1024", "eval.ttt.ttt_lora_rank=8",
               "eval.ttt.global_ttt_chunk_tokens=2048",  # several chunks: a single one would be the last, never trained
               "eval.token_order=4")

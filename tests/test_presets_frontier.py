@@ -268,12 +268,12 @@ def test_preset_builds_with_its_optimizer_and_quant_rules(record):
 
 # The 04-27 #1855 preset (the best pgolf runs) at a small shape over the CPU smoke setting
 # (conf/debug/smoke.yaml): its loop, lanes and XSA moved to fit 5 layers.
-SMALL_1855 = ("experiment=record_0427_pr1855_lqer", "debug=smoke", "model.num_layers=5", "model.model_dim=128",
+SMALL_1855 = ("experiment=record_0427_pr1855_lqer", "debug=smoke", "model.num_layers=5", "model.model_dim=64",
               "model.num_heads=2", "model.num_kv_heads=1", "model.loop_start=1", "model.loop_end=2",
               "model.parallel_start_layer=3", "model.xsa_last_n=5", "schedule.iterations=8",
-              "schedule.train_log_every=4", "data.num_val_docs=5", "quant.small_numel=4096",
+              "schedule.train_log_every=4", "data.num_val_docs=5", "quant.small_numel=2048",
               "eval.ttt.phased_ttt_prefix_docs=2", "eval.ttt.ttt_batch_size=2", "eval.ttt.ttt_chunk_size=1024",
-              "eval.seq_len=1024",
+              "eval.seq_len=1024", "eval.stride=512", "quant.gptq_calibration_batches=2",
               "eval.ttt.ttt_lora_rank=8", "eval.ttt.global_ttt_chunk_tokens=2048")  # a short TTT: ~9 chunks a document
 
 

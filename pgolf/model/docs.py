@@ -50,7 +50,10 @@ class DocMask(NamedTuple):
     `starts` (B, T) bool is True at a BOS (a document's first position); the embedding-path
     parts (SmearGate, BigramHash) treat it like position 0. Exactly one of `segment_ids` (sdpa,
     (B, T) int32 segment index), `block_mask` (flex) or `cu_seqlens` (varlen, int32 (B*T+1,)) is
-    set; `max_seqlen`: the longest segment (at most T)."""
+    set, except for sdpa rows that each hold one segment (the per-document TTT windows): eager
+    code then leaves `segment_ids` None and takes the causal kernel, 2-3x faster on CPU than a
+    mask (under torch.compile the mask stays, a static graph); `max_seqlen`: the longest segment
+    (at most T)."""
 
     backend: str
     starts: Tensor
@@ -109,6 +112,8 @@ def segment_mask(segments: Tensor, starts: Tensor, backend: str, max_seqlen: int
         return DocMask(backend, starts, block_mask=create_block_mask(same_doc_causal, B, None, T, T,
                                                                      device=segments.device), max_seqlen=T)
     if backend == "sdpa":  # the mask itself is built per query block in sdpa_doc_attention
+        if not torch.compiler.is_compiling() and not bool(segments[:, 1:].any()):
+            return DocMask(backend, starts, max_seqlen=T)  # one segment a row: the plain causal kernel
         return DocMask(backend, starts, segment_ids=doc, max_seqlen=min(max_seqlen or T, T))
     raise PgolfError(f"doc attention backend {backend!r} is not one of {', '.join(DOC_BACKENDS)}")
 
@@ -117,7 +122,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, docs: DocMask | None) -> T
     """Causal attention, within documents when `docs` is given: q (B, H, T, D), k, v (B, Hkv, T, D)
     -> (B, T, H, D). Without docs it is the baseline's SDPA call, unchanged."""
     gqa = k.size(1) != q.size(1)
-    if docs is None:
+    if docs is None or (docs.backend == "sdpa" and docs.segment_ids is None):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2)
     if docs.backend == "sdpa":
         return sdpa_doc_attention(q, k, v, docs.segment_ids, docs.max_seqlen)

@@ -193,9 +193,9 @@ ABSENT = ("class _Absent:\n    def __init__(self, *args, **kwargs):\n        rai
           "out of the bundled script: its run did not use it; bundle a run that does')\n")
 
 
-def _chunks(config: dict) -> list[str]:
-    """The bundled code of a run, one top-level statement per chunk, with CONFIG_TOKEN where the
-    config literal goes."""
+def _plan(config: dict) -> tuple[dict[str, str], set[str], dict]:
+    """What shapes a run's bundled code: its parts' `_target_`s (to class names), the parts left
+    out, and the options frozen in the script (`left_out`)."""
     config = bundle_config(config)
 
     def nested(node):  # a group's `_target_` and those of its sub-nodes (eval.ttt)
@@ -205,8 +205,14 @@ def _chunks(config: dict) -> list[str]:
                 yield from nested(value)
 
     targets = sorted({t for node in config.values() for t in nested(node)})
-    names = {t: t.rsplit(".", 1)[1] for t in targets}
     dropped, fixed = left_out(config)
+    return {t: t.rsplit(".", 1)[1] for t in targets}, dropped, fixed
+
+
+def _chunks(config: dict) -> list[str]:
+    """The bundled code of a run, one top-level statement per chunk, with CONFIG_TOKEN where the
+    config literal goes."""
+    names, dropped, fixed = _plan(config)
     everything, unbundled = _statements()
     statements = _prune(everything, set(names.values()), dropped)
     # A part left out but named by shipped code (a table, a guarded call) is bound to _Absent.
@@ -246,28 +252,34 @@ def render(config: dict) -> str:
 MINIFY_OPTIONS = dict(rename_locals=False, rename_globals=False, hoist_literals=False, remove_literal_statements=True)
 
 
+def _disk_cached(kind: str, key: tuple, make) -> str:
+    """`make()`'s text, kept under `$PGOLF_CACHE/<kind>/` by a hash of `key` plus python-minifier's
+    version. A cache only: an unwritable folder costs time, never the result."""
+    digest = hashlib.sha256(repr((importlib.metadata.version("python-minifier"), key)).encode()).hexdigest()
+    path = cache_root() / kind / f"{digest}.py"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    text = make()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return text
+
+
 @functools.lru_cache(maxsize=None)
 def minify(source: str) -> str:
     """`source` minified as the records count code (#1530 on; #2135's `_compressed_code_size`):
     python-minifier with no renames and no literal hoisting, docstrings removed. A bundle is
-    minified one top-level statement at a time, so the statements that runs share are done once;
-    results are also kept on disk (`$PGOLF_CACHE/minified/`, keyed by the source, the options and
-    python-minifier's version), since every exporting run counts its code (about 3 CPU s a bundle)."""
+    minified one top-level statement at a time, so the statements that runs share are done once
+    (also across processes, on disk)."""
     import python_minifier
 
-    key = hashlib.sha256(repr((importlib.metadata.version("python-minifier"), sorted(MINIFY_OPTIONS.items()), source)).encode())
-    path = cache_root() / "minified" / f"{key.hexdigest()}.py"
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    code = python_minifier.minify(source, **MINIFY_OPTIONS)
-    try:  # a cache only: an unwritable folder costs time, never the result
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(code, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return code
+    return _disk_cached("minified", (sorted(MINIFY_OPTIONS.items()), source),
+                        lambda: python_minifier.minify(source, **MINIFY_OPTIONS))
 
 
 def wrap(source: str) -> str:
@@ -278,8 +290,13 @@ def wrap(source: str) -> str:
 
 
 def minified_source(config: dict) -> str:
-    """The run's code minified, the config spliced in as one literal: what `counted_script` wraps."""
-    code = "\n".join(minify(chunk) for chunk in _chunks(config))
+    """The run's code minified, the config spliced in as one literal: what `counted_script` wraps.
+    Runs that bundle the same parts share the minified code, which is kept on disk by the bundled
+    modules' sources and the parts (parsing, pruning and minifying cost about 2 CPU s a run)."""
+    names, dropped, fixed = _plan(config)
+    sources = tuple((PACKAGE_DIR / f"{rel}.py").read_text(encoding="utf-8") for rel in MODULES)
+    code = _disk_cached("bundled", (sources, sorted(names.items()), sorted(dropped), repr(fixed)),
+                        lambda: "\n".join(minify(chunk) for chunk in _chunks(config)))
     assert code.count(CONFIG_TOKEN) == 1, "python-minifier changed the config placeholder"
     return code.replace(CONFIG_TOKEN, repr(bundle_config(config)))
 
