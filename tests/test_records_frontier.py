@@ -204,9 +204,14 @@ def doc_attention_model(kwargs: dict, shapes: dict, weights: dict | None = None)
 def test_packed_document_eval_equals_the_records(name):
     """The VarLen records' packed eval (04-10 on) under model.doc_attention. #1667 (smear_bos_mask=false)
     keeps the cross-document SmearGate term there, as its own eval does; #1855's BOS mask drops it."""
+    L = GOLDENS[name]["losses"]
     model = doc_attention_model(model_kwargs(name), GOLDENS[name]["state_dict_small"])
-    for key, (ours, record) in packed_losses(model, GOLDENS[name]["losses"]).items():
+    for key, (ours, record) in packed_losses(model, L).items():
         assert ours == pytest.approx(record, rel=REL), key
+    if "loss_bos_docs_mask_off" in L:  # #1855 with its BOS mask off (module BOS_ID = -1): #1667's leak
+        off = doc_attention_model(dict(model_kwargs(name), smear_bos_mask=False), GOLDENS[name]["state_dict_small"])
+        assert packed_losses(off, L)["loss_bos_docs"][0] == pytest.approx(L["loss_bos_docs_mask_off"], rel=REL)
+        assert L["loss_bos_docs_mask_off"] != pytest.approx(L["loss_bos_docs"], rel=REL)
 
 
 def test_unmasked_smeargate_leaks_and_the_mask_stops_it():
