@@ -8,7 +8,8 @@ the doc path traces with fullgraph=True. Neighbour mixers per technique:
 - attention: the mask (docs.py); XSA and the output gates act on a token's own value/input;
   RoPE scores depend only on the q-k offset, so they need nothing;
 - SmearGate (all variants) drops the previous-token term at a BOS, BigramHash hashes a BOS as a
-  first position (embeddings.py);
+  first position (embeddings.py); the one exception is the window SmearGate with smear_bos_mask=false,
+  which keeps it as #1667 and #2135 do (tested on its own below);
 - value embeddings are a per-token table lookup (the VE case below shows no leak); a value
   residual (layer-0 v reused per token) is not in the model yet and would mix nothing either;
 - parallel residuals, skips and depth recurrence only route per-token states between layers.
@@ -41,7 +42,7 @@ TECHNIQUES = {
     "smear_pre_norm": dict(smear_gate="pre_norm"),
     "smear_post_norm": dict(smear_gate="post_norm"),
     "smear_token": dict(smear_gate="token"),
-    "smear_window_unmasked": dict(smear_gate="window", gate_window=4, smear_bos_mask=False),
+    "smear_window": dict(smear_gate="window", gate_window=4),  # unmasked: test_unmasked_window_smear_...
     "bigram_mul": dict(bigram_buckets=37, bigram_dim=8, bigram_hash="mul"),
     "bigram_xor": dict(bigram_buckets=37, bigram_dim=8, bigram_hash="xor", bigram_scale_init=0.05),
     "value_embeddings": dict(ve_enabled=True, ve_dim=8, ve_layers=[2, 3]),
@@ -120,6 +121,24 @@ def test_changing_document_a_leaves_document_b_losses_unchanged(name):
     before, after = per_token_loss(off, stream), per_token_loss(off, other)
     for r, (_, b0) in enumerate(spans):
         assert (before[r, b0:] - after[r, b0:]).abs().max() > 1e-4, name
+
+
+def test_unmasked_window_smear_keeps_the_cross_document_term_as_1667():
+    """smear_bos_mask=false (#1667; #2135 with SMEAR_GATE_BOS_FIX=0): the records' SmearGate never reads
+    cu_seqlens, so under doc attention document B's BOS still takes A's last token. Changing A moves B's
+    losses; changing all of A but its last token moves nothing in B (only that one term crosses)."""
+    stream, spans = packed()
+    other = change_a(stream, spans)
+    m = model(True, smear_gate="window", gate_window=4, smear_bos_mask=False)
+    before, after = per_token_loss(m, stream), per_token_loss(m, other)
+    for r, (_, b0) in enumerate(spans):
+        assert (before[r, b0:] - after[r, b0:]).abs().max() > 1e-4
+    last_kept = other.clone()
+    for r, ((_, a1), _) in enumerate(spans):
+        last_kept[r, a1 - 1] = stream[r, a1 - 1]
+    after = per_token_loss(m, last_kept)
+    for r, (_, b0) in enumerate(spans):
+        assert torch.equal(before[r, b0:], after[r, b0:])
 
 
 @pytest.mark.parametrize("name", ["plain", "all"])

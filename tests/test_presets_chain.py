@@ -128,6 +128,62 @@ def test_chain_preset_real_shape_parameter_count_equals_the_log(row):
     assert sum(p.numel() for p in model.parameters()) == CHAIN[row]["params"]
 
 
+# Eval-mode losses of each row's own GPT at the #1855 small shape (tests/goldens/records_chain_losses.json, see
+# goldens/README.md): golden.py's seeded weights with tok_emb x60 (logits of tens) and the AsymLogit caps at
+# (21.5, 42), so the caps act. #1945, #1953 and #2014 are one GPT (their changes are TTT, eval and training), so
+# their numbers coincide; #2135 differs only by its unmasked SmearGate, where a BOS is.
+LOSSES = json.loads((Path(__file__).parent / "goldens" / "records_chain_losses.json").read_text())
+
+
+def chain_model(row: str, doc_attention: bool = False):
+    """The row's preset at the golden's small shape, on the golden's weights, eval mode."""
+    from golden import seeded_weights
+    import torch
+
+    from pgolf.build import to_container
+    from test_records_frontier import DENSE, doc_attention_model, small_overrides
+
+    rec = LOSSES["records"][row]
+    cfg = _composed(CHAIN[row]["preset"], (*small_overrides(rec["small_overrides"]), *DENSE))
+    kwargs = {k: v for k, v in to_container(cfg.model).items() if not k.startswith("_")}
+    shapes = {k: tuple(v) for k, v in rec["state_dict_small"].items()}
+    w = seeded_weights(shapes)
+    w["tok_emb.weight"] = w["tok_emb.weight"] * LOSSES["tok_emb_scale"]
+    w["softcap_pos"], w["softcap_neg"] = (torch.tensor(c) for c in LOSSES["caps"])
+    if doc_attention:
+        return doc_attention_model(kwargs, rec["state_dict_small"], w)
+    torch.manual_seed(0)
+    model = build(cfg, "model")
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == rec["state_dict_small"]
+    model.load_state_dict(w, strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_chain_eval_loss_equals_the_records(row):
+    """Dense path (BOS-free and BOS tokens, looping off, caps back at 30: AsymLogit is live) and the packed
+    document eval (the batch in one row, cut at each BOS or each row start) under model.doc_attention."""
+    from golden import seeded_tokens
+    from test_records_frontier import REL, bos_tokens, loss, packed_losses
+
+    import torch
+
+    L = LOSSES["records"][row]["losses"]
+    model = chain_model(row)
+    x, y = seeded_tokens()
+    assert loss(model, x, y) == pytest.approx(L["loss_dense"], rel=REL)
+    assert loss(model, *bos_tokens()) == pytest.approx(L["loss_bos_dense"], rel=REL)
+    model.set_looping(0)
+    assert loss(model, x, y) == pytest.approx(L["loss_looping_off_dense"], rel=REL)
+    model.set_looping(model.num_loops)
+    with torch.no_grad():
+        model.softcap_pos.fill_(30.0), model.softcap_neg.fill_(30.0)
+    assert loss(model, x, y) == pytest.approx(L["loss_dense_caps30"], rel=REL)
+    assert abs(L["loss_dense_caps30"] - L["loss_dense"]) > 1.0  # the caps at (21.5, 42) moved the loss
+    for key, (ours, record) in packed_losses(chain_model(row, doc_attention=True), L).items():
+        assert ours == pytest.approx(record, rel=REL), key
+
+
 # The top row at a small shape over the CPU smoke setting (conf/debug/smoke.yaml): its loop, lanes and XSA
 # moved to fit 5 layers, a short TTT (one phase after 2 documents, 2-document batches, 1024-token windows and chunks).
 SMALL_2135 = ("experiment=record_0501_pr2135_ngram_calib32", "debug=smoke", "model.num_layers=5", "model.model_dim=64",

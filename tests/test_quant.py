@@ -13,6 +13,11 @@ repository. Sources, all in openai/parameter-golf:
                    (LOWBIT_BITS=6, LOWBIT_NAME_PATTERNS, INT8_KEEP_FLOAT_NAME_PATTERNS, INT8_GROUP_OVERRIDES as in its README)
   int6_pr192       PR #192 head dcac9b577, records/track_10min_16mb/2026-03-20_11L_QAT_SmearGate_WD038/train_gpt.py
                    (quantize_state_dict_int6 with fp16_names={"tok_emb.weight"})
+  int6_0320        records/track_10min_16mb/2026-03-20_11L_EfficientPartialXSA_FA3_SWA120/train_gpt.py @ 4908dc46f
+                   (mixed_quantize_int6(sd, {"mlp", "attn"}); 2026-03-21_11L_XSA4_EMA_PartialRoPE_LateQAT_1.1248's
+                   gives the same fingerprint)
+  int6_pctsearch   records/track_10min_16mb/2026-03-22_11L_EMA_GPTQ-lite_warmdown3500_QAT015_1.1233/train_gpt.py
+                   @ 4908dc46f (the same call; 2026-03-23_LeakyReLU_LegalTTT_ParallelMuon's gives the same)
 Set PGOLF_REFERENCE_REPO to a checkout of openai/parameter-golf to also compare live.
 """
 
@@ -196,6 +201,10 @@ REFERENCES = {
     "int5mlp": (_R + "2026-03-20_10L_Int5MLP_MuonWD04_SWA50/train_gpt.py", None,
                 lambda m, sd: _mixed_entries(*m.mixed_quantize_int6(sd, {"mlp", "attn", "bigram"}))),
     "late_k": (_R + "2026-03-19_Seed2025_Top2K_Stride64/train_gpt.py", _PR99_ENV, lambda m, sd: entries_of(m.quantize_state_dict_int8(sd)[0])),
+    "int6_0320": (_R + "2026-03-20_11L_EfficientPartialXSA_FA3_SWA120/train_gpt.py", None,
+                  lambda m, sd: _mixed_entries(*m.mixed_quantize_int6(sd, {"mlp", "attn"}))),
+    "int6_pctsearch": (_R + "2026-03-22_11L_EMA_GPTQ-lite_warmdown3500_QAT015_1.1233/train_gpt.py", None,
+                       lambda m, sd: _mixed_entries(*m.mixed_quantize_int6(sd, {"mlp", "attn"}))),
     "int6_pr192": (_R + "2026-03-20_11L_QAT_SmearGate_WD038/train_gpt.py", None,
                    lambda m, sd: entries_of(m.quantize_state_dict_int6(sd, fp16_names={"tok_emb.weight"})[0])),
 }  # fmt: skip
@@ -246,7 +255,7 @@ def test_int8_round_trip_error_bound(sd):
 
 
 @pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
-@pytest.mark.parametrize("clip", ["percentile", "rowmax", "rowmax_floor"])
+@pytest.mark.parametrize("clip", ["percentile", "rowmax", "rowmax_floor", "rowmax_floor16"])
 def test_intn_code_ranges(sd, bits, clip):
     r = 2 ** (bits - 1) - 1
     lo = -r if clip == "percentile" else -(r + 1)  # rowmax records clamp to [-(R+1), R]
@@ -283,6 +292,7 @@ def test_fp16_round_matches_half():
 # -----------------------------
 
 _FAKE_CASES = [(b, c, g) for b in (4, 5, 6, 7, 8) for c in ("percentile", "rowmax", "rowmax_floor") for g in (0, 64)]
+_FAKE_CASES += [(6, "rowmax_floor16", 0)]  # the 03-20 #265 / 03-21 #315 export rule
 
 
 @pytest.mark.parametrize(("bits", "clip", "group_size"), _FAKE_CASES)
@@ -417,7 +427,8 @@ def test_bad_patterns_and_presets_raise():
 
 
 def test_treatment_labels_round_trip():
-    for spec in ("fp16", "fp32", "int8", "int6:rowmax", "int5:rowmax_floor", "int8:g64", "int6:rowmax:g128"):
+    for spec in ("fp16", "fp32", "int8", "int6:rowmax", "int5:rowmax_floor", "int6:rowmax_floor16", "int8:g64",
+                 "int6:rowmax:g128", "int6:pctsearch"):
         assert Treatment.parse(spec).label == spec
 
 
@@ -576,6 +587,32 @@ GOLDEN: dict[str, dict[str, str]] = {
         "blocks.2.attn.c_q.weight": "443fff4f7de0", "blocks.7.attn.c_k.weight": "bf75afac819d",
         "blocks.8.attn.c_k.weight": "25682d69000f", "skip_weights": "99e5b0701f05", "step": "31499a7f3480",
         "tok_emb.weight": "87d506004f3b",
+    },
+    "int6_0320": {
+        "all": "03c529848f31bb47fdfc077ffec8a61478582bb7c845b8e2dffc3f045f966ae3",
+        "bigram_hash.table.weight": "dc3090f15c32", "blocks.0.attn.c_k.weight": "df74323cc34b",
+        "blocks.0.attn.c_q.weight": "8cf44cb7a565", "blocks.0.attn.c_v.weight": "a5338c89fa82",
+        "blocks.0.attn.proj.weight": "54ed5acc9b70", "blocks.0.attn.q_gain": "036f508a34a3",
+        "blocks.0.attn_scale": "5a73613249b5", "blocks.0.mlp.fc.weight": "f514551611c3",
+        "blocks.0.mlp.gate_bias": "5d93aeb61f62", "blocks.0.mlp.proj.weight": "968f1f061ffa",
+        "blocks.0.mlp.small_half": "ab13543a6e8c", "blocks.0.mlp_scale": "a036f1571b67",
+        "blocks.0.resid_mix": "81685a483c5c", "blocks.1.resid_mix": "46f272684114",
+        "blocks.2.attn.c_q.weight": "443fff4f7de0", "blocks.7.attn.c_k.weight": "eab2456f8791",
+        "blocks.8.attn.c_k.weight": "f83258131a15", "skip_weights": "02d90a007eae",
+        "step": "31499a7f3480", "tok_emb.weight": "b169819ae6b7",
+    },
+    "int6_pctsearch": {
+        "all": "dfefbddf2b7e7b4d2a77a43854852e2f201b183fac01b66c8ca76978a699149c",
+        "bigram_hash.table.weight": "dc3090f15c32", "blocks.0.attn.c_k.weight": "c22d31686f42",
+        "blocks.0.attn.c_q.weight": "8d2bf4f69040", "blocks.0.attn.c_v.weight": "b7fc8b3d0506",
+        "blocks.0.attn.proj.weight": "64373591ab39", "blocks.0.attn.q_gain": "036f508a34a3",
+        "blocks.0.attn_scale": "5a73613249b5", "blocks.0.mlp.fc.weight": "e142944abc57",
+        "blocks.0.mlp.gate_bias": "5d93aeb61f62", "blocks.0.mlp.proj.weight": "c4d7cc62badf",
+        "blocks.0.mlp.small_half": "ab13543a6e8c", "blocks.0.mlp_scale": "a036f1571b67",
+        "blocks.0.resid_mix": "81685a483c5c", "blocks.1.resid_mix": "46f272684114",
+        "blocks.2.attn.c_q.weight": "443fff4f7de0", "blocks.7.attn.c_k.weight": "6cb037d9c017",
+        "blocks.8.attn.c_k.weight": "69fac4932d07", "skip_weights": "02d90a007eae",
+        "step": "31499a7f3480", "tok_emb.weight": "b169819ae6b7",
     },
     "int6_pr192": {
         "all": "d19fcba56e13f18adac9f241bc47d58f88646a461b093c11104fa99c656c439a",

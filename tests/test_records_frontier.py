@@ -23,6 +23,7 @@ from golden import seeded_tokens, seeded_weights
 from pgolf.build import build, to_container
 from pgolf.model import GPT
 from pgolf.model.banks import rebank_state_dict, unbank_state_dict
+from pgolf.model.docs import build_doc_mask, segment_mask
 from pgolf.schedule import loop_passes
 
 GOLDENS = json.loads((Path(__file__).parent / "goldens" / "records_frontier.json").read_text())["records"]
@@ -172,6 +173,45 @@ def test_ntk_lengths_equal_the_records(name):
     assert loss(model, *tokens(2, 1152)) == pytest.approx(L.get("loss_ntk_dense", L["loss_ntk"]), rel=REL)
     if "loss_ntk_T2112" in L:
         assert loss(model, *tokens(5, 2112)) == pytest.approx(L["loss_ntk_T2112"], rel=REL)
+
+
+VARLEN = sorted(n for n in BUILT if "loss_bos_docs" in GOLDENS[n]["losses"])
+
+
+def packed_losses(model: GPT, L: dict) -> dict[str, tuple[float, float]]:
+    """(pgolf, record) for the packed-document (VarLen) eval path, as the records' eval_val runs it: the
+    batch flattened into one row, attention cut at every BOS (`loss_bos_docs`) or, as in training, at
+    each row start (`loss_varlen_rows`); the records' SmearGate never reads those cuts."""
+    x, y = bos_tokens()
+    with torch.no_grad():
+        docs = float(model(x.reshape(1, -1), y.reshape(1, -1), build_doc_mask(x.reshape(1, -1), 1, "sdpa")))
+        sx, sy = seeded_tokens()
+        rows = torch.zeros(sx.shape, dtype=torch.bool)
+        rows[:, 0] = True
+        mask = segment_mask(rows.reshape(1, -1), sx.reshape(1, -1) == 1, "sdpa")
+        varlen_rows = float(model(sx.reshape(1, -1), sy.reshape(1, -1), mask))
+    return {"loss_bos_docs": (docs, L["loss_bos_docs"]), "loss_varlen_rows": (varlen_rows, L["loss_varlen_rows"])}
+
+
+def doc_attention_model(kwargs: dict, shapes: dict, weights: dict | None = None) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(**{**kwargs, "doc_attention": True, "bos_id": 1}).eval()
+    model.load_state_dict(weights or seeded_weights({k: tuple(v) for k, v in shapes.items()}), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("name", VARLEN)
+def test_packed_document_eval_equals_the_records(name):
+    """The VarLen records' packed eval (04-10 on) under model.doc_attention. #1667 (smear_bos_mask=false)
+    keeps the cross-document SmearGate term there, as its own eval does; #1855's BOS mask drops it."""
+    L = GOLDENS[name]["losses"]
+    model = doc_attention_model(model_kwargs(name), GOLDENS[name]["state_dict_small"])
+    for key, (ours, record) in packed_losses(model, L).items():
+        assert ours == pytest.approx(record, rel=REL), key
+    if "loss_bos_docs_mask_off" in L:  # #1855 with its BOS mask off (module BOS_ID = -1): #1667's leak
+        off = doc_attention_model(dict(model_kwargs(name), smear_bos_mask=False), GOLDENS[name]["state_dict_small"])
+        assert packed_losses(off, L)["loss_bos_docs"][0] == pytest.approx(L["loss_bos_docs_mask_off"], rel=REL)
+        assert L["loss_bos_docs_mask_off"] != pytest.approx(L["loss_bos_docs"], rel=REL)
 
 
 def test_unmasked_smeargate_leaks_and_the_mask_stops_it():

@@ -14,15 +14,18 @@ checkpoint loads into pgolf with `strict=True`:
   embedding, x_t + lam * sigmoid(w . x_t[:gate_window]) * x_{t-1}; `smear_gate.weight` (1, 12)
   CastedLinear and `smear_lambda` (1,), both zero-init. The previous-token term is masked where
   the current token is BOS (2026-04-27 #1855's fix of the cross-document leak) unless
-  `smear_bos_mask=false`, which reproduces #1667's unmasked number.
+  `smear_bos_mask=false`, which reproduces #1667's (and #2135's, SMEAR_GATE_BOS_FIX=0) unmasked
+  number, under document attention too: their packed eval keeps the previous document's term.
 - BigramHash `mul` (#65): `bigram_hash.table`, (prev*92821 + cur) % buckets, prev=0 at t=0.
 - BigramHash `xor` (2026-03-20 records): `bigram.embed`, (36313*cur ^ 27191*prev) % (buckets-1),
   first position mapped to buckets-1, optional `bigram.scale`.
 
 Document starts (`model.doc_attention`, docs.py): every part that reads the previous position
 takes `starts` (B, T) bool, True at a BOS, and treats such a position like position 0 of a row:
-the SmearGates drop the previous-token term, BigramHash uses its first-position bucket. Value
-embeddings are a per-token lookup and mix nothing.
+the SmearGates drop the previous-token term, BigramHash uses its first-position bucket. The one
+exception is the `window` SmearGate with `smear_bos_mask=false`: #1667 and #2135 ignore document
+boundaries in it (their packed eval smears a document's BOS with the previous document's last
+token), so it keeps that term, as they do. Value embeddings are a per-token lookup and mix nothing.
 """
 
 from __future__ import annotations
@@ -127,8 +130,8 @@ class TokenSmearPart(SmearPart):
 
 class WindowSmearPart(SmearPart):
     """#1667 / #1855: `smear_gate` (CastedLinear on the first `gate_window` dims) and `smear_lambda`;
-    the previous token is masked where the current one is BOS unless `bos_mask` is off (#1667)
-    and no document mask is given."""
+    the previous token is masked where the current one is BOS unless `bos_mask` is off (#1667,
+    #2135), with or without a document mask: the records' SmearGate never reads cu_seqlens."""
 
     variant = "window"
 
@@ -140,8 +143,7 @@ class WindowSmearPart(SmearPart):
         self.members = {"smear_gate": (self.gate, None), "smear_lambda": (self.lam, SMEAR)}
 
     def __call__(self, x: Tensor, ids: Tensor, starts: Tensor | None = None) -> Tensor:
-        masked = self.bos_mask or starts is not None
-        keep = (ids[:, 1:] != self.bos_id).to(x.dtype).unsqueeze(-1) if masked else None
+        keep = (ids[:, 1:] != self.bos_id).to(x.dtype).unsqueeze(-1) if self.bos_mask else None
         return window_smear(x, self.gate, self.lam, self.window, keep)
 
     def describe(self) -> str:

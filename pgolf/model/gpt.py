@@ -149,9 +149,10 @@ class GPT(nn.Module):
         if doc_attention:
             log.info("doc attention: on (BOS id %d starts a document; kernel %s on CUDA, sdpa mask on CPU); "
                      "SmearGate and BigramHash restart at each BOS", bos_id, doc_backend(torch.device("cuda")))
-        if smear_gate == "window" and not smear_bos_mask and not doc_attention:
+        if smear_gate == "window" and not smear_bos_mask:  # under doc attention too, as #1667's packed eval
             log.warning("model.smear_bos_mask=false: SmearGate mixes the previous document's last token into "
-                        "each BOS position (the cross-document leak of #1667); use it only to reproduce that record")
+                        "each BOS position (the cross-document leak of #1667 and #2135), doc_attention or not; "
+                        "use it only to reproduce those records")
         if value_residual != "none":
             log.info("value residual: %s (every attention mixes in the first layer's raw v; %s per layer)",
                      value_residual, "vr_lambda" if value_residual == "lambda" else "vrl_alpha")

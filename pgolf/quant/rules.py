@@ -179,7 +179,8 @@ def validate_rules(
         plan[name] = treatment.label
         if index is not None:
             took_effect.add(index)
-        if treatment.kind == "int" and (treatment.gptq or treatment.clip in GPTQ_CLIPS) and len(shape) != 2:
+        per_row_only = treatment.gptq or (treatment.clip in GPTQ_CLIPS and treatment.clip != "pctsearch")
+        if treatment.kind == "int" and per_row_only and len(shape) != 2:  # GPTQ-lite rounds vectors per tensor
             raise PgolfError(f"quant rule {treatment.label!r} on {name} {shape}: that scale is per row of a 2-D weight; "
                              "give this tensor its own rule or a narrower pattern")
         g = treatment.group_size
@@ -260,6 +261,27 @@ PRESETS: dict[str, QuantRules] = {
         control_patterns=CONTROL_PATTERNS_0320,
         control_small=FP16,
         control_large=FP32,
+    ),
+    # 2026-03-20_11L_EfficientPartialXSA_FA3_SWA120 (#265, 1.1307) and 03-21 #315 (1.1248), the same
+    # `mixed_quantize_int6`: rowmax int6 with the scale floored at 1/31 for `.mlp.` and attention
+    # (`_classify_param`), percentile int8 for tok_emb and the rest; every tensor of <= 65,536
+    # elements fp16 (controls too), large controls fp32; zstd-22.
+    "int6_0320": QuantRules(
+        name="int6_0320",
+        rules=(("tok_emb", INT8), ("?lm_head", INT8), (".mlp.", "int6:rowmax_floor16"),
+               (".attn.", "int6:rowmax_floor16"), ("?.proj.", "int6:rowmax_floor16")),
+        control_patterns=(*CONTROL_PATTERNS, "smear"), control_small=FP16, control_large=FP32,
+    ),
+    # 2026-03-22 #414 (1.1228) and 03-23 #549 (1.1194), GPTQ-lite without GPTQ: per row, the clip of
+    # five percentiles (99.9 .. 100) with the lowest reconstruction MSE, int6 [-31, 31], the scale
+    # floored at 1/31 in fp16; otherwise as int6_0320 (#549 adds its own controls and lzma-6).
+    "int6_pctsearch": QuantRules(
+        name="int6_pctsearch",
+        rules=(("tok_emb", INT8), ("?lm_head", INT8), (".mlp.", "int6:pctsearch"), (".attn.", "int6:pctsearch"),
+               ("?.proj.", "int6:pctsearch")),
+        control_patterns=(*CONTROL_PATTERNS, "smear", "dtg_gate", "ve_layer_scales", "ve_shared.scale", "attn_gate",
+                          "vr_lambda"),
+        control_small=FP16, control_large=FP32,
     ),
     # PR #99 "Int6 MLP3x + Late-K Passthrough" (takhir-iota, 1.1605): INT8_KEEP_FLOAT for
     # tok_emb and the last two c_k, LOWBIT_BITS=6 on mlp/c_q/c_v/proj, INT8_GROUP_OVERRIDES

@@ -131,7 +131,7 @@ def quantize_state_dict(
             H = hessians.get(name)
             if treatment.kind == "int":
                 stats["num_float_tensors"] += 1
-                if treatment.gptq or treatment.clip in GPTQ_CLIPS:
+                if treatment.gptq or (treatment.clip in GPTQ_CLIPS and t.ndim == 2):  # else: one per-tensor scale
                     r = quantize_weight(t, treatment, hessian=H, awq=awq.get(name))
                     q, s, meta, deq, row["note"] = r.q, r.scale, r.meta, r.dequantized, r.note
                     payload = _nbytes(meta["scale_hi"]) if meta and "scale_hi" in meta else 0

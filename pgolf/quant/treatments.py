@@ -24,13 +24,13 @@ from pgolf.errors import PgolfError
 # q to the input's fp32, where both spellings are the same number.
 CLIP_Q = 99.99984 / 100.0
 FP16_TINY = torch.finfo(torch.float16).tiny  # 2**-14, smallest normal fp16
-# percentile/rowmax/rowmax_floor: the zstd-era exporters (below). sdclip, pctsearch and gate are the
+# percentile/rowmax/rowmax_floor/rowmax_floor16: the zstd-era exporters (below). sdclip, pctsearch and gate are the
 # GPTQ era's scale rules (gptq.py): k*std per row (04-05 #1394), GPTQ-lite's five-percentile
 # search (03-22 #414), and the int8 rowmax of the attention-gate weights (04-19 #1736).
-CLIPS = ("percentile", "rowmax", "rowmax_floor", "sdclip", "pctsearch", "gate")
+CLIPS = ("percentile", "rowmax", "rowmax_floor", "rowmax_floor16", "sdclip", "pctsearch", "gate")
 GPTQ_CLIPS = ("sdclip", "pctsearch", "gate")
 _NUM = r"([0-9]+(?:\.[0-9]*)?(?:e-?[0-9]+)?)"
-_SPEC = re.compile(r"^(gptq:)?int([0-9]+)(?::(percentile|rowmax_floor|rowmax|sdclip|pctsearch|gate))?"
+_SPEC = re.compile(r"^(gptq:)?int([0-9]+)(?::(percentile|rowmax_floor16|rowmax_floor|rowmax|sdclip|pctsearch|gate))?"
                    rf"(?::k{_NUM})?(?::l{_NUM})?(?::g([0-9]+))?$")
 
 
@@ -167,6 +167,11 @@ def _codes(x: Tensor, *, bits: int, clip: str, fp16: Callable[[Tensor], Tensor])
         s = (c / float(r)).clamp_min(1.0 / float(r))
         return torch.clamp(torch.round(xc / s[..., None]), -r, r), fp16(s)
     amax = x.abs().amax(dim=-1)
+    if clip == "rowmax_floor16":
+        # 2026-03-20 #265 and 03-21 #315 (`quantize_int6_per_row`): the scale floored at 1/R (so a
+        # row with max |w| < 1 gets step 1/R) and rounded to fp16 before the codes; [-(R+1), R].
+        s = fp16((amax / float(r)).clamp_min(1.0 / float(r)))
+        return torch.clamp(torch.round(x / s[..., None]), -(r + 1), r), s
     if clip == "rowmax":
         # 2026-03-20_10L_Int5MLP_MuonWD04_SWA50 and _Int6_MLP3x_SmearGate_BigramHash: no
         # clipping, the scale is rounded to fp16 *before* rounding the codes, and the code
@@ -240,7 +245,9 @@ def _quantize_per_tensor(t32: Tensor, *, bits: int, clip: str) -> tuple[Tensor, 
         q = torch.clamp(torch.round(torch.clamp(t32, -c, c) / s), -r, r)
         return q.to(torch.int8).contiguous(), s
     amax = float(t32.abs().max().item()) if t32.numel() else 0.0
-    if clip == "rowmax":
+    if clip in ("rowmax", "rowmax_floor16", "pctsearch"):
+        # 03-20 #265 .. 03-23 #549 give a large int6 vector this one rowmax scale (GPTQ-lite's search is
+        # per row; its [-R, R] clamp never binds here: |t| / s <= R (1 + 2**-11) rounds to R at most).
         # 2026-03-20 records: fp16 0-dim scale straight from the double. The records divide
         # by a zero scale on an all-zero tensor; the FP16_TINY floor makes that all zeros.
         s = torch.tensor(max(amax / r, 1e-12), dtype=torch.float16).clamp_min(FP16_TINY)
