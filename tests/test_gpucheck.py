@@ -50,3 +50,35 @@ def test_without_a_gpu_the_full_check_says_how_to_run_the_twin(capsys):
         pytest.skip("a GPU is visible")
     assert gpucheck.main([]) == 2
     assert "--tiny" in capsys.readouterr().err
+
+
+def test_a_wrapped_record_script_is_decoded_both_ways():
+    import base64
+    import lzma
+
+    from pgolf.gpucheck_ref import decode_wrapper
+
+    src = "class GPT:\n    pass\n"
+    raw = lzma.compress(src.encode(), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+    for blob in (lzma.compress(src.encode()), raw):
+        wrapped = f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("{base64.b85encode(blob).decode()}")))'
+        assert decode_wrapper(wrapped) == src
+    assert decode_wrapper(src) == src
+
+
+def test_the_record_step_is_skipped_with_one_line_where_it_cannot_run(tmp_path):
+    import torch
+
+    from pgolf.gpucheck_ref import NEEDS, RECORD_SCRIPTS
+
+    cpu = torch.device("cpu")
+    name = "record_0427_pr1855_lqer"
+    missing = gpucheck.record_step(tmp_path, name, object(), cpu)
+    assert missing.ok is None and "not found (on main)" in missing.detail and "2026-04-27_SP8192" in missing.detail
+    script = tmp_path / RECORD_SCRIPTS[name][0]
+    script.parent.mkdir(parents=True)
+    script.write_text("raise SystemExit('never imported')\n")
+    no_fa = gpucheck.record_step(tmp_path, name, object(), cpu)
+    if not any(__import__("importlib").util.find_spec(m) is None for m in NEEDS):
+        pytest.skip("FlashAttention 3 and Triton import here")
+    assert no_fa.ok is None and "GPU-only" in no_fa.detail and no_fa.line().startswith("skip reference step")
