@@ -93,7 +93,8 @@ def trace(name: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> Ch
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             ex = torch._dynamo.explain(model)(x, x)
     except (PgolfError, RuntimeError, TypeError, ValueError) as exc:
-        return Check(f"trace {name}", False, "could not build or trace", str(exc).splitlines()[0][:200])
+        return Check(f"trace {name}", False, "could not build or trace", str(exc).splitlines()[0][:200],
+                     "0 graph breaks")
     reasons = "; ".join(str(r.reason).splitlines()[0][:120] for r in ex.break_reasons[:3])
     return Check(f"trace {name}", ex.graph_break_count == 0,
                  f"{ex.graph_count} graph(s), {ex.graph_break_count} break(s)", reasons, "0 graph breaks")
@@ -155,13 +156,14 @@ def numerics(name: str, tiny: bool, device: torch.device, tol_nats: float) -> Ch
                  f"loss {got:.5f} vs {ref:.5f}, |diff| {diff:.2e} nats", "", f"|diff| <= {tol_nats} nats")
 
 
-def one_rank_group(device: torch.device) -> Check:
-    """`torchrun --nproc_per_node=1 run.py` for a few smoke steps: NCCL on CUDA, gloo on CPU."""
+def one_rank_group(device: torch.device, data_cache: str | None = None) -> Check:
+    """`torchrun --nproc_per_node=1 run.py` for a few smoke steps: NCCL on CUDA, gloo on CPU; the smoke
+    data from `data_cache` (a data.cache_dir; default: $PGOLF_CACHE, as training)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     with tempfile.TemporaryDirectory() as d:
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                 str(CONF_DIR.parent / "run.py"), "experiment=smoke", "schedule.iterations=4", "data.num_val_docs=5",
-                "logger=none", f"device={device.type}", f"hydra.run.dir={d}/run", f"data.cache_dir={d}/data"]
+                "logger=none", f"device={device.type}", f"hydra.run.dir={d}/run"] + ([f"data.cache_dir={data_cache}"] if data_cache else [])
         t = time.perf_counter()
         r = subprocess.run(args, capture_output=True, text=True, timeout=420, env=dict(os.environ, WANDB_MODE="disabled"))
         took = time.perf_counter() - t
@@ -256,7 +258,7 @@ def run(args: argparse.Namespace) -> list[Check]:
         checks += [timed(lambda c=c: c) for c in got]
     checks.append(timed(numerics, TIMED[0], args.tiny, device, args.tol_nats))
     if not args.skip_run:
-        checks.append(timed(one_rank_group, device))
+        checks.append(timed(one_rank_group, device, args.data_cache))
     if args.reference:
         checks += [timed(record_step, Path(args.reference), n, benches[n], device) for n in TIMED]
         checks.append(timed(baseline_step, Path(args.reference), device, dtype))
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed train steps per preset")
     p.add_argument("--tol-nats", type=float, default=0.02, help="bf16 vs fp32 loss tolerance (nats)")
     p.add_argument("--skip-run", action="store_true", help="skip the torchrun end-to-end check")
+    p.add_argument("--data-cache", metavar="DIR", help="data.cache_dir of the torchrun check (default: $PGOLF_CACHE)")
     args = p.parse_args(argv)
     try:
         checks = run(args)
