@@ -3,14 +3,18 @@
 On a CUDA GPU (under 8 minutes on an H100/H200) it
 1. traces every experiment preset in bf16 with dynamo (fullgraph semantics: any graph break is
    reported with its reason) in training mode, looping on;
-2. times an inductor-compiled training step (forward, backward, optimizers) of the newest frontier
-   presets at the per-GPU batch of an 8-GPU run, and projects steps in the 600 s cap;
-3. times the standard and sliding evals and projects the full validation split on 8 GPUs;
+2. times an inductor-compiled training step (forward, backward, optimizers) of the 1.0611 (#1855) and
+   1.0565 (#2135) presets at the per-GPU batch of an 8-GPU run, and projects steps in the 600 s cap;
+3. times their sliding and TTT evals (#2135: phased LoRA TTT with the n-gram tilt) at one GPU's share
+   and projects the full validation split on 8 GPUs against the 600 s eval budget;
 4. checks that a bf16 CUDA forward agrees with the fp32 CPU forward on the same weights
    (|loss difference| within `--tol-nats`, 0.02 nats by default);
 5. runs a 1-rank NCCL group end to end through `torchrun ... run.py` for a few steps;
-6. with `--reference CHECKOUT` (an openai/parameter-golf checkout), times the baseline script's GPT
-   forward + backward against pgolf's on the same weights and batch.
+6. with `--reference CHECKOUT` (an openai/parameter-golf checkout), times each preset's record script
+   (pgolf.gpucheck_ref; needs FlashAttention 3 and Triton, else skipped with one line) and the baseline
+   script against pgolf on the same GPU;
+7. holds the whole run to a time plan (PLAN: seconds per check, TOTAL_BUDGET_S = 480 in all).
+`--json F` writes each check's figure, tolerance, pass/fail, seconds and budget.
 Without a GPU, `--tiny` runs the same checks at tiny shapes on the CPU (bf16 autocast against
 fp32, gloo instead of NCCL); the tests run it. Each check prints one line; exit 1 if any fails.
 """
@@ -163,7 +167,8 @@ def one_rank_group(device: torch.device, data_cache: str | None = None) -> Check
     with tempfile.TemporaryDirectory() as d:
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                 str(CONF_DIR.parent / "run.py"), "experiment=smoke", "schedule.iterations=4", "data.num_val_docs=5",
-                "logger=none", f"device={device.type}", f"hydra.run.dir={d}/run"] + ([f"data.cache_dir={data_cache}"] if data_cache else [])
+                "logger=none", f"device={device.type}", f"hydra.run.dir={d}/run"]
+        args += [f"data.cache_dir={data_cache}"] if data_cache else []
         t = time.perf_counter()
         r = subprocess.run(args, capture_output=True, text=True, timeout=420, env=dict(os.environ, WANDB_MODE="disabled"))
         took = time.perf_counter() - t
@@ -204,7 +209,8 @@ def reference_step(checkout: Path, device: torch.device, dtype: torch.dtype, rou
                 times[label].append(time.perf_counter() - t)
     p, r = statistics.median(times["pgolf"]), statistics.median(times["record"])
     return Check("baseline step (train_gpt.py)", True, f"pgolf {1000 * p:.1f} ms, record {1000 * r:.1f} ms, "
-                 f"ratio {p / r:.3f}", f"{shape['num_layers']}x{shape['model_dim']}, {seqs}x{seq} tokens, fwd+bwd", "runs; ratio reported")
+                 f"ratio {p / r:.3f}", f"{shape['num_layers']}x{shape['model_dim']}, {seqs}x{seq} tokens, fwd+bwd",
+                 "runs; ratio reported")
 
 
 def timed(fn, *a) -> Check:

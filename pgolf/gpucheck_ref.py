@@ -41,8 +41,8 @@ RECORD_SCRIPTS = {
                                 "on main", dict(_SHARED, MATRIX_LR="0.026", GATED_ATTN_QUANT_GATE="1")),
     "record_0501_pr2135_ngram_calib32": (R + "2026-05-01_SP8192_PR2130Base_Calib32/train_gpt.py",
                                          "git fetch origin pull/2135/head and check it out",
-                                         dict(_SHARED, MATRIX_LR="0.028", ASYM_LOGIT_RESCALE="1", SMEAR_GATE_BOS_FIX="0",
-                                              EVAL_SEQ_LEN="2560", TTT_EVAL_SEQ_LEN="2560")),
+                                         dict(_SHARED, MATRIX_LR="0.028", ASYM_LOGIT_RESCALE="1",
+                                              SMEAR_GATE_BOS_FIX="0", EVAL_SEQ_LEN="2560", TTT_EVAL_SEQ_LEN="2560")),
 }
 NEEDS = ("flash_attn_interface", "triton")
 _WRAPPED = re.compile(r"""b85decode\(\s*(?:b)?["']([^"']+)["']""")
