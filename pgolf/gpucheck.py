@@ -130,7 +130,8 @@ def step_and_eval(name: str, tiny: bool, steps: int) -> tuple[list[Check], objec
                         VAL_TARGETS / sliding / 8, tiny, t2 - t1, f"standard {VAL_TARGETS / std / 8:.0f} s")]
     ttt = b.ttt_rate(windows)
     if ttt is not None:
-        checks.append(projected(f"ttt eval {name}", f"{ttt:,.0f} scored tok/s ({type(b.spec.ttt).__name__})",
+        tilt = f", {b.ttt_tilt.describe()}" if b.ttt_tilt is not None else ", no n-gram tilt"
+        checks.append(projected(f"ttt eval {name}", f"{ttt:,.0f} scored tok/s ({type(b.spec.ttt).__name__}{tilt})",
                                 VAL_TARGETS / ttt / 8, tiny, time.perf_counter() - t2))
     return checks, b
 

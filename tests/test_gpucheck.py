@@ -30,6 +30,10 @@ def test_tiny_runs_every_check_and_passes(tmp_path, capsys, fast_cache):
         assert ttt["ok"] and "full SP8192 val on 8 GPUs" in ttt["detail"]
         assert ttt["tolerance"].startswith("projected <= 600")
         assert ttt["budget_s"] == gpucheck.PLAN["ttt eval"] and ttt["seconds"] > 0
+    assert "PhasedTTT" in checks["ttt eval record_0501_pr2135_ngram_calib32"]["figure"]
+    assert "ngram_tilt:on" in checks["ttt eval record_0501_pr2135_ngram_calib32"]["figure"]
+    assert " scored:0 " not in checks["ttt eval record_0501_pr2135_ngram_calib32"]["figure"]
+    assert "no n-gram tilt" in checks["ttt eval record_0427_pr1855_lqer"]["figure"]
     assert checks["bf16 cpu vs fp32 cpu (record_0427_pr1855_lqer)"]["ok"]
     assert checks["1-rank gloo run"]["ok"], checks["1-rank gloo run"]
     plan = checks["time plan"]
