@@ -102,7 +102,7 @@ def test_the_record_step_is_skipped_with_one_line_where_it_cannot_run(tmp_path):
     script = tmp_path / RECORD_SCRIPTS[name][0]
     script.parent.mkdir(parents=True)
     script.write_text("raise SystemExit('never imported')\n")
-    no_fa = gpucheck.record_step(tmp_path, name, object(), cpu)
     if not any(__import__("importlib").util.find_spec(m) is None for m in NEEDS):
         pytest.skip("FlashAttention 3 and Triton import here")
+    no_fa = gpucheck.record_step(tmp_path, name, object(), cpu)
     assert no_fa.ok is None and "GPU-only" in no_fa.detail and no_fa.line().startswith("skip reference step")
