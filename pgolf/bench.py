@@ -126,7 +126,8 @@ class Bench:
 
     def ttt_rate(self, num_windows: int) -> float | None:
         """Scored tokens/s of the config's TTT eval (eval.ttt; None when off) on synthetic documents
-        (mean length --doc-tokens, 512 when unset), on a copy of the model (TTT trains it)."""
+        (mean length --doc-tokens, 512 when unset), on a copy of the model (TTT trains it), with the
+        n-gram tilt when eval.ngram_tilt_enabled (kept as self.ttt_tilt)."""
         if self.spec.ttt is None:
             return None
         import copy
@@ -141,9 +142,15 @@ class Bench:
         model = copy.deepcopy(self.model)
         self.sync()
         t = time.perf_counter()
+        self.ttt_tilt = None  # the n-gram tilt (eval.ngram_tilt_enabled), built inside the timer as in training
+        if self.spec.ngram_tilt_enabled:
+            from pgolf.ttt.ngram import NgramTilt
+
+            self.ttt_tilt = NgramTilt(val, token_order=self.spec.token_order,
+                                      token_threshold=self.spec.token_threshold, token_boost=self.spec.token_boost)
         self.spec.ttt.evaluate(model, val, luts, seq_len=self.eval_seq_len, stride=self.stride,
                                batch_seqs=self.spec.batch_seqs, rank=0, world_size=1, device=self.rt.device,
-                               dtype=self.rt.dtype, log=lambda s: None)
+                               dtype=self.rt.dtype, log=lambda s: None, tilt=self.ttt_tilt)
         self.sync()
         return n / (time.perf_counter() - t)
 
