@@ -74,7 +74,7 @@ def loss_of(gpt_cls, options: dict) -> float:
 def test_every_row_names_a_shipped_definition_and_a_real_option(smoke):
     statements, _ = bundle._statements()
     defined = set().union(*(bundle._defines(stmt) for _, stmt in statements))
-    for row in reach.REACH:
+    for row in reach.rows():
         assert set(row.names) <= defined, row.names
         for key in row.keys:
             reach.option(smoke, key)  # an option the config or its target has
@@ -92,8 +92,8 @@ def test_a_stale_option_name_stops_the_bundler(smoke, monkeypatch):
 
 def test_the_smoke_bundle_leaves_out_every_unused_part(smoke):
     dropped, fixed = reach.left_out(bundle.bundle_config(smoke))
-    assert dropped == {name for row in reach.REACH for name in row.names}  # the baseline uses no part
-    assert "model.smear_gate" in fixed and "data.loader" in fixed
+    assert dropped == {name for row in reach.rows() for name in row.names}  # the baseline uses no part
+    assert "model.embeddings.smear_gate" in fixed and "data.loader" in fixed
     source = bundle.render(smoke)
     tree = ast.parse(source)
     top = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
@@ -110,7 +110,7 @@ def test_the_bundled_model_equals_the_package_model(smoke, name):
     config = with_model(smoke, **(ALL_ON if name == "all_on" else VARIANTS[name]))
     dropped, _ = reach.left_out(config)
     ns = namespace(bundle.render(config))
-    kept = {n for row in reach.REACH for n in row.names} - dropped
+    kept = {n for row in reach.rows() for n in row.names} - dropped
     assert all(ns[n] is not ns["_Absent"] for n in kept) and all(ns.get(n, ns["_Absent"]) is ns["_Absent"]
                                                                   for n in dropped)
     options = {k: v for k, v in config["model"].items() if not k.startswith("_")}
@@ -132,8 +132,8 @@ def test_an_override_of_a_frozen_option_is_refused(smoke):
     config = copy.deepcopy(ns["CONFIG"])
     ns["check_fixed"](config)  # unchanged: fine
     config["model"]["smear_gate"] = "token"
-    with pytest.raises(ns["PgolfError"], match=r"^model.smear_gate='token': this script was bundled for "
-                                               r"model.smear_gate='none' and left out the code other values use"):
+    with pytest.raises(ns["PgolfError"], match=r"^model.embeddings.smear_gate='token': this script was bundled for "
+                                               r"model.embeddings.smear_gate='none' and left out the code other values use"):
         ns["check_fixed"](config)
     with pytest.raises(ns["PgolfError"], match="this part was left out of the bundled script"):
         ns["BigramHash"](128, buckets=64, dim=16, hash="mul", init="normal", scale_init=None, qat={})

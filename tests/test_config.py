@@ -45,7 +45,7 @@ def test_baseline_param_count_matches_the_challenge_log():
     (["model.model_dim=500"], "model.model_dim=500 is not divisible by model.num_heads=8"),
     (["model.num_kv_heads=3"], "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
     (["model.model_dim=24"], "head_dim"),
-    (["model.smear_gate=foo"], "model.smear_gate='foo' is not one of"),
+    (["model.embeddings.smear_gate=foo"], "model.embeddings.smear_gate='foo' is not one of"),
     (["eval.stride=0"], "eval.stride=0 must be in 1..1024"),
     (["eval.stride=2048"], "eval.stride=2048 must be in 1..1024"),
     (["model=nope"], "Could not find 'model/nope'"),

@@ -41,7 +41,7 @@ CASES = [
     (["quant.preset=int3"], "int3"),
     (["model.num_heads=3"], "num_heads"),
     (["model.bos_id=2"], "model.bos_id=2 but data.bos_id=1"),
-    (["model.doc_attention=true", "model.rope_train_seq_len=1024"], "rope_train_seq_len=1024 with model.doc_attention"),
+    (["model.attention.doc_attention=true", "model.attention.rope_train_seq_len=1024"], "rope_train_seq_len=1024 with model.attention.doc_attention"),
     (["device=tpu"], "device='tpu'"),
     (["schedule.iterations=abc"], "iterations"),
     (["optimizer.no_such_key=1"], "no_such_key"),
@@ -59,8 +59,8 @@ def test_config_error_at_compose(overrides, fragment):
 def test_good_combinations_compose():
     """The checks do not refuse what the records run."""
     compose(["optimizer.ns_coefficients=polar_express", "optimizer.muon_backend_steps=5"])
-    compose(["model.doc_attention=true", "data.loader=documents"])
-    compose(["model.doc_attention=true", "data.loader=coprime", "model.rope_train_seq_len=1024"])  # rows stay rows
+    compose(["model.attention.doc_attention=true", "data.loader=documents"])
+    compose(["model.attention.doc_attention=true", "data.loader=coprime", "model.attention.rope_train_seq_len=1024"])  # rows stay rows
 
 
 def test_run_py_config_error_leaves_no_run_directory(tmp_path):

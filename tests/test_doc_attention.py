@@ -1,4 +1,4 @@
-"""Document-aware attention (`model.doc_attention`): nothing crosses a BOS boundary.
+"""Document-aware attention (`model.attention.doc_attention`): nothing crosses a BOS boundary.
 
 For every technique that could carry information between positions, in a packed batch, changing
 every token of document A leaves every per-token loss of the document B after it unchanged; the
@@ -263,17 +263,17 @@ def test_doc_attention_is_a_config_key_checked_at_compose():
     from pgolf.model import check_model_args
 
     assert pgolf.compose(["model=tiny"]).model.doc_attention is False
-    assert pgolf.compose(["model=tiny", "model.doc_attention=true"]).model.doc_attention is True
-    with pytest.raises(PgolfError, match="model.doc_attention"):
+    assert pgolf.compose(["model=tiny", "model.attention.doc_attention=true"]).model.doc_attention is True
+    with pytest.raises(PgolfError, match="model.attention.doc_attention"):
         check_model_args(doc_attention="yes")
 
 
 @pytest.mark.slow
 def test_run_with_doc_attention_logs_it_and_finishes(fast_cache, tmp_path):
-    """`python run.py experiment=smoke model.doc_attention=true` end to end on CPU (short)."""
+    """`python run.py experiment=smoke model.attention.doc_attention=true` end to end on CPU (short)."""
     from runs import FAST, metrics, run_py
 
-    r = run_py([*FAST, fast_cache, "logger=none", "hydra.run.dir=run", "model.doc_attention=true"], tmp_path)
+    r = run_py([*FAST, fast_cache, "logger=none", "hydra.run.dir=run", "model.attention.doc_attention=true"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "doc_attention:on bos_id:1 kernel:sdpa" in log

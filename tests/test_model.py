@@ -82,7 +82,7 @@ def test_zero_init_output_projections_and_tied_init_std():
     (dict(model_dim=500, num_heads=8), "model.model_dim=500 is not divisible by model.num_heads=8"),
     (dict(num_heads=8, num_kv_heads=3), "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
     (dict(model_dim=24, num_heads=8, num_kv_heads=4), "head_dim"),
-    (dict(logit_softcap=0.0), "model.logit_softcap=0.0"),
+    (dict(logit_softcap=0.0), "model.head.logit_softcap=0.0"),
 ])
 def test_inconsistent_shapes_fail_with_one_line(kwargs, field):
     with pytest.raises(PgolfError) as e:

@@ -119,15 +119,15 @@ def test_looping_is_on_after_construction_and_the_trainer_schedule_switches_it()
 
 
 @pytest.mark.parametrize("options,msg", [
-    (dict(xsa_last_n=-1), "model.xsa_last_n=-1"),
-    (dict(rope_dims=6 * 4), "model.rope_dims=24"),
-    (dict(mlp_activation="gelu"), "model.mlp_activation='gelu'"),
+    (dict(xsa_last_n=-1), "model.attention.xsa_last_n=-1"),
+    (dict(rope_dims=6 * 4), "model.attention.rope_dims=24"),
+    (dict(mlp_activation="gelu"), "model.mlp.mlp_activation='gelu'"),
     (dict(gated_attn_enabled=True, sparse_attn_gate_enabled=True), "mutually exclusive"),
-    (dict(num_loops=1, loop_start=2, loop_end=1), "model.loop_start=2"),
+    (dict(num_loops=1, loop_start=2, loop_end=1), "model.recurrence.loop_start=2"),
     (dict(parallel_start_layer=1, num_loops=1, loop_start=1, loop_end=1), "falls in the U-Net encoder"),
-    (dict(parallel_residual="two_lane", parallel_start_layer=2), "model.parallel_residual='two_lane'"),
-    (dict(ve_enabled=True, ve_layers=[5]), "model.ve_layers=[5]"),
-    (dict(smear_gate="window", gate_window=65), "model.gate_window=65"),
+    (dict(parallel_residual="two_lane", parallel_start_layer=2), "model.residual.parallel_residual='two_lane'"),
+    (dict(ve_enabled=True, ve_layers=[5]), "model.embeddings.ve_layers=[5]"),
+    (dict(smear_gate="window", gate_window=65), "model.attention.gate_window=65"),
 ])
 def test_bad_options_fail_with_one_line(options, msg):
     with pytest.raises(PgolfError, match=msg.replace("[", r"\[").replace("(", r"\(")) as err:
@@ -148,11 +148,11 @@ def test_every_part_at_once_trains_compiled_on_smoke_data(tmp_path, fast_cache):
     standard, quantized-roundtrip and sliding evals of the result."""
     from runs import FAST, metrics, run_py
 
-    all_on = ["model.num_layers=3", "model.xsa_last_n=3", "model.rope_dims=8", "model.ln_scale=true",
-              "model.mlp_activation=leaky_relu2", "model.skip_gates_enabled=true", "model.ve_enabled=true",
-              "model.ve_dim=32", "model.ve_layers=[2]", "model.num_loops=1", "model.loop_start=1", "model.loop_end=1",
-              "schedule.enable_looping_at=0.5", "model.parallel_start_layer=2", "model.sparse_attn_gate_enabled=true",
-              "model.smear_gate=window"]
+    all_on = ["model.num_layers=3", "model.attention.xsa_last_n=3", "model.attention.rope_dims=8", "model.residual.ln_scale=true",
+              "model.mlp.mlp_activation=leaky_relu2", "model.residual.skip_gates_enabled=true", "model.embeddings.ve_enabled=true",
+              "model.embeddings.ve_dim=32", "model.embeddings.ve_layers=[2]", "model.recurrence.num_loops=1", "model.recurrence.loop_start=1", "model.recurrence.loop_end=1",
+              "schedule.enable_looping_at=0.5", "model.residual.parallel_start_layer=2", "model.attention.gate=sparse",
+              "model.embeddings.smear_gate=window"]
     out = run_py([*FAST, fast_cache, "schedule.iterations=5", "compile=true", "logger=none", *all_on,
                   f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -38,19 +38,19 @@ FIELDS = {
         "gated_attn_enabled", "gated_attn_init_std", "sparse_attn_gate_enabled", "sparse_attn_gate_init_std",
         "sparse_attn_gate_scale", "attn_out_gate_enabled", "attn_out_gate_src", "parallel_final_lane",
         "parallel_start_layer")},
-    "ve_layers": ("model.ve_layers", _layers),
-    "bigram_vocab_size": ("model.bigram_buckets", SAME),
-    "parallel_residual_start": ("model.parallel_start_layer", SAME),
-    "recur_layers": ("model.loop_start", lambda v: min(_layers(v))),
-    "recur_layers_str": ("model.loop_start", lambda v: min(_layers(v))),
-    "repeat_untie_mlp": ("model.loop_untie_mlp", lambda v: v == "full"),
-    "smear_gate_enabled": ("model.smear_gate", lambda v: "window" if v else "none"),
-    "smear_gate_width": ("model.gate_window", SAME),
-    "gate_attn_out": ("model.attn_out_gate_enabled", SAME),
-    "gate_attn_src": ("model.attn_out_gate_src", SAME),
-    "gate_width": ("model.gate_window", SAME),
-    "value_residual": ("model.value_residual", lambda v: "none" if not v else v),
-    "untie_loop_mlps": ("model.loop_untie_mlp", SAME),
+    "ve_layers": ("model.embeddings.ve_layers", _layers),
+    "bigram_vocab_size": ("model.embeddings.bigram_buckets", SAME),
+    "parallel_residual_start": ("model.residual.parallel_start_layer", SAME),
+    "recur_layers": ("model.recurrence.loop_start", lambda v: min(_layers(v))),
+    "recur_layers_str": ("model.recurrence.loop_start", lambda v: min(_layers(v))),
+    "repeat_untie_mlp": ("model.recurrence.loop_untie_mlp", lambda v: v == "full"),
+    "smear_gate_enabled": ("model.embeddings.smear_gate", lambda v: "window" if v else "none"),
+    "smear_gate_width": ("model.attention.gate_window", SAME),
+    "gate_attn_out": ("model.attention.gate=attn_out", SAME),
+    "gate_attn_src": ("model.attention.attn_out_gate_src", SAME),
+    "gate_width": ("model.attention.gate_window", SAME),
+    "value_residual": ("model.embeddings.value_residual", lambda v: "none" if not v else v),
+    "untie_loop_mlps": ("model.recurrence.loop_untie_mlp", SAME),
     **{k: (f"optimizer.{k}", SAME) for k in (
         "tied_embed_lr", "matrix_lr", "scalar_lr", "embed_lr", "head_lr", "muon_momentum",
         "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_backend_steps", "beta1", "beta2",
@@ -205,8 +205,8 @@ def test_preset_holds_the_records_values(record):
             wrong.append(f"{where}: preset {get(cfg, where)!r}, record {key}={value!r}")
     # RoPE: 03-20..03-31 build Rotary(1024) (NTK past it), 04-01..04-09 ROPE_TRAIN_SEQ_LEN, 04-10 on no rescale
     rope = 0 if hp.get("rope_yarn") is False else hp.get("rope_train_seq_len", 1024)
-    if get(cfg, "model.rope_train_seq_len") != rope:
-        wrong.append(f"model.rope_train_seq_len: preset {get(cfg, 'model.rope_train_seq_len')}, record {rope}")
+    if get(cfg, "model.attention.rope_train_seq_len") != rope:
+        wrong.append(f"model.attention.rope_train_seq_len: preset {get(cfg, 'model.attention.rope_train_seq_len')}, record {rope}")
     eval_len = get(cfg, "eval.seq_len") or get(cfg, "schedule.train_seq_len")  # null = the train length
     if eval_len != hp["eval_seq_len"]:
         wrong.append(f"eval seq_len: preset {eval_len}, record {hp['eval_seq_len']}")
@@ -253,7 +253,7 @@ def test_preset_header_cites_the_record(record):
 
 
 # A small shape over any frontier preset: its layer indices stay valid at 11 layers.
-FRONTIER_TINY = ("model.model_dim=128", "model.num_heads=2", "model.num_kv_heads=1", "model.ortho_init=false",
+FRONTIER_TINY = ("model.model_dim=128", "model.num_heads=2", "model.num_kv_heads=1", "model.init.ortho_init=false",
                  "++quant.small_numel=4096")  # the GPTQ presets keep 65,536 elements float: too many here
 
 
@@ -269,8 +269,8 @@ def test_preset_builds_with_its_optimizer_and_quant_rules(record):
 # The 04-27 #1855 preset (the best pgolf runs) at a small shape over the CPU smoke setting
 # (conf/debug/smoke.yaml): its loop, lanes and XSA moved to fit 5 layers.
 SMALL_1855 = ("experiment=record_0427_pr1855_lqer", "debug=smoke", "model.num_layers=5", "model.model_dim=128",
-              "model.num_heads=2", "model.num_kv_heads=1", "model.loop_start=1", "model.loop_end=2",
-              "model.parallel_start_layer=3", "model.xsa_last_n=5", "schedule.iterations=8",
+              "model.num_heads=2", "model.num_kv_heads=1", "model.recurrence.loop_start=1", "model.recurrence.loop_end=2",
+              "model.residual.parallel_start_layer=3", "model.attention.xsa_last_n=5", "schedule.iterations=8",
               "schedule.train_log_every=4", "data.num_val_docs=5", "quant.small_numel=4096",
               "eval.ttt.phased_ttt_prefix_docs=2", "eval.ttt.ttt_batch_size=2", "eval.ttt.ttt_chunk_size=1024",
               "eval.seq_len=1024",

@@ -50,7 +50,7 @@ NOT_BUILT: dict[str, str] = {}
 REL = 1e-6
 # The goldens load weights (init is not compared: orthogonal init off saves seconds) and use the
 # dense (B, T) path: the VarLen presets' doc_attention is switched off for them.
-DENSE = ("model.ortho_init=false", "model.doc_attention=false")
+DENSE = ("model.init.ortho_init=false", "model.attention.doc_attention=false")
 
 
 def small_overrides(kw: dict) -> list[str]:
@@ -63,14 +63,14 @@ def small_overrides(kw: dict) -> list[str]:
                    "num_loops", "loop_start", "loop_end", "bigram_dim"):
             out.append(f"model.{key}={value}")
         elif key == "bigram_vocab_size":
-            out.append(f"model.bigram_buckets={value}")
+            out.append(f"model.embeddings.bigram_buckets={value}")
         elif key == "ve_layers":
-            out.append(f"model.ve_layers=[{value}]")
+            out.append(f"model.embeddings.ve_layers=[{value}]")
         elif key in ("parallel_start_layer", "parallel_residual_start"):
-            out.append(f"model.parallel_start_layer={value}")
+            out.append(f"model.residual.parallel_start_layer={value}")
         elif key in ("recur_layers", "recur_layers_str"):  # 03-31 / 04-04: one extra pass over the span
             layers = [int(s) for s in str(value).split(",")]
-            out += [f"model.loop_start={min(layers)}", f"model.loop_end={max(layers)}"]
+            out += [f"model.recurrence.loop_start={min(layers)}", f"model.recurrence.loop_end={max(layers)}"]
         elif key in ("embedding_dim", "repeat_untie_mlp_layers"):  # = model_dim / the loop span in pgolf
             continue
         else:
@@ -82,7 +82,7 @@ def golden_overrides(name: str) -> list[str]:
     rec = GOLDENS[name]
     out = small_overrides({**rec["small_overrides"], **rec["ctor_env"].get("small", {})})
     if name == "pr1334_lanemerge":  # 04-04 sizes its skips by the unlooped split: num_layers // 2 (5 of 11)
-        out.append(f"model.num_skip_weights={rec['small_overrides']['num_layers'] // 2}")
+        out.append(f"model.residual.num_skip_weights={rec['small_overrides']['num_layers'] // 2}")
     return out
 
 
