@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
 from omegaconf import OmegaConf
 
 from pgolf.build import CONF_DIR, build, compose

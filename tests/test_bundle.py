@@ -25,9 +25,11 @@ from test_records_frontier import model_kwargs
 
 import pgolf
 from pgolf.build import to_container
-from pgolf.model import GPT
+from pgolf.errors import PgolfError
+from pgolf.model import GPT, from_flat
 from pgolf.submit import bundle, reach
 from pgolf.submit.__main__ import main
+from pgolf.submit.entry import apply_env
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,10 @@ def smoke() -> dict:
 
 def with_model(config: dict, **options) -> dict:
     out = copy.deepcopy(config)
-    out["model"].update(TINY, **options)
-    if out["model"].get("bigram_buckets"):
-        out["model"]["bigram_buckets"] = 64
+    model = from_flat({**{k: v for k, v in out["model"].items() if not k.startswith("_")}, **TINY, **options})
+    if model["embeddings"].get("bigram_buckets"):
+        model["embeddings"]["bigram_buckets"] = 64
+    out["model"] = {"_target_": out["model"]["_target_"], **model}
     return out
 
 
@@ -127,13 +130,36 @@ def test_the_counted_script_runs_the_same_model(smoke, name):
     assert loss_of(ns["GPT"], options) == loss_of(GPT, options)
 
 
+def test_the_env_entry_takes_the_records_names_into_the_part_configs(smoke):
+    """Leaf names as the records spell them set the nested keys (GATE_WINDOW both of its places), the
+    prefixed form too, and the records' mutually exclusive gate booleans select model.attention.gate."""
+    config = copy.deepcopy(smoke)
+    env = {"XSA_LAST_N": "2", "GATE_WINDOW": "8", "MODEL_RECURRENCE_NUM_LOOPS": "1", "GATED_ATTN_ENABLED": "1",
+           "SPARSE_ATTN_GATE_ENABLED": "0"}
+    applied = apply_env(config, env)
+    assert sorted(applied) == sorted(f"{k}={v}" for k, v in env.items())
+    m = config["model"]
+    assert (m["attention"]["xsa_last_n"], m["attention"]["gate_window"], m["embeddings"]["gate_window"],
+            m["recurrence"]["num_loops"], m["attention"]["gate"]) == (2, 8, 8, 1, "gated")
+    apply_env(config, {"GATED_ATTN_ENABLED": "0"})
+    assert m["attention"]["gate"] == "none"
+    with pytest.raises(PgolfError, match="GATED_ATTN_ENABLED=1 and SPARSE_ATTN_GATE_ENABLED=1 are mutually exclusive"):
+        apply_env(config, {"GATED_ATTN_ENABLED": "1", "SPARSE_ATTN_GATE_ENABLED": "true"})
+
+
 def test_an_override_of_a_frozen_option_is_refused(smoke):
     ns = namespace(unwrap(bundle.counted_script(smoke)))
     config = copy.deepcopy(ns["CONFIG"])
     ns["check_fixed"](config)  # unchanged: fine
-    config["model"]["smear_gate"] = "token"
+    config["model"]["embeddings"]["smear_gate"] = "token"
     with pytest.raises(ns["PgolfError"], match=r"^model.embeddings.smear_gate='token': this script was bundled for "
                                                r"model.embeddings.smear_gate='none' and left out the code other values use"):
+        ns["check_fixed"](config)
+    # A record's gate boolean maps onto the choice even where the gate's class was left out, and is refused.
+    config = copy.deepcopy(ns["CONFIG"])
+    assert ns["apply_env"](config, {"SPARSE_ATTN_GATE_ENABLED": "1"}) == ["SPARSE_ATTN_GATE_ENABLED=1"]
+    with pytest.raises(ns["PgolfError"], match=r"^model.attention.gate='sparse': this script was bundled for "
+                                               r"model.attention.gate='none'"):
         ns["check_fixed"](config)
     with pytest.raises(ns["PgolfError"], match="this part was left out of the bundled script"):
         ns["BigramHash"](128, buckets=64, dim=16, hash="mul", init="normal", scale_init=None, qat={})
@@ -152,7 +178,7 @@ def test_the_1855_model_ships_its_parts_only(smoke):
     """The largest frontier model (04-27 #1855 at the goldens' small shape, with doc attention and
     the document loader): its parts are shipped and run as the package's; the others are not."""
     config = copy.deepcopy(smoke)
-    config["model"].update(model_kwargs("pr1855_lqer_bossmear"), doc_attention=True)
+    config["model"].update(from_flat({**model_kwargs("pr1855_lqer_bossmear"), "doc_attention": True}))
     config["data"]["loader"] = "documents"
     dropped, fixed = reach.left_out(config)
     assert {"SparseAttnGate", "window_smear", "WindowSmearPart", "routed_2x2", "exclusive_self_attention",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.evaluate import ByteLUTs, eval_sliding
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.model import docs as docs_mod
 from pgolf.model.docs import build_doc_mask, doc_ids, segment_cu_seqlens
 from pgolf.model.embeddings import BigramHash, SigmoidSmear, token_smear, window_smear
@@ -65,7 +65,7 @@ TECHNIQUES = {
 def model(doc_attention: bool, **options) -> GPT:
     """Random weights everywhere (zero-init gates and lambdas too, so every mixer is live)."""
     torch.manual_seed(0)
-    m = GPT(**SHAPE, doc_attention=doc_attention, **options)
+    m = GPT(**from_flat(dict(**SHAPE, doc_attention=doc_attention, **options)))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -260,12 +260,12 @@ def test_doc_attention_traces_fullgraph_without_breaks(backend, monkeypatch):
 def test_doc_attention_is_a_config_key_checked_at_compose():
     import pgolf
     from pgolf.errors import PgolfError
-    from pgolf.model import check_model_args
+    from pgolf.model import check_model
 
-    assert pgolf.compose(["model=tiny"]).model.doc_attention is False
-    assert pgolf.compose(["model=tiny", "model.attention.doc_attention=true"]).model.doc_attention is True
+    assert pgolf.compose(["model=tiny"]).model.attention.doc_attention is False
+    assert pgolf.compose(["model=tiny", "model.attention.doc_attention=true"]).model.attention.doc_attention is True
     with pytest.raises(PgolfError, match="model.attention.doc_attention"):
-        check_model_args(doc_attention="yes")
+        check_model(attention=dict(doc_attention="yes"))
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import torch
 
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.model.adapters import attach_lora
 
 CPU = dict(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
@@ -65,7 +65,7 @@ def luts(tmp_path_factory):
 
 def model_with(options: dict) -> GPT:
     torch.manual_seed(0)
-    model = GPT(**BASE, **options)
+    model = GPT(**from_flat(dict(**BASE, **options)))
     with torch.no_grad():  # every parameter non-trivial, so no part hides behind a zero init
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -108,7 +108,7 @@ def test_looping_is_on_after_construction_and_the_trainer_schedule_switches_it()
     (`looping_active=True` after loading); the trainer sets the passes of the schedule's loop phase."""
     from pgolf.schedule import Schedule, loop_passes
 
-    model = GPT(**BASE, num_loops=2, loop_start=1, loop_end=1)
+    model = GPT(**from_flat(dict(**BASE, num_loops=2, loop_start=1, loop_end=1)))
     sched = Schedule(enable_looping_at=0.35, loop_phase2_at=0.65)
     assert model.loop_passes == 2
     assert [loop_passes(sched.loop_phase(f), model.num_loops) for f in (0.0, 0.34, 0.35, 0.64, 0.65, 1.0)] == \
@@ -127,17 +127,18 @@ def test_looping_is_on_after_construction_and_the_trainer_schedule_switches_it()
     (dict(parallel_start_layer=1, num_loops=1, loop_start=1, loop_end=1), "falls in the U-Net encoder"),
     (dict(parallel_residual="two_lane", parallel_start_layer=2), "model.residual.parallel_residual='two_lane'"),
     (dict(ve_enabled=True, ve_layers=[5]), "model.embeddings.ve_layers=[5]"),
-    (dict(smear_gate="window", gate_window=65), "model.attention.gate_window=65"),
+    (dict(smear_gate="window", gate_window=65), "model.embeddings.gate_window=65"),
+    (dict(sparse_attn_gate_enabled=True, gate_window=65), "model.attention.gate_window=65"),
 ])
 def test_bad_options_fail_with_one_line(options, msg):
     with pytest.raises(PgolfError, match=msg.replace("[", r"\[").replace("(", r"\(")) as err:
-        GPT(**BASE, **options)
+        GPT(**from_flat(dict(**BASE, **options)))
     assert "\n" not in str(err.value)
 
 
 def test_unmasked_window_smear_warns(caplog):
     with caplog.at_level("WARNING", logger="pgolf.model"):
-        GPT(**BASE, smear_gate="window", smear_bos_mask=False)
+        GPT(**from_flat(dict(**BASE, smear_gate="window", smear_bos_mask=False)))
     assert "leak" in caplog.text
 
 

@@ -9,7 +9,6 @@ gate -> output projection.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +21,6 @@ from pgolf.model.rotary import apply_rotary
 from pgolf.errors import PgolfError
 from pgolf.model.value_residual import LayerValues, add_value_residual_params, value_residual
 
-if TYPE_CHECKING:
-    from pgolf.model.config import ModelConfig
 
 
 @dataclass
@@ -48,7 +45,7 @@ class AttentionConfig:
     disable_layer0_attn: bool = False  # block 0 runs its MLP only (2026-03-31 #1204)
     doc_attention: bool = False   # no query attends across a BOS (docs.py, 2026-04-10 #1530)
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
         """One PgolfError line naming the option and the fix; allocates nothing."""
         head_dim = model.head_dim
         if self.gate not in ATTENTION_GATES:

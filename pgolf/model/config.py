@@ -128,11 +128,24 @@ def moved_key(key: str) -> str | None:
     return " and ".join(f"model.{p}" for p in places) or None
 
 
+def key_path(key: str) -> str:
+    """The dotted override path of a record's flat option name: "xsa_last_n" ->
+    "model.attention.xsa_last_n" (the first place, for gate_window the attention's)."""
+    places = _leaves().get(key)
+    if not places:
+        raise PgolfError(f"model option {key!r} is not an option of any model part")
+    return f"model.{places[0]}"
+
+
 def from_flat(flat: dict[str, Any]) -> dict[str, Any]:
     """The records' flat options (env names lower-cased, `num_layers=11, xsa_last_n=11,
     sparse_attn_gate_enabled=True, ...`) as GPT's nested keywords. A gate boolean that is true
     selects its gate; a false one is dropped. PgolfError on a name no family has."""
     places, flags = _leaves(), gate_flags()
+    on = [key for key, value in flat.items() if key in flags and value]
+    if len(on) > 1:
+        raise PgolfError(f"{on[0]} and {on[1]} are mutually exclusive attention output gates; keep one "
+                         "(model.attention.gate takes one choice)")
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         if key in flags:

@@ -28,7 +28,6 @@ embeddings are a per-token lookup and mix nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +42,6 @@ SMEAR_ATTR = {"pre_norm": "smeargate", "post_norm": "smear"}
 BIGRAM_ATTR = {"mul": "bigram_hash", "xor": "bigram"}
 BIGRAM_INITS = ("normal", "zeros")
 
-if TYPE_CHECKING:
-    from pgolf.model.config import ModelConfig
 
 
 def layer_list(layers: list[int] | str | None) -> list[int]:
@@ -75,7 +72,7 @@ class EmbeddingsConfig:
     ve_layers: list[int] | str | None = None
     value_residual: str = "none"
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
         from pgolf.model.value_residual import VALUE_RESIDUALS
 
         for field, value, allowed in (("smear_gate", self.smear_gate, SMEAR_VARIANTS),
@@ -111,7 +108,7 @@ class InitConfig:
     overtone_init: bool = False
     phase_resid_mix_init: bool = False
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
         if self.ortho_min_dim < 0:
             raise PgolfError(f"model.init.ortho_min_dim={self.ortho_min_dim} must be >= 0")
 

@@ -10,15 +10,12 @@ option is an identity in every record run; `asym_logit_trainable` lets the optim
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from pgolf.errors import PgolfError
 
-if TYPE_CHECKING:
-    from pgolf.model.config import ModelConfig
 
 
 @dataclass
@@ -30,7 +27,7 @@ class HeadConfig:
     asym_logit_rescale: bool = False
     asym_logit_trainable: bool = False
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
         if self.logit_softcap <= 0:
             raise PgolfError(f"model.head.logit_softcap={self.logit_softcap} must be positive")
         if self.asym_logit_trainable and not self.asym_logit_rescale:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +11,6 @@ from torch import Tensor, nn
 from pgolf.model.roles import MATRIX, set_role
 from pgolf.quant import fake_quantize
 
-if TYPE_CHECKING:
-    from pgolf.model.config import ModelConfig
 
 
 @dataclass
@@ -27,7 +24,7 @@ class QATConfig:
     def linear_kwargs(self) -> dict:
         return asdict(self)
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
         from pgolf.errors import PgolfError
         from pgolf.quant.treatments import CLIPS
 

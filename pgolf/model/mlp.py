@@ -4,7 +4,6 @@ slope 0.5; all later records). MLP(x) = W_down act(W_up x)^2, hidden = mlp_mult 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +13,6 @@ from pgolf.model.linear import CastedLinear
 
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
 
-if TYPE_CHECKING:
-    from pgolf.model.config import ModelConfig
 
 
 @dataclass
@@ -31,7 +28,7 @@ class MLPConfig:
     def hidden(self, model_dim: int) -> int:
         return self.mlp_hidden if self.mlp_hidden is not None else int(self.mlp_mult * model_dim)
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
         from pgolf.errors import PgolfError
 
         if self.mlp_activation not in MLP_ACTIVATIONS:

@@ -13,12 +13,9 @@ its place in the list.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from pgolf.errors import PgolfError
 
-if TYPE_CHECKING:
-    from pgolf.model.config import ModelConfig
 
 # Which index per-layer options (xsa_last_n, ve_layers, LN scale) and block scalars follow.
 LAYER_INDEX = ("physical", "virtual")
@@ -53,7 +50,7 @@ class RecurrenceConfig:
             return "virtual", num_layers + self.extra_layers
         return "physical", num_layers
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
         if self.layer_index not in LAYER_INDEX:
             raise PgolfError(f"model.recurrence.layer_index={self.layer_index!r} is not one of {', '.join(LAYER_INDEX)}")
         if self.num_loops < 0:

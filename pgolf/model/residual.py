@@ -17,7 +17,7 @@ names, as the records keep them, and the steps read them from the routing, never
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +26,6 @@ from pgolf.errors import PgolfError
 from pgolf.model.recurrence import layer_schedule
 from pgolf.model.roles import CONTROL, Role
 
-if TYPE_CHECKING:
-    from pgolf.model.config import ModelConfig
 
 PARALLEL_RESIDUALS = ("gptj", "lane_merge", "routed_2x2", "learned_2lane")
 PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
@@ -59,7 +57,7 @@ class ResidualConfig:
     parallel_residual: str = "routed_2x2"
     parallel_final_lane: str = "mean"
 
-    def check(self, model: ModelConfig) -> None:
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
         for field, value, allowed in (("parallel_residual", self.parallel_residual, PARALLEL_RESIDUALS),
                                       ("parallel_final_lane", self.parallel_final_lane, PARALLEL_FINAL_LANES)):
             if value not in allowed:

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from pgolf.errors import PgolfError
-from pgolf.submit.reach import left_out
+from pgolf.submit.reach import left_out, rows
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Dependency order: a module comes after every module whose names it uses at import time.
@@ -35,7 +35,7 @@ MODULES = (
     "errors", "quant/treatments", "quant/lqer", "quant/rules", "quant/gptq", "quant/state", "quant/codecs",
     "quant/pergroup", "quant/prune", "quant/artifact", "quant/calibrate", "quant/spec", "model/roles", "model/linear",
     "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
-    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim", "schedule",
+    "model/recurrence", "model/residual", "model/embeddings", "model/head", "model/config", "model/gpt", "optim", "schedule",
     "evaluate", "ttt/scorer", "ttt/common", "ttt/adapters", "ttt/run", "ttt/chunked", "ttt/lora", "ttt/phased", "ttt/ngram",
     "data/shards", "data/loader", "data/loaders", "data/packing", "data/caseops", "data/byte_counts", "data/spec",
     "config_checks", "compile_limits", "idle_params", "runlog", "checkpoint", "trainer", "submit/entry",
@@ -203,13 +203,18 @@ def _chunks(config: dict) -> list[str]:
     names = {t: t.rsplit(".", 1)[1] for t in targets}
     dropped, fixed = left_out(config)
     everything, unbundled = _statements()
-    statements = _prune(everything, set(names.values()), dropped)
+    # The parts the config reaches are roots too: a registered part (an attention gate) is found
+    # through its registry, never by name.
+    reached = {name for row in rows() for name in row.names} - dropped
+    statements = _prune(everything, set(names.values()) | reached, dropped)
     # A part left out but named by shipped code (a table, a guarded call) is bound to _Absent.
     named = sorted(dropped & set().union(*(_uses(stmt) for stmt in statements)))
     undefined = _undefined_globals(statements) - unbundled - set(named)
     assert not undefined, f"bundle refers to undefined names {sorted(undefined)}"
     # The entry's placeholders get the run's values.
-    values = {"CONFIG": CONFIG_TOKEN, "FIXED": repr(fixed),
+    from pgolf.model.config import gate_flags
+
+    values = {"CONFIG": CONFIG_TOKEN, "FIXED": repr(fixed), "FLAGS": repr(gate_flags()),
               "TARGETS": "{" + ", ".join(f"{t!r}: {n}" for t, n in names.items()) + "}"}
 
     def text(stmt: ast.stmt) -> str:
