@@ -19,6 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pgolf.build import CONF_DIR, build
+from pgolf.model.config import gate_flags, key_path
 from test_records_frontier import GOLDENS, PRESETS, _composed
 
 HPARAMS = json.loads((Path(__file__).parent / "goldens" / "records_frontier_hparams.json").read_text())["records"]
@@ -28,16 +29,32 @@ def _layers(value: str) -> list[int]:
     return [int(s) for s in value.split(",")]
 
 
+class Choice:
+    """A record's gate boolean against pgolf's one choice: on <=> model.attention.gate == choice."""
+
+    def __init__(self, choice: str, on: bool):
+        self.choice, self.on = choice, bool(on)
+
+    def __eq__(self, actual) -> bool:
+        return (actual == self.choice) == self.on
+
+    def __repr__(self) -> str:
+        return f"{'' if self.on else 'not '}{self.choice!r}"
+
+
 SAME = lambda v: v  # noqa: E731
-# record key -> (pgolf key, record value -> pgolf value)
+# record key -> (pgolf key or keys, record value -> pgolf value); leaves find their part family by name
 FIELDS = {
-    **{k: (f"model.{k}", SAME) for k in (
+    **{k: (key_path(k), SAME) for k in (
         "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
         "tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "xsa_last_n", "rope_dims", "ln_scale",
-        "skip_gates_enabled", "ve_enabled", "ve_dim", "num_loops", "loop_start", "loop_end", "disable_layer0_attn", "bigram_dim", "gate_window", "negative_slope",
-        "gated_attn_enabled", "gated_attn_init_std", "sparse_attn_gate_enabled", "sparse_attn_gate_init_std",
-        "sparse_attn_gate_scale", "attn_out_gate_enabled", "attn_out_gate_src", "parallel_final_lane",
-        "parallel_start_layer")},
+        "skip_gates_enabled", "ve_enabled", "ve_dim", "num_loops", "loop_start", "loop_end", "disable_layer0_attn",
+        "bigram_dim", "negative_slope", "gated_attn_init_std", "sparse_attn_gate_init_std",
+        "sparse_attn_gate_scale", "attn_out_gate_src", "parallel_final_lane", "parallel_start_layer")},
+    # The records' one GATE_WINDOW sizes the attention gates and the window SmearGate.
+    "gate_window": (("model.attention.gate_window", "model.embeddings.gate_window"), SAME),
+    # The records' mutually exclusive gate booleans are one choice in pgolf.
+    **{flag: ("model.attention.gate", lambda v, c=choice: Choice(c, v)) for flag, choice in gate_flags().items()},
     "ve_layers": ("model.embeddings.ve_layers", _layers),
     "bigram_vocab_size": ("model.embeddings.bigram_buckets", SAME),
     "parallel_residual_start": ("model.residual.parallel_start_layer", SAME),
@@ -45,8 +62,8 @@ FIELDS = {
     "recur_layers_str": ("model.recurrence.loop_start", lambda v: min(_layers(v))),
     "repeat_untie_mlp": ("model.recurrence.loop_untie_mlp", lambda v: v == "full"),
     "smear_gate_enabled": ("model.embeddings.smear_gate", lambda v: "window" if v else "none"),
-    "smear_gate_width": ("model.attention.gate_window", SAME),
-    "gate_attn_out": ("model.attention.gate=attn_out", SAME),
+    "smear_gate_width": ("model.embeddings.gate_window", SAME),
+    "gate_attn_out": ("model.attention.gate", lambda v: Choice("attn_out", v)),
     "gate_attn_src": ("model.attention.attn_out_gate_src", SAME),
     "gate_width": ("model.attention.gate_window", SAME),
     "value_residual": ("model.embeddings.value_residual", lambda v: "none" if not v else v),
@@ -200,9 +217,10 @@ def test_preset_holds_the_records_values(record):
     for key, value in hp.items():
         if key not in fields or (record, key) in DEVIATIONS:
             continue
-        where, convert = fields[key]
-        if not same(get(cfg, where), convert(value)):
-            wrong.append(f"{where}: preset {get(cfg, where)!r}, record {key}={value!r}")
+        places, convert = fields[key]
+        for where in places if isinstance(places, tuple) else (places,):
+            if not same(get(cfg, where), convert(value)):
+                wrong.append(f"{where}: preset {get(cfg, where)!r}, record {key}={value!r}")
     # RoPE: 03-20..03-31 build Rotary(1024) (NTK past it), 04-01..04-09 ROPE_TRAIN_SEQ_LEN, 04-10 on no rescale
     rope = 0 if hp.get("rope_yarn") is False else hp.get("rope_train_seq_len", 1024)
     if get(cfg, "model.attention.rope_train_seq_len") != rope:

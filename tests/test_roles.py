@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import pgolf
+from pgolf.build import to_container
 from pgolf.errors import PgolfError
 from pgolf.model import GPT, from_flat
 from pgolf.model.block import Block
@@ -116,7 +117,7 @@ def test_quant_name_rules_agree_with_the_roles(record):
     rules is its role's class: control tensors stay float, matrices are quantized unless small or
     named by a keep-float rule (tok_emb, late-K), and no matrix or table hits a control pattern."""
     cfg = pgolf.compose([f"experiment=record_{record}"])
-    kwargs = {k: v for k, v in cfg.model.items() if k != "_target_"}
+    kwargs = {k: v for k, v in to_container(cfg.model).items() if k != "_target_"}
     with torch.device("meta"):
         model = GPT(**from_flat({**kwargs, "ortho_init": False, "overtone_init": False}))
     rules = get_rules(cfg.quant.preset)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 @dataclass(frozen=True)
 class Reach:
     names: tuple[str, ...]  # top-level definitions in the bundled modules
-    keys: tuple[str, ...]   # dotted config keys, e.g. "model.bigram_buckets"
+    keys: tuple[str, ...]   # dotted config keys, e.g. "model.embeddings.bigram_buckets"
     needed: Callable[..., bool]  # of the keys' values, in order
 
 
