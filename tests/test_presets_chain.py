@@ -57,9 +57,10 @@ def test_chain_preset_holds_the_records_values(row):
     for key, value in hp.items():
         if (row, key) in DEVIATIONS:
             continue
-        where, convert = FIELDS.get(key) or (EXTRA.get(key), lambda v: v)
-        if where is not None and not same(get(cfg, where), convert(value)):
-            wrong.append(f"{where}: preset {get(cfg, where)!r}, record {key}={value!r}")
+        places, convert = FIELDS.get(key) or (EXTRA.get(key), lambda v: v)
+        for where in places if isinstance(places, tuple) else (places,):
+            if where is not None and not same(get(cfg, where), convert(value)):
+                wrong.append(f"{where}: preset {get(cfg, where)!r}, record {key}={value!r}")
     if get(cfg, "model.attention.rope_train_seq_len") != 0:  # ROPE_YARN=0 in every row: no rescale
         wrong.append("model.attention.rope_train_seq_len: the rows run without RoPE rescaling (0)")
     if (get(cfg, "eval.seq_len") or get(cfg, "schedule.train_seq_len")) != hp["eval_seq_len"]:
