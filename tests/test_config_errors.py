@@ -16,6 +16,15 @@ from runs import run_py, tree
 
 # (overrides, a fragment the one line must hold), per group and across groups
 CASES = [
+    # The model's part families (issue 18 item 2): an old flat key names its new place; nested
+    # keys are checked for name, type and choice like a group's.
+    (["model.xsa_last_n=4"], "model.xsa_last_n moved: set model.attention.xsa_last_n instead"),
+    (["model.sparse_attn_gate_enabled=true"], "moved: set model.attention.gate=sparse instead"),
+    (["+model.attention.xsa_lastn=4"], "model.attention.xsa_lastn is not an option of model.attention"),
+    (["model.attention.xsa_last_n=abc"], "model.attention.xsa_last_n='abc' has the wrong type: expected int"),
+    (["model.attention.gate=dense"], "model.attention.gate='dense' is not one of none, attn_out, gated, sparse"),
+    (["model.residual.parallel_start_layer=1", "model.recurrence.num_loops=1", "model.recurrence.loop_end=1"],
+     "falls in the U-Net encoder"),
     (["optimizer.ns_coefficients=polar_express", "optimizer.muon_backend_steps=6"], "muon_backend_steps=6"),
     (["optimizer.ns_coefficients=cubic"], "ns_coefficients='cubic' is unknown"),
     (["optimizer.muon_numerics=fp8"], "muon_numerics='fp8' is unknown"),
