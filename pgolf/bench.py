@@ -9,7 +9,7 @@ down (the scale is printed); projections assume time proportional to tokens.
 `--compare "OVERRIDES"` benchmarks a second config in the same process, alternating steps
 and evals, and prints ratios. `--doc-tokens N` packs documents into the synthetic tokens (a
 BOS with probability 1/N at each position, the same tokens for both configs), e.g. to time
-`--compare "model.doc_attention=true"` against plain causal attention. The config's `device`, `dtype` and `compile` apply as in
+`--compare "model.attention.doc_attention=true"` against plain causal attention. The config's `device`, `dtype` and `compile` apply as in
 training (e.g. `compile=true` times the inductor-compiled step on CPU).
 `--reference CHECKOUT` instead times pgolf against the records' own scripts
 (see pgolf.bench_reference).

@@ -42,7 +42,7 @@ from pgolf.bench import cpu_threads
 from pgolf.build import build, compose, to_container
 from pgolf.errors import PgolfError
 from pgolf.evaluate import ByteLUTs, eval_sliding
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.optim import Optimizers
 from pgolf.quant import quantize_state_dict, serialize
 
@@ -97,7 +97,7 @@ def train_step(baseline: ModuleType, *, num_layers: int, model_dim: int, num_hea
                  num_kv_heads=num_kv_heads, mlp_mult=2, tie_embeddings=True, tied_embed_init_std=0.005,
                  logit_softcap=30.0, rope_base=10000.0, qk_gain_init=1.5)
     torch.manual_seed(0)
-    ours = GPT(**shape)
+    ours = GPT(**from_flat(shape))
     ours_bf16 = copy.deepcopy(ours)
     theirs = baseline.GPT(**shape)
     theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -153,9 +153,11 @@ def sliding(record: ModuleType, *, num_layers: int, model_dim: int, num_heads: i
     ours = build(cfg, "model")
     ours.load_state_dict(random_weights(ours, 0.05, seed=0), strict=True)
     m = to_container(cfg)["model"]
+    a = m["attention"]
     theirs = record.GPT(**{k: m[k] for k in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads",
-                                             "tie_embeddings", "tied_embed_init_std", "logit_softcap", "rope_base",
-                                             "qk_gain_init")}, mlp_mult=int(m["mlp_mult"]), smear_gate=True)
+                                             "tie_embeddings")}, tied_embed_init_std=m["init"]["tied_embed_init_std"],
+                        logit_softcap=m["head"]["logit_softcap"], rope_base=a["rope_base"], qk_gain_init=a["qk_gain_init"],
+                        mlp_mult=int(m["mlp"]["mlp_mult"]), smear_gate=True)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     g = torch.Generator().manual_seed(2)
     vocab = m["vocab_size"]
@@ -213,7 +215,7 @@ def export(record: ModuleType, *, num_layers: int, rounds: int, own_rounds: int 
 
     from pgolf.quant import artifact
 
-    cfg = compose([PRESET_192, f"model.num_layers={num_layers}", "model.ortho_init=false", "logger=none"])
+    cfg = compose([PRESET_192, f"model.num_layers={num_layers}", "model.init.ortho_init=false", "logger=none"])
     model = build(cfg, "model")
     state = random_weights(model, 0.02, seed=3)
     quant = build(cfg, "quant")

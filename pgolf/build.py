@@ -8,8 +8,10 @@ allocated, so a typo or a wrong type costs one clear line, not a half-made run.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -69,6 +71,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), *, config_name: str = "
             config_dir: str | Path | None = None) -> DictConfig:
     """Compose `conf/` with command-line style overrides and check it (PgolfError on bad input)."""
     config_dir = Path(config_dir or CONF_DIR).resolve()
+    _refuse_moved_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
@@ -79,6 +82,35 @@ def compose(overrides: list[str] | tuple[str, ...] = (), *, config_name: str = "
         GlobalHydra.instance().clear()
     check_config(cfg)
     return cfg
+
+
+def _refuse_moved_overrides(overrides) -> None:
+    """An override of an old flat model key (`model.xsa_last_n=4`) gets one line naming its new
+    place, before Hydra answers that the key is not in the struct."""
+    from pgolf.model.config import moved_key
+
+    for text in overrides:
+        match = re.match(r"^[+~]*model\.([a-z_0-9]+)(=|$)", str(text))
+        moved = moved_key(match.group(1)) if match else None
+        if moved:
+            raise PgolfError(f"model.{match.group(1)} moved: set {moved} instead (override {text!r})")
+
+
+def _dataclass_arm(hint: Any) -> type | None:
+    """The dataclass a hint allows (`AttentionConfig | dict | None` -> AttentionConfig), if any."""
+    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return next((arm for arm in arms if dataclasses.is_dataclass(arm)), None)
+
+
+def _check_nested(where: str, value: dict, kind: type) -> None:
+    """A part family's node (`model.attention`) against its typed config: unknown key, wrong type."""
+    hints = typing.get_type_hints(kind)
+    known = [f.name for f in dataclasses.fields(kind)]
+    for key, item in value.items():
+        if key not in hints:
+            raise PgolfError(f"{where}.{key} is not an option of {where} ({kind.__name__}); known: {', '.join(known)}")
+        if not _matches(item, hints[key]):
+            raise PgolfError(f"{where}.{key}={item!r} has the wrong type: expected {_type_name(hints[key])}")
 
 
 def _type_name(hint: Any) -> str:
@@ -138,11 +170,17 @@ def check_config(cfg: DictConfig) -> None:
             if key.startswith("_"):
                 continue
             if key not in params or key in runtime:
+                moved = _moved(group, key)
+                if moved:
+                    raise PgolfError(f"{group}.{key} moved: set {moved} instead")
                 raise PgolfError(f"{group}.{key} is not an option of {group} ({node._target_}); "
                                  f"known: {', '.join(known)}")
             value = OmegaConf.to_container(node, resolve=True)[key] if OmegaConf.is_config(node[key]) else node[key]
             hint = hints.get(key, Any)
-            if not _matches(value, hint):
+            nested = _dataclass_arm(hint)
+            if nested is not None and isinstance(value, dict):
+                _check_nested(f"{group}.{key}", value, nested)
+            elif not _matches(value, hint):
                 raise PgolfError(f"{group}.{key}={value!r} has the wrong type: expected {_type_name(hint)}")
         missing = [n for n, p in params.items() if p.default is p.empty and n not in runtime and n not in node]
         if missing:
@@ -150,13 +188,21 @@ def check_config(cfg: DictConfig) -> None:
     check_values(cfg)
 
 
+def _moved(group: str, key: str) -> str | None:
+    if group != "model":
+        return None
+    from pgolf.model.config import moved_key
+
+    return moved_key(key)
+
+
 def check_values(cfg: DictConfig) -> None:
     """Cross-field checks that need no allocation: model shapes and options, the eval window
     against the train length, quant rules' syntax, data options. Weights come later."""
-    from pgolf.model import check_model_args
+    from pgolf.model import check_model
 
     if "model" in cfg:
-        check_model_args(**{k: v for k, v in to_container(cfg.model).items() if not k.startswith("_")})
+        check_model(**{k: v for k, v in to_container(cfg.model).items() if not k.startswith("_")})
     if "schedule" in cfg and "eval" in cfg:
         build(cfg, "eval").resolve(build(cfg, "schedule").train_seq_len)
     for group in ("quant", "data", "checkpoint", "distributed", "logger"):  # cheap, side-effect-free constructors

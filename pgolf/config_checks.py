@@ -36,13 +36,15 @@ def check_groups(config: dict) -> None:
     if model and data and "bos_id" in model and "bos_id" in data and model["bos_id"] != data["bos_id"]:
         raise PgolfError(f"model.bos_id={model['bos_id']} but data.bos_id={data['bos_id']}: document boundaries must "
                          "follow the data's tokenizer; set both to its BOS id (1 for the challenge's tokenizers)")
-    if model.get("doc_attention") and data.get("loader", "sequential") in CONTIGUOUS_LOADERS and sched:
+    attention = model.get("attention") or {}
+    if attention.get("doc_attention") and data.get("loader", "sequential") in CONTIGUOUS_LOADERS and sched:
         packed = sched["train_batch_tokens"] // MICRO_BATCHES
-        rope = model.get("rope_train_seq_len") or 0
+        rope = attention.get("rope_train_seq_len") or 0
         if rope and packed > rope:  # pgolf.data.packing: training attends over one packed row per micro-batch
-            raise PgolfError(f"model.rope_train_seq_len={rope} with model.doc_attention: training packs each "
-                             f"micro-batch into one row of {packed} tokens (#1530), so RoPE's NTK rescale would switch "
-                             "on in training only; set model.rope_train_seq_len=0 (the VarLen records' ROPE_YARN=0)")
+            raise PgolfError(f"model.attention.rope_train_seq_len={rope} with model.attention.doc_attention: training "
+                             f"packs each micro-batch into one row of {packed} tokens (#1530), so RoPE's NTK rescale "
+                             "would switch on in training only; set model.attention.rope_train_seq_len=0 (the VarLen "
+                             "records' ROPE_YARN=0)")
 
 
 def seq_lens(sched: dict) -> list[int]:

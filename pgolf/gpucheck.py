@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from pgolf.build import CONF_DIR, build, compose
 from pgolf.errors import PgolfError
@@ -42,8 +43,9 @@ TIMED = ("record_0427_pr1855_lqer", "record_0501_pr2135_ngram_calib32")
 # A tiny shape every preset fits: layer-index options are moved inside 3 layers.
 TINY = ["model.num_layers=3", "model.model_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
         "model.vocab_size=256", "data.vocab_size=256"]
-TINY_FIT = {"model.xsa_last_n": "3", "model.loop_start": "1", "model.loop_end": "1", "model.parallel_start_layer": "2",
-            "model.ve_layers": "[1,2]", "model.num_skip_weights": "null", "model.bigram_dim": "32", "model.ve_dim": "32"}
+TINY_FIT = {"model.attention.xsa_last_n": "3", "model.recurrence.loop_start": "1", "model.recurrence.loop_end": "1",
+            "model.residual.parallel_start_layer": "2", "model.embeddings.ve_layers": "[1,2]",
+            "model.residual.num_skip_weights": "null", "model.embeddings.bigram_dim": "32", "model.embeddings.ve_dim": "32"}
 VAL_TARGETS = 40_540_160  # SP8192 validation targets (the frontier presets' data)
 EVAL_BUDGET_S = 600  # the challenge's eval wall-clock budget
 # The time plan on one H100/H200 (seconds per check; the whole command must end within TOTAL_BUDGET_S):
@@ -79,7 +81,8 @@ def preset_overrides(name: str, tiny: bool) -> list[str]:
     if not tiny:
         return base
     cfg = compose(base)
-    fit = [f"{k}={v}" for k, v in TINY_FIT.items() if cfg.model.get(k.split(".")[1]) not in (None, 0, [], False)]
+    fit = [f"{k}={v}" for k, v in TINY_FIT.items()
+           if OmegaConf.select(cfg, k, default=None) not in (None, 0, [], False)]
     fit += ["eval.seq_len=null"] if cfg.eval.get("seq_len") is not None else []  # long eval context: the tiny 64
     return base + TINY + fit + ["debug=smoke", "schedule.train_batch_tokens=1024", "schedule.train_seq_len=64"]
 
@@ -183,7 +186,7 @@ def one_rank_group(device: torch.device, data_cache: str | None = None) -> Check
 def reference_step(checkout: Path, device: torch.device, dtype: torch.dtype, rounds: int = 5) -> Check:
     """The baseline script's GPT forward + backward against pgolf's on the same weights and batch."""
     from pgolf.bench_reference import load_script
-    from pgolf.model import GPT
+    from pgolf.model import GPT, from_flat
 
     baseline = load_script(checkout, "train_gpt.py")
     shape = dict(vocab_size=1024, num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=2,
@@ -191,7 +194,7 @@ def reference_step(checkout: Path, device: torch.device, dtype: torch.dtype, rou
     if device.type == "cpu":
         shape.update(num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2)
     torch.manual_seed(0)
-    ours = GPT(**shape).to(device)
+    ours = GPT(**from_flat(shape)).to(device)
     theirs = baseline.GPT(**shape).to(device)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     seqs, seq = (8, 1024) if device.type == "cuda" else (2, 128)

@@ -5,7 +5,7 @@
 switches (late QAT, EMA window, the depth-recurrence loop phase, the training sequence length of
 progressive context growth, pgolf/progressive.py). Wall-clock time is an input,
 so a run ends its warm-down when its time budget ends, whatever the hardware. The model keeps
-which layers loop and how (`model.num_loops`, `loop_start`, `loop_end`); the schedule says when:
+which layers loop and how (`model.recurrence.num_loops`, `loop_start`, `loop_end`); the schedule says when:
 `enable_looping_at` / `loop_phase2_at` (fractions of the budget, 2026-04-05 #1394, progressive
 2026-04-06 #1412) or `recur_start_step` (a training step, 2026-03-31 #1204).
 

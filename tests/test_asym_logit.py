@@ -11,7 +11,7 @@ import torch
 
 from golden import seeded_tokens, seeded_weights
 from pgolf.errors import PgolfError
-from pgolf.model import GPT, check_model_args
+from pgolf.model import GPT, check_model, from_flat
 from pgolf.model.head import asym_softcap
 
 GOLDENS = Path(__file__).parent / "goldens"
@@ -40,7 +40,7 @@ def test_head_equals_2135():
 
 def test_model_logits_equal_2135_on_identical_weights():
     torch.manual_seed(0)
-    model = GPT(**PR2135_SMALL).eval()
+    model = GPT(**from_flat(PR2135_SMALL)).eval()
     w = seeded_weights({k: tuple(v) for k, v in MODEL["state_dict_small"].items()})  # caps included, as the golden
     w["tok_emb.weight"] = w["tok_emb.weight"] * 60  # the golden's logits reach the caps
     w["softcap_pos"], w["softcap_neg"] = torch.tensor(MODEL["softcap_pos"]), torch.tensor(MODEL["softcap_neg"])
@@ -58,9 +58,9 @@ def test_model_logits_equal_2135_on_identical_weights():
 
 def test_identity_at_init_and_frozen_by_default():
     torch.manual_seed(0)
-    plain = GPT(**TINY)
+    plain = GPT(**from_flat(TINY))
     torch.manual_seed(0)
-    asym = GPT(**TINY, asym_logit_rescale=True)
+    asym = GPT(**from_flat(dict(**TINY, asym_logit_rescale=True)))
     x = torch.randint(0, 64, (2, 16))
     asym.load_state_dict({**plain.state_dict(), "softcap_pos": asym.softcap_pos, "softcap_neg": asym.softcap_neg})
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_identity_at_init_and_frozen_by_default():
 
 def test_trainable_caps_get_gradients():
     torch.manual_seed(0)
-    model = GPT(**TINY, asym_logit_rescale=True, asym_logit_trainable=True)
+    model = GPT(**from_flat(dict(**TINY, asym_logit_rescale=True, asym_logit_trainable=True)))
     with torch.no_grad():
         model.tok_emb.weight.mul_(500)
     model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))).backward()
@@ -84,4 +84,4 @@ def test_trainable_caps_get_gradients():
 
 def test_trainable_without_rescale_is_one_line():
     with pytest.raises(PgolfError, match="asym_logit_trainable"):
-        check_model_args(asym_logit_trainable=True)
+        check_model(head=dict(asym_logit_trainable=True))

@@ -26,7 +26,7 @@ def legal_run(tmp_path_factory, fast_cache):
     """One smoke run with the tilt (order 4, so it fires on 8 steps of training) and AsymLogit on."""
     d = tmp_path_factory.mktemp("audit")
     r = run_py([*FAST, fast_cache, "logger=none", f"hydra.run.dir={d / 'run'}", "eval.ngram_tilt_enabled=true",
-                "eval.token_order=4", "eval.token_threshold=0.5", "model.asym_logit_rescale=true"], cwd=d)
+                "eval.token_order=4", "eval.token_threshold=0.5", "model.head.asym_logit_rescale=true"], cwd=d)
     assert r.returncode == 0, r.stderr[-2000:]
     return d / "run"
 

@@ -167,8 +167,8 @@ def test_seq_len_row_names_the_largest_usable_value(shards, fast_cache, tmp_path
 @pytest.mark.slow
 def test_an_artifact_over_the_cap_finishes_with_a_warning(fast_cache, tmp_path):
     # 4.4M fp32 bigram-hash weights (random normal, barely compressible) with no quantization: ~17 MB.
-    r = run_py([*JOB, fast_cache, "schedule.iterations=1", "quant=none", "model.bigram_buckets=2200000",
-                "model.bigram_dim=2"], tmp_path)
+    r = run_py([*JOB, fast_cache, "schedule.iterations=1", "quant=none", "model.embeddings.bigram_buckets=2200000",
+                "model.embeddings.bigram_dim=2"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     m = metrics(tmp_path / "run")
     assert m["artifact/over_cap"] is True and m["status"] == "finished"

@@ -17,7 +17,7 @@ from pgolf.quant.treatments import CLIP_Q, clip_quantile
 
 def test_bench_prints_table_and_ratios(tmp_path, capsys):
     out_json = tmp_path / "b.json"
-    assert main(["experiment=smoke", "--compare", "experiment=smoke model.mlp_mult=3.0", "--steps", "2",
+    assert main(["experiment=smoke", "--compare", "experiment=smoke model.mlp.mlp_mult=3.0", "--steps", "2",
                  "--warmup", "1", "--eval-windows", "8", "--eval-rounds", "1", "--json", str(out_json)]) == 0
     table = capsys.readouterr().out
     assert "train step (median)" in table and "sliding eval tokens/s" in table and "x" in table

@@ -25,9 +25,11 @@ from test_records_frontier import model_kwargs
 
 import pgolf
 from pgolf.build import to_container
-from pgolf.model import GPT
+from pgolf.errors import PgolfError
+from pgolf.model import GPT, from_flat
 from pgolf.submit import bundle, reach
 from pgolf.submit.__main__ import main
+from pgolf.submit.entry import apply_env
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,10 @@ def smoke() -> dict:
 
 def with_model(config: dict, **options) -> dict:
     out = copy.deepcopy(config)
-    out["model"].update(TINY, **options)
-    if out["model"].get("bigram_buckets"):
-        out["model"]["bigram_buckets"] = 64
+    model = from_flat({**{k: v for k, v in out["model"].items() if not k.startswith("_")}, **TINY, **options})
+    if model["embeddings"].get("bigram_buckets"):
+        model["embeddings"]["bigram_buckets"] = 64
+    out["model"] = {"_target_": out["model"]["_target_"], **model}
     return out
 
 
@@ -74,7 +77,7 @@ def loss_of(gpt_cls, options: dict) -> float:
 def test_every_row_names_a_shipped_definition_and_a_real_option(smoke):
     statements, _ = bundle._statements()
     defined = set().union(*(bundle._defines(stmt) for _, stmt in statements))
-    for row in reach.REACH:
+    for row in reach.rows():
         assert set(row.names) <= defined, row.names
         for key in row.keys:
             reach.option(smoke, key)  # an option the config or its target has
@@ -92,8 +95,8 @@ def test_a_stale_option_name_stops_the_bundler(smoke, monkeypatch):
 
 def test_the_smoke_bundle_leaves_out_every_unused_part(smoke):
     dropped, fixed = reach.left_out(bundle.bundle_config(smoke))
-    assert dropped == {name for row in reach.REACH for name in row.names}  # the baseline uses no part
-    assert "model.smear_gate" in fixed and "data.loader" in fixed
+    assert dropped == {name for row in reach.rows() for name in row.names}  # the baseline uses no part
+    assert "model.embeddings.smear_gate" in fixed and "data.loader" in fixed
     source = bundle.render(smoke)
     tree = ast.parse(source)
     top = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
@@ -110,7 +113,7 @@ def test_the_bundled_model_equals_the_package_model(smoke, name):
     config = with_model(smoke, **(ALL_ON if name == "all_on" else VARIANTS[name]))
     dropped, _ = reach.left_out(config)
     ns = namespace(bundle.render(config))
-    kept = {n for row in reach.REACH for n in row.names} - dropped
+    kept = {n for row in reach.rows() for n in row.names} - dropped
     assert all(ns[n] is not ns["_Absent"] for n in kept) and all(ns.get(n, ns["_Absent"]) is ns["_Absent"]
                                                                   for n in dropped)
     options = {k: v for k, v in config["model"].items() if not k.startswith("_")}
@@ -127,13 +130,36 @@ def test_the_counted_script_runs_the_same_model(smoke, name):
     assert loss_of(ns["GPT"], options) == loss_of(GPT, options)
 
 
+def test_the_env_entry_takes_the_records_names_into_the_part_configs(smoke):
+    """Leaf names as the records spell them set the nested keys (GATE_WINDOW both of its places), the
+    prefixed form too, and the records' mutually exclusive gate booleans select model.attention.gate."""
+    config = copy.deepcopy(smoke)
+    env = {"XSA_LAST_N": "2", "GATE_WINDOW": "8", "MODEL_RECURRENCE_NUM_LOOPS": "1", "GATED_ATTN_ENABLED": "1",
+           "SPARSE_ATTN_GATE_ENABLED": "0"}
+    applied = apply_env(config, env)
+    assert sorted(applied) == sorted(f"{k}={v}" for k, v in env.items())
+    m = config["model"]
+    assert (m["attention"]["xsa_last_n"], m["attention"]["gate_window"], m["embeddings"]["gate_window"],
+            m["recurrence"]["num_loops"], m["attention"]["gate"]) == (2, 8, 8, 1, "gated")
+    apply_env(config, {"GATED_ATTN_ENABLED": "0"})
+    assert m["attention"]["gate"] == "none"
+    with pytest.raises(PgolfError, match="GATED_ATTN_ENABLED=1 and SPARSE_ATTN_GATE_ENABLED=1 are mutually exclusive"):
+        apply_env(config, {"GATED_ATTN_ENABLED": "1", "SPARSE_ATTN_GATE_ENABLED": "true"})
+
+
 def test_an_override_of_a_frozen_option_is_refused(smoke):
     ns = namespace(unwrap(bundle.counted_script(smoke)))
     config = copy.deepcopy(ns["CONFIG"])
     ns["check_fixed"](config)  # unchanged: fine
-    config["model"]["smear_gate"] = "token"
-    with pytest.raises(ns["PgolfError"], match=r"^model.smear_gate='token': this script was bundled for "
-                                               r"model.smear_gate='none' and left out the code other values use"):
+    config["model"]["embeddings"]["smear_gate"] = "token"
+    with pytest.raises(ns["PgolfError"], match=r"^model.embeddings.smear_gate='token': this script was bundled for "
+                                               r"model.embeddings.smear_gate='none' and left out the code other values use"):
+        ns["check_fixed"](config)
+    # A record's gate boolean maps onto the choice even where the gate's class was left out, and is refused.
+    config = copy.deepcopy(ns["CONFIG"])
+    assert ns["apply_env"](config, {"SPARSE_ATTN_GATE_ENABLED": "1"}) == ["SPARSE_ATTN_GATE_ENABLED=1"]
+    with pytest.raises(ns["PgolfError"], match=r"^model.attention.gate='sparse': this script was bundled for "
+                                               r"model.attention.gate='none'"):
         ns["check_fixed"](config)
     with pytest.raises(ns["PgolfError"], match="this part was left out of the bundled script"):
         ns["BigramHash"](128, buckets=64, dim=16, hash="mul", init="normal", scale_init=None, qat={})
@@ -152,7 +178,7 @@ def test_the_1855_model_ships_its_parts_only(smoke):
     """The largest frontier model (04-27 #1855 at the goldens' small shape, with doc attention and
     the document loader): its parts are shipped and run as the package's; the others are not."""
     config = copy.deepcopy(smoke)
-    config["model"].update(model_kwargs("pr1855_lqer_bossmear"), doc_attention=True)
+    config["model"].update(from_flat({**model_kwargs("pr1855_lqer_bossmear"), "doc_attention": True}))
     config["data"]["loader"] = "documents"
     dropped, fixed = reach.left_out(config)
     assert {"SparseAttnGate", "window_smear", "WindowSmearPart", "routed_2x2", "exclusive_self_attention",

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import pgolf
-from pgolf.model import GPT
+from pgolf.build import to_container
+from pgolf.model import GPT, from_flat
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # The frontier record presets (record_MMDD_*) share their parts with VARIANTS and the goldens cover
@@ -68,10 +69,10 @@ def tiny_model(preset: str | None = None, **options) -> GPT:
     """The preset's model (its technique options) at the canonical tiny shape, random weights."""
     kwargs = {}
     if preset is not None:
-        kwargs = {k: v for k, v in pgolf.compose([preset]).model.items() if k != "_target_"}
-    kwargs.update(TINY, **(FRONTIER_SHAPE if preset == FRONTIER else {}), **options)
-    if kwargs.get("bigram_buckets"):
-        kwargs["bigram_buckets"] = 64
+        kwargs = {k: v for k, v in to_container(pgolf.compose([preset]).model).items() if k != "_target_"}
+    kwargs = from_flat({**kwargs, **TINY, **(FRONTIER_SHAPE if preset == FRONTIER else {}), **options})
+    if kwargs.get("embeddings", {}).get("bigram_buckets"):
+        kwargs["embeddings"]["bigram_buckets"] = 64
     torch.manual_seed(0)
     model = GPT(**kwargs)
     with torch.no_grad():  # no zero-init matrices: QAT must have something to round

@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounter
 
 from pgolf.compile_limits import allow_graphs, eval_batch_sizes, graphs_needed, loop_pass_counts
 from pgolf.evaluate import ByteLUTs, eval_standard
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.schedule import Schedule
 
 V, T = 64, 16
@@ -38,7 +38,7 @@ def run_calls(compiled, model, val: torch.Tensor, batch_tokens: int) -> None:
 
 def test_graphs_of_a_looped_run_with_evals_are_counted_and_all_compiled():
     torch.manual_seed(0)
-    model = GPT(**SHAPE)
+    model = GPT(**from_flat(SHAPE))
     val = torch.randint(0, V, (10 * T + 1,), generator=torch.Generator().manual_seed(1))
     batch_tokens = 4 * T  # batches of 4, 4, 2 sequences
     sizes = eval_batch_sizes(val.numel(), T, batch_tokens, 0, 1)

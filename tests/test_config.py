@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 import pgolf
 from pgolf.build import build, check_config
@@ -18,9 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_default_composition_is_the_naive_baseline():
     cfg = pgolf.compose()
     m, o, s, q = cfg.model, cfg.optimizer, cfg.schedule, cfg.quant
-    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_mult, m.vocab_size) == (9, 512, 8, 4, 2.0, 1024)
-    assert (m.tie_embeddings, m.tied_embed_init_std, m.rope_base, m.logit_softcap, m.qk_gain_init) == (
-        True, 0.005, 10000.0, 30.0, 1.5)
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp.mlp_mult, m.vocab_size) == (
+        9, 512, 8, 4, 2.0, 1024)
+    assert (m.tie_embeddings, m.init.tied_embed_init_std, m.attention.rope_base, m.head.logit_softcap,
+            m.attention.qk_gain_init) == (True, 0.005, 10000.0, 30.0, 1.5)
+
     assert (s.train_batch_tokens, s.train_seq_len, s.iterations, s.max_wallclock_seconds) == (524288, 1024, 20000, 600.0)
     assert (s.warmup_steps, s.warmdown_iters) == (20, 1200)
     assert (o.matrix_lr, o.muon_momentum, o.muon_momentum_warmup_start, o.muon_momentum_warmup_steps) == (
@@ -29,6 +32,19 @@ def test_default_composition_is_the_naive_baseline():
         5, 0.9, 0.95, 1e-8, 0.05, 0.04)
     assert (q.preset, q.compressor, q.level) == ("int8", "zlib", 9)
     assert cfg.seed == 1337 and cfg.data.name == "fineweb10B_sp1024"
+
+
+def test_the_baseline_model_yaml_lists_every_part_option_at_its_default():
+    """conf/model/baseline.yaml is the options' catalogue: every field of every part family's typed
+    config, at the dataclass default (where the default lives); nothing else."""
+    import dataclasses
+
+    from pgolf.model.config import FAMILIES, ModelConfig
+
+    m = OmegaConf.to_container(pgolf.compose(["model=baseline"]).model, resolve=True)
+    defaults = dataclasses.asdict(ModelConfig(vocab_size=m["vocab_size"]))
+    assert {k: v for k, v in m.items() if k != "_target_"} == defaults
+    assert set(FAMILIES) <= set(m)
 
 
 def test_baseline_param_count_matches_the_challenge_log():
@@ -45,7 +61,7 @@ def test_baseline_param_count_matches_the_challenge_log():
     (["model.model_dim=500"], "model.model_dim=500 is not divisible by model.num_heads=8"),
     (["model.num_kv_heads=3"], "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
     (["model.model_dim=24"], "head_dim"),
-    (["model.smear_gate=foo"], "model.smear_gate='foo' is not one of"),
+    (["model.embeddings.smear_gate=foo"], "model.embeddings.smear_gate='foo' is not one of"),
     (["eval.stride=0"], "eval.stride=0 must be in 1..1024"),
     (["eval.stride=2048"], "eval.stride=2048 must be in 1..1024"),
     (["model=nope"], "Could not find 'model/nope'"),

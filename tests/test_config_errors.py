@@ -16,6 +16,15 @@ from runs import run_py, tree
 
 # (overrides, a fragment the one line must hold), per group and across groups
 CASES = [
+    # The model's part families (issue 18 item 2): an old flat key names its new place; nested
+    # keys are checked for name, type and choice like a group's.
+    (["model.xsa_last_n=4"], "model.xsa_last_n moved: set model.attention.xsa_last_n instead"),
+    (["model.sparse_attn_gate_enabled=true"], "moved: set model.attention.gate=sparse instead"),
+    (["+model.attention.xsa_lastn=4"], "model.attention.xsa_lastn is not an option of model.attention"),
+    (["model.attention.xsa_last_n=abc"], "model.attention.xsa_last_n='abc' has the wrong type: expected int"),
+    (["model.attention.gate=dense"], "model.attention.gate='dense' is not one of none, attn_out, gated, sparse"),
+    (["model.residual.parallel_start_layer=1", "model.recurrence.num_loops=1", "model.recurrence.loop_end=1"],
+     "falls in the U-Net encoder"),
     (["optimizer.ns_coefficients=polar_express", "optimizer.muon_backend_steps=6"], "muon_backend_steps=6"),
     (["optimizer.ns_coefficients=cubic"], "ns_coefficients='cubic' is unknown"),
     (["optimizer.muon_numerics=fp8"], "muon_numerics='fp8' is unknown"),
@@ -41,7 +50,7 @@ CASES = [
     (["quant.preset=int3"], "int3"),
     (["model.num_heads=3"], "num_heads"),
     (["model.bos_id=2"], "model.bos_id=2 but data.bos_id=1"),
-    (["model.doc_attention=true", "model.rope_train_seq_len=1024"], "rope_train_seq_len=1024 with model.doc_attention"),
+    (["model.attention.doc_attention=true", "model.attention.rope_train_seq_len=1024"], "rope_train_seq_len=1024 with model.attention.doc_attention"),
     (["device=tpu"], "device='tpu'"),
     (["schedule.iterations=abc"], "iterations"),
     (["optimizer.no_such_key=1"], "no_such_key"),
@@ -59,8 +68,8 @@ def test_config_error_at_compose(overrides, fragment):
 def test_good_combinations_compose():
     """The checks do not refuse what the records run."""
     compose(["optimizer.ns_coefficients=polar_express", "optimizer.muon_backend_steps=5"])
-    compose(["model.doc_attention=true", "data.loader=documents"])
-    compose(["model.doc_attention=true", "data.loader=coprime", "model.rope_train_seq_len=1024"])  # rows stay rows
+    compose(["model.attention.doc_attention=true", "data.loader=documents"])
+    compose(["model.attention.doc_attention=true", "data.loader=coprime", "model.attention.rope_train_seq_len=1024"])  # rows stay rows
 
 
 def test_run_py_config_error_leaves_no_run_directory(tmp_path):

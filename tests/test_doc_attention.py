@@ -1,4 +1,4 @@
-"""Document-aware attention (`model.doc_attention`): nothing crosses a BOS boundary.
+"""Document-aware attention (`model.attention.doc_attention`): nothing crosses a BOS boundary.
 
 For every technique that could carry information between positions, in a packed batch, changing
 every token of document A leaves every per-token loss of the document B after it unchanged; the
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.evaluate import ByteLUTs, eval_sliding
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.model import docs as docs_mod
 from pgolf.model.docs import build_doc_mask, doc_ids, segment_cu_seqlens
 from pgolf.model.embeddings import BigramHash, SigmoidSmear, token_smear, window_smear
@@ -66,7 +66,7 @@ TECHNIQUES = {
 def model(doc_attention: bool, **options) -> GPT:
     """Random weights everywhere (zero-init gates and lambdas too, so every mixer is live)."""
     torch.manual_seed(0)
-    m = GPT(**SHAPE, doc_attention=doc_attention, **options)
+    m = GPT(**from_flat(dict(**SHAPE, doc_attention=doc_attention, **options)))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -310,20 +310,20 @@ def test_doc_attention_traces_fullgraph_without_breaks(backend, monkeypatch):
 def test_doc_attention_is_a_config_key_checked_at_compose():
     import pgolf
     from pgolf.errors import PgolfError
-    from pgolf.model import check_model_args
+    from pgolf.model import check_model
 
-    assert pgolf.compose(["model=tiny"]).model.doc_attention is False
-    assert pgolf.compose(["model=tiny", "model.doc_attention=true"]).model.doc_attention is True
-    with pytest.raises(PgolfError, match="model.doc_attention"):
-        check_model_args(doc_attention="yes")
+    assert pgolf.compose(["model=tiny"]).model.attention.doc_attention is False
+    assert pgolf.compose(["model=tiny", "model.attention.doc_attention=true"]).model.attention.doc_attention is True
+    with pytest.raises(PgolfError, match="model.attention.doc_attention"):
+        check_model(attention=dict(doc_attention="yes"))
 
 
 @pytest.mark.slow
 def test_run_with_doc_attention_logs_it_and_finishes(fast_cache, tmp_path):
-    """`python run.py experiment=smoke model.doc_attention=true` end to end on CPU (short)."""
+    """`python run.py experiment=smoke model.attention.doc_attention=true` end to end on CPU (short)."""
     from runs import FAST, metrics, run_py
 
-    r = run_py([*FAST, fast_cache, "logger=none", "hydra.run.dir=run", "model.doc_attention=true"], tmp_path)
+    r = run_py([*FAST, fast_cache, "logger=none", "hydra.run.dir=run", "model.attention.doc_attention=true"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "doc_attention:on bos_id:1 kernel:sdpa" in log

@@ -17,7 +17,7 @@ import torch
 from golden import seeded_tokens, seeded_weights
 
 from pgolf.errors import PgolfError
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 
 BASELINE = dict(vocab_size=1024, num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=2,
                 tie_embeddings=True, tied_embed_init_std=0.005, logit_softcap=30.0, rope_base=10000.0,
@@ -35,7 +35,7 @@ TOP_KEYS = {"skip_weights": (4, 512), "tok_emb.weight": (1024, 512)}
 
 
 def test_state_dict_keys_and_shapes_match_baseline():
-    sd = GPT(**BASELINE).state_dict()
+    sd = GPT(**from_flat(BASELINE)).state_dict()
     expected = dict(TOP_KEYS)
     for i in range(9):
         expected.update({f"blocks.{i}.{k}": v for k, v in BLOCK_KEYS.items()})
@@ -45,7 +45,7 @@ def test_state_dict_keys_and_shapes_match_baseline():
 @pytest.mark.parametrize("case", sorted(GOLDEN_LOSS))
 def test_loss_equals_reference_on_same_weights(case):
     kwargs, golden = GOLDEN_LOSS[case]
-    model = GPT(**kwargs)
+    model = GPT(**from_flat(kwargs))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(seeded_weights(shapes), strict=True)
     x, y = seeded_tokens()
@@ -56,7 +56,7 @@ def test_loss_equals_reference_on_same_weights(case):
 
 def test_forward_logits_are_softcapped_and_consistent_with_loss():
     torch.manual_seed(0)
-    model = GPT(**dict(UNTIED_SMALL, logit_softcap=2.0))
+    model = GPT(**from_flat(dict(UNTIED_SMALL, logit_softcap=2.0)))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
@@ -71,7 +71,7 @@ def test_forward_logits_are_softcapped_and_consistent_with_loss():
 
 def test_zero_init_output_projections_and_tied_init_std():
     torch.manual_seed(0)
-    model = GPT(**BASELINE)
+    model = GPT(**from_flat(BASELINE))
     for i in range(9):
         assert model.blocks[i].attn.proj.weight.abs().sum() == 0
         assert model.blocks[i].mlp.proj.weight.abs().sum() == 0
@@ -82,18 +82,18 @@ def test_zero_init_output_projections_and_tied_init_std():
     (dict(model_dim=500, num_heads=8), "model.model_dim=500 is not divisible by model.num_heads=8"),
     (dict(num_heads=8, num_kv_heads=3), "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
     (dict(model_dim=24, num_heads=8, num_kv_heads=4), "head_dim"),
-    (dict(logit_softcap=0.0), "model.logit_softcap=0.0"),
+    (dict(logit_softcap=0.0), "model.head.logit_softcap=0.0"),
 ])
 def test_inconsistent_shapes_fail_with_one_line(kwargs, field):
     with pytest.raises(PgolfError) as e:
-        GPT(**dict(BASELINE, **kwargs))
+        GPT(**from_flat(dict(BASELINE, **kwargs)))
     assert field in str(e.value) and "\n" not in str(e.value)
 
 
 def test_mlp_hidden_overrides_mult_and_fractional_mult():
-    assert GPT(**dict(UNTIED_SMALL, mlp_mult=3.0)).blocks[0].mlp.fc.weight.shape == (768, 256)
-    assert GPT(**dict(UNTIED_SMALL, mlp_mult=2.5)).blocks[0].mlp.fc.weight.shape == (640, 256)
-    assert GPT(**dict(UNTIED_SMALL, mlp_hidden=344)).blocks[0].mlp.fc.weight.shape == (344, 256)
+    assert GPT(**from_flat(dict(UNTIED_SMALL, mlp_mult=3.0))).blocks[0].mlp.fc.weight.shape == (768, 256)
+    assert GPT(**from_flat(dict(UNTIED_SMALL, mlp_mult=2.5))).blocks[0].mlp.fc.weight.shape == (640, 256)
+    assert GPT(**from_flat(dict(UNTIED_SMALL, mlp_hidden=344))).blocks[0].mlp.fc.weight.shape == (344, 256)
 
 
 def _reference_module():
@@ -110,7 +110,7 @@ def _reference_module():
 def test_live_reference_loads_both_ways_and_agrees(case):
     ref = _reference_module()
     kwargs, _ = GOLDEN_LOSS[case]
-    theirs, ours = ref.GPT(**kwargs), GPT(**kwargs)
+    theirs, ours = ref.GPT(**kwargs), GPT(**from_flat(kwargs))
     ours.load_state_dict(theirs.state_dict(), strict=True)
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     ours.load_state_dict(seeded_weights(shapes, seed=3), strict=True)

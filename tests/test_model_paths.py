@@ -16,7 +16,7 @@ import torch
 
 from pgolf.errors import PgolfError
 from pgolf.evaluate import build_byte_luts, eval_sliding, eval_standard
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.model.adapters import attach_lora
 
 CPU = dict(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
@@ -65,7 +65,7 @@ def luts(tmp_path_factory):
 
 def model_with(options: dict) -> GPT:
     torch.manual_seed(0)
-    model = GPT(**BASE, **options)
+    model = GPT(**from_flat(dict(**BASE, **options)))
     with torch.no_grad():  # every parameter non-trivial, so no part hides behind a zero init
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -108,7 +108,7 @@ def test_looping_is_on_after_construction_and_the_trainer_schedule_switches_it()
     (`looping_active=True` after loading); the trainer sets the passes of the schedule's loop phase."""
     from pgolf.schedule import Schedule, loop_passes
 
-    model = GPT(**BASE, num_loops=2, loop_start=1, loop_end=1)
+    model = GPT(**from_flat(dict(**BASE, num_loops=2, loop_start=1, loop_end=1)))
     sched = Schedule(enable_looping_at=0.35, loop_phase2_at=0.65)
     assert model.loop_passes == 2
     assert [loop_passes(sched.loop_phase(f), model.num_loops) for f in (0.0, 0.34, 0.35, 0.64, 0.65, 1.0)] == \
@@ -119,25 +119,26 @@ def test_looping_is_on_after_construction_and_the_trainer_schedule_switches_it()
 
 
 @pytest.mark.parametrize("options,msg", [
-    (dict(xsa_last_n=-1), "model.xsa_last_n=-1"),
-    (dict(rope_dims=6 * 4), "model.rope_dims=24"),
-    (dict(mlp_activation="gelu"), "model.mlp_activation='gelu'"),
+    (dict(xsa_last_n=-1), "model.attention.xsa_last_n=-1"),
+    (dict(rope_dims=6 * 4), "model.attention.rope_dims=24"),
+    (dict(mlp_activation="gelu"), "model.mlp.mlp_activation='gelu'"),
     (dict(gated_attn_enabled=True, sparse_attn_gate_enabled=True), "mutually exclusive"),
-    (dict(num_loops=1, loop_start=2, loop_end=1), "model.loop_start=2"),
+    (dict(num_loops=1, loop_start=2, loop_end=1), "model.recurrence.loop_start=2"),
     (dict(parallel_start_layer=1, num_loops=1, loop_start=1, loop_end=1), "falls in the U-Net encoder"),
-    (dict(parallel_residual="two_lane", parallel_start_layer=2), "model.parallel_residual='two_lane'"),
-    (dict(ve_enabled=True, ve_layers=[5]), "model.ve_layers=[5]"),
-    (dict(smear_gate="window", gate_window=65), "model.gate_window=65"),
+    (dict(parallel_residual="two_lane", parallel_start_layer=2), "model.residual.parallel_residual='two_lane'"),
+    (dict(ve_enabled=True, ve_layers=[5]), "model.embeddings.ve_layers=[5]"),
+    (dict(smear_gate="window", gate_window=65), "model.embeddings.gate_window=65"),
+    (dict(sparse_attn_gate_enabled=True, gate_window=65), "model.attention.gate_window=65"),
 ])
 def test_bad_options_fail_with_one_line(options, msg):
     with pytest.raises(PgolfError, match=msg.replace("[", r"\[").replace("(", r"\(")) as err:
-        GPT(**BASE, **options)
+        GPT(**from_flat(dict(**BASE, **options)))
     assert "\n" not in str(err.value)
 
 
 def test_unmasked_window_smear_warns(caplog):
     with caplog.at_level("WARNING", logger="pgolf.model"):
-        GPT(**BASE, smear_gate="window", smear_bos_mask=False)
+        GPT(**from_flat(dict(**BASE, smear_gate="window", smear_bos_mask=False)))
     assert "leak" in caplog.text
 
 
@@ -148,11 +149,11 @@ def test_every_part_at_once_trains_compiled_on_smoke_data(tmp_path, fast_cache):
     standard, quantized-roundtrip and sliding evals of the result."""
     from runs import FAST, metrics, run_py
 
-    all_on = ["model.num_layers=3", "model.xsa_last_n=3", "model.rope_dims=8", "model.ln_scale=true",
-              "model.mlp_activation=leaky_relu2", "model.skip_gates_enabled=true", "model.ve_enabled=true",
-              "model.ve_dim=32", "model.ve_layers=[2]", "model.num_loops=1", "model.loop_start=1", "model.loop_end=1",
-              "schedule.enable_looping_at=0.5", "model.parallel_start_layer=2", "model.sparse_attn_gate_enabled=true",
-              "model.smear_gate=window"]
+    all_on = ["model.num_layers=3", "model.attention.xsa_last_n=3", "model.attention.rope_dims=8", "model.residual.ln_scale=true",
+              "model.mlp.mlp_activation=leaky_relu2", "model.residual.skip_gates_enabled=true", "model.embeddings.ve_enabled=true",
+              "model.embeddings.ve_dim=32", "model.embeddings.ve_layers=[2]", "model.recurrence.num_loops=1", "model.recurrence.loop_start=1", "model.recurrence.loop_end=1",
+              "schedule.enable_looping_at=0.5", "model.residual.parallel_start_layer=2", "model.attention.gate=sparse",
+              "model.embeddings.smear_gate=window"]
     out = run_py([*FAST, fast_cache, "schedule.iterations=5", "compile=true", "logger=none", *all_on,
                   f"hydra.run.dir={tmp_path / 'job'}"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]

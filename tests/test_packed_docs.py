@@ -22,7 +22,7 @@ from pgolf.data.loader import DistributedTokenLoader
 from pgolf.data.loaders import DocumentPackingLoader, make_loader
 from pgolf.data.packing import PackedRows, pack_documents, segment_starts
 from pgolf.data.shards import write_shard
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.model.docs import build_doc_mask
 from test_records_frontier import GOLDENS, model_kwargs
 
@@ -40,7 +40,7 @@ def shard(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def record_1530() -> GPT:
     torch.manual_seed(0)
-    model = GPT(**{**model_kwargs(GOLDEN["record"]), "doc_attention": True, "bos_id": BOS})
+    model = GPT(**from_flat({**model_kwargs(GOLDEN["record"]), "doc_attention": True, "bos_id": BOS}))
     shapes = {k: tuple(v) for k, v in GOLDENS[GOLDEN["record"]]["state_dict_small"].items()}
     model.load_state_dict(seeded_weights(shapes), strict=True)
     return model.eval()

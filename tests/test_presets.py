@@ -36,60 +36,59 @@ TABLE = [
     ("model.model_dim",                     512,        512,        512,        512,        512),
     ("model.num_heads",                     8,          8,          8,          8,          8),
     ("model.num_kv_heads",                  4,          4,          4,          4,          4),
-    ("model.mlp_mult",                      2.0,        3.0,        3.0,        3.0,        3.0),
-    ("model.mlp_hidden",                    None,       None,       None,       None,       None),
+    ("model.mlp.mlp_mult",                      2.0,        3.0,        3.0,        3.0,        3.0),
+    ("model.mlp.mlp_hidden",                    None,       None,       None,       None,       None),
     ("model.tie_embeddings",                True,       True,       True,       True,       True),
-    ("model.tied_embed_init_std",           0.005,      0.005,      0.005,      0.005,      0.005),
-    ("model.logit_softcap",                 30.0,       30.0,       30.0,       30.0,       30.0),
-    ("model.rope_base",                     10000.0,    10000.0,    10000.0,    10000.0,    10000.0),
-    ("model.qk_gain_init",                  1.5,        1.5,        1.5,        1.5,        1.7),
-    ("model.smear_gate",                    "none",     "pre_norm", "post_norm", "token",   "none"),
-    ("model.bigram_buckets",                0,          4096,       10240,      0,          0),
-    ("model.bigram_dim",                    NA,         128,        128,        NA,         NA),
-    ("model.bigram_hash",                   NA,         "mul",      "xor",      NA,         NA),
-    ("model.bigram_init",                   NA,         "normal",   "zeros",    NA,         NA),
-    ("model.bigram_scale_init",             NA,         None,       0.05,       NA,         NA),
-    ("model.ortho_init",                    False,      True,       True,       True,       False),
-    ("model.ortho_min_dim",                 NA,         0,          64,         0,          NA),
+    ("model.init.tied_embed_init_std",           0.005,      0.005,      0.005,      0.005,      0.005),
+    ("model.head.logit_softcap",                 30.0,       30.0,       30.0,       30.0,       30.0),
+    ("model.attention.rope_base",                     10000.0,    10000.0,    10000.0,    10000.0,    10000.0),
+    ("model.attention.qk_gain_init",                  1.5,        1.5,        1.5,        1.5,        1.7),
+    ("model.embeddings.smear_gate",                    "none",     "pre_norm", "post_norm", "token",   "none"),
+    ("model.embeddings.bigram_buckets",                0,          4096,       10240,      0,          0),
+    ("model.embeddings.bigram_dim",                    NA,         128,        128,        NA,         NA),
+    ("model.embeddings.bigram_hash",                   NA,         "mul",      "xor",      NA,         NA),
+    ("model.embeddings.bigram_init",                   NA,         "normal",   "zeros",    NA,         NA),
+    ("model.embeddings.bigram_scale_init",             NA,         None,       0.05,       NA,         NA),
+    ("model.init.ortho_init",                    False,      True,       True,       True,       False),
+    ("model.init.ortho_min_dim",                 NA,         0,          64,         0,          NA),
     # PR #192 multiplies its zero-init projections by 1/sqrt(2L): a no-op, so false here.
-    ("model.ortho_proj_scale",              NA,         False,      True,       False,      NA),
-    ("model.qat_bits",                      0,          6,          0,          6,          0),
-    ("model.qat_clip",                      NA,         "percentile", NA,       "rowmax_floor", NA),
+    ("model.init.ortho_proj_scale",              NA,         False,      True,       False,      NA),
+    ("model.qat.qat_bits",                      0,          6,          0,          6,          0),
+    ("model.qat.qat_clip",                      NA,         "percentile", NA,       "rowmax_floor", NA),
     # The frontier parts (issue 13): none of these records has them, so each is off.
-    ("model.mlp_activation", 'relu2', 'relu2', 'relu2', 'relu2', 'relu2'),
-    ("model.negative_slope", NA, NA, NA, NA, NA),
-    ("model.rope_dims", 0, 0, 0, 0, 0),
-    ("model.rope_train_seq_len", 0, 0, 0, 0, 0),
-    ("model.ln_scale", False, False, False, False, False),
-    ("model.xsa_last_n", 0, 0, 0, 0, 0),
-    ("model.skip_gates_enabled", False, False, False, False, False),
-    ("model.attn_out_gate_enabled", False, False, False, False, False),
-    ("model.attn_out_gate_src", NA, NA, NA, NA, NA),
-    ("model.gated_attn_enabled", False, False, False, False, False),
-    ("model.gated_attn_init_std", NA, NA, NA, NA, NA),
-    ("model.sparse_attn_gate_enabled", False, False, False, False, False),
-    ("model.sparse_attn_gate_init_std", NA, NA, NA, NA, NA),
-    ("model.sparse_attn_gate_scale", NA, NA, NA, NA, NA),
-    ("model.gate_window", NA, NA, NA, NA, NA),
-    ("model.parallel_start_layer", 0, 0, 0, 0, 0),
-    ("model.parallel_residual", NA, NA, NA, NA, NA),
-    ("model.parallel_final_lane", NA, NA, NA, NA, NA),
-    ("model.num_loops", 0, 0, 0, 0, 0),
-    ("model.loop_start", NA, NA, NA, NA, NA),
-    ("model.loop_end", NA, NA, NA, NA, NA),
-    ("model.loop_untie_mlp", False, False, False, False, False),
-    ("model.layer_index", "physical", "physical", "physical", "physical", "physical"),
-    ("model.disable_layer0_attn", False, False, False, False, False),
-    ("model.num_skip_weights", None, None, None, None, None),
-    ("model.ve_enabled", False, False, False, False, False),
-    ("model.ve_dim", NA, NA, NA, NA, NA),
-    ("model.ve_layers", NA, NA, NA, NA, NA),
-    ("model.value_residual", "none", "none", "none", "none", "none"),
-    ("model.smear_bos_mask", NA, NA, NA, NA, NA),
+    ("model.mlp.mlp_activation", 'relu2', 'relu2', 'relu2', 'relu2', 'relu2'),
+    ("model.mlp.negative_slope", NA, NA, NA, NA, NA),
+    ("model.attention.rope_dims", 0, 0, 0, 0, 0),
+    ("model.attention.rope_train_seq_len", 0, 0, 0, 0, 0),
+    ("model.residual.ln_scale", False, False, False, False, False),
+    ("model.attention.xsa_last_n", 0, 0, 0, 0, 0),
+    ("model.residual.skip_gates_enabled", False, False, False, False, False),
+    ("model.attention.gate", "none", "none", "none", "none", "none"),
+    ("model.attention.attn_out_gate_src", NA, NA, NA, NA, NA),
+    ("model.attention.gated_attn_init_std", NA, NA, NA, NA, NA),
+    ("model.attention.sparse_attn_gate_init_std", NA, NA, NA, NA, NA),
+    ("model.attention.sparse_attn_gate_scale", NA, NA, NA, NA, NA),
+    ("model.attention.gate_window", NA, NA, NA, NA, NA),
+    ("model.embeddings.gate_window", NA, NA, NA, NA, NA),
+    ("model.residual.parallel_start_layer", 0, 0, 0, 0, 0),
+    ("model.residual.parallel_residual", NA, NA, NA, NA, NA),
+    ("model.residual.parallel_final_lane", NA, NA, NA, NA, NA),
+    ("model.recurrence.num_loops", 0, 0, 0, 0, 0),
+    ("model.recurrence.loop_start", NA, NA, NA, NA, NA),
+    ("model.recurrence.loop_end", NA, NA, NA, NA, NA),
+    ("model.recurrence.loop_untie_mlp", False, False, False, False, False),
+    ("model.recurrence.layer_index", "physical", "physical", "physical", "physical", "physical"),
+    ("model.attention.disable_layer0_attn", False, False, False, False, False),
+    ("model.residual.num_skip_weights", None, None, None, None, None),
+    ("model.embeddings.ve_enabled", False, False, False, False, False),
+    ("model.embeddings.ve_dim", NA, NA, NA, NA, NA),
+    ("model.embeddings.ve_layers", NA, NA, NA, NA, NA),
+    ("model.embeddings.value_residual", "none", "none", "none", "none", "none"),
+    ("model.embeddings.smear_bos_mask", NA, NA, NA, NA, NA),
     ("model.bos_id", NA, NA, NA, NA, NA),
-    ("model.doc_attention", False, False, False, False, False),  # no document masks before #1530
-    ("model.overtone_init", False, False, False, False, False),
-    ("model.phase_resid_mix_init", False, False, False, False, False),
+    ("model.attention.doc_attention", False, False, False, False, False),  # no document masks before #1530
+    ("model.init.overtone_init", False, False, False, False, False),
+    ("model.init.phase_resid_mix_init", False, False, False, False, False),
     ("optimizer.tied_embed_lr",             0.05,       0.03,       0.03,       0.03,       0.03),
     ("optimizer.matrix_lr",                 0.04,       0.02,       0.02,       0.02,       0.02),
     ("optimizer.scalar_lr",                 0.04,       0.02,       0.02,       0.02,       0.02),
@@ -161,8 +160,8 @@ TABLE = [
     ("eval.token_order",                    NA,         NA,         NA,         NA,         NA),
     ("eval.token_threshold",                NA,         NA,         NA,         NA,         NA),
     ("eval.token_boost",                    NA,         NA,         NA,         NA,         NA),
-    ("model.asym_logit_rescale",            False,      False,      False,      False,      False),
-    ("model.asym_logit_trainable",          False,      False,      False,      False,      False),
+    ("model.head.asym_logit_rescale",            False,      False,      False,      False,      False),
+    ("model.head.asym_logit_trainable",          False,      False,      False,      False,      False),
     ("quant.byte_shuffle",                  0,          0,          0,          0,          0),
     ("quant.lqer",                          None,       None,       None,       None,       None),
     ("quant.pergroup_backend",              NA,         NA,         NA,         NA,         NA),
@@ -223,7 +222,11 @@ def test_preset_holds_the_records_values(record):
 def test_table_covers_every_key_of_the_checked_groups():
     # A new config key must be added to TABLE (or PGOLF_ONLY) with each record's value.
     cfg = composed()
-    keys = {f"{g}.{k}" for g in CHECKED_GROUPS for k in cfg[g] if not k.startswith("_")}
+    def leaves(prefix: str, node) -> set[str]:  # a part family's node (model.attention) by its leaves
+        return set().union(*(leaves(f"{prefix}.{k}", v) if OmegaConf.is_dict(v) else {f"{prefix}.{k}"}
+                             for k, v in node.items() if not k.startswith("_")))
+
+    keys = set().union(*(leaves(g, cfg[g]) for g in CHECKED_GROUPS))
     assert keys - PGOLF_ONLY == {row[0] for row in TABLE} - {"seed", "data.name"}
     assert all(len(row) == 1 + len(RECORDS) for row in TABLE)
 
@@ -246,7 +249,7 @@ def test_preset_header_cites_the_record(record):
 @pytest.mark.parametrize("record", RECORDS)
 def test_real_shape_param_count_and_quant_rules(record):
     # Orthogonal init changes no shape and costs seconds on CPU at the real size.
-    cfg = composed(f"experiment=record_{record}", "model.ortho_init=false")
+    cfg = composed(f"experiment=record_{record}", "model.init.ortho_init=false")
     model = build(cfg, "model")
     assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[record]
     # Every quant rule of the preset takes effect on the real names (tests/test_records.py

@@ -43,7 +43,7 @@ NOT_IN_PGOLF_CHAIN = {
     "ttt_warm_start_mean_momentum", "within_boost", "within_tau", "word_boost", "word_normalize", "word_order",
     "word_tau", "agree_add_boost",
 }
-EXTRA = {"asym_logit_rescale": "model.asym_logit_rescale", "ngram_tilt_enabled": "eval.ngram_tilt_enabled",
+EXTRA = {"asym_logit_rescale": "model.head.asym_logit_rescale", "ngram_tilt_enabled": "eval.ngram_tilt_enabled",
          "token_order": "eval.token_order", "token_threshold": "eval.token_threshold",
          "token_boost": "eval.token_boost", "train_seq_schedule": "schedule.train_seq_schedule",
          "seq_change_warmup_steps": "schedule.seq_change_warmup_steps"}
@@ -58,18 +58,19 @@ def test_chain_preset_holds_the_records_values(row):
     for key, value in hp.items():
         if (row, key) in DEVIATIONS:
             continue
-        where, convert = FIELDS.get(key) or (EXTRA.get(key), lambda v: v)
-        if where is not None and not same(get(cfg, where), convert(value)):
-            wrong.append(f"{where}: preset {get(cfg, where)!r}, record {key}={value!r}")
-    if get(cfg, "model.rope_train_seq_len") != 0:  # ROPE_YARN=0 in every row: no rescale
-        wrong.append("model.rope_train_seq_len: the rows run without RoPE rescaling (0)")
+        places, convert = FIELDS.get(key) or (EXTRA.get(key), lambda v: v)
+        for where in places if isinstance(places, tuple) else (places,):
+            if where is not None and not same(get(cfg, where), convert(value)):
+                wrong.append(f"{where}: preset {get(cfg, where)!r}, record {key}={value!r}")
+    if get(cfg, "model.attention.rope_train_seq_len") != 0:  # ROPE_YARN=0 in every row: no rescale
+        wrong.append("model.attention.rope_train_seq_len: the rows run without RoPE rescaling (0)")
     if (get(cfg, "eval.seq_len") or get(cfg, "schedule.train_seq_len")) != hp["eval_seq_len"]:
         wrong.append(f"eval seq_len: preset {get(cfg, 'eval.seq_len')}, record {hp['eval_seq_len']}")
     wrong += export_and_ttt_mismatches(cfg, hp)
     env = rec["env_only"]
-    for where, expected in (("model.asym_logit_rescale", env["asym_logit_rescale"]),
-                            ("model.asym_logit_trainable", False),  # the record never trains them (an identity)
-                            ("model.smear_bos_mask", env["smear_gate_bos_fix"]),
+    for where, expected in (("model.head.asym_logit_rescale", env["asym_logit_rescale"]),
+                            ("model.head.asym_logit_trainable", False),  # the record never trains them (an identity)
+                            ("model.embeddings.smear_bos_mask", env["smear_gate_bos_fix"]),
                             ("eval.ttt.ttt_lora_alpha", env["ttt_lora_alpha"]),
                             ("eval.ttt.ttt_warm_start_a", env["ttt_warm_start_a"])):
         if not same(get(cfg, where), expected):
@@ -162,7 +163,7 @@ def chain_model(row: str, doc_attention: bool = False):
 @pytest.mark.parametrize("row", ROWS)
 def test_chain_eval_loss_equals_the_records(row):
     """Dense path (BOS-free and BOS tokens, looping off, caps back at 30: AsymLogit is live) and the packed
-    document eval (the batch in one row, cut at each BOS or each row start) under model.doc_attention."""
+    document eval (the batch in one row, cut at each BOS or each row start) under model.attention.doc_attention."""
     from golden import seeded_tokens
     from test_records_frontier import REL, bos_tokens, loss, packed_losses
 
@@ -187,8 +188,8 @@ def test_chain_eval_loss_equals_the_records(row):
 # The top row at a small shape over the CPU smoke setting (conf/debug/smoke.yaml): its loop, lanes and XSA
 # moved to fit 5 layers, a short TTT (one phase after 2 documents, 2-document batches, 1024-token windows and chunks).
 SMALL_2135 = ("experiment=record_0501_pr2135_ngram_calib32", "debug=smoke", "model.num_layers=5", "model.model_dim=64",
-              "model.num_heads=2", "model.num_kv_heads=1", "model.loop_start=1", "model.loop_end=2",
-              "model.parallel_start_layer=3", "model.xsa_last_n=5", "schedule.iterations=4",
+              "model.num_heads=2", "model.num_kv_heads=1", "model.recurrence.loop_start=1", "model.recurrence.loop_end=2",
+              "model.residual.parallel_start_layer=3", "model.attention.xsa_last_n=5", "schedule.iterations=4",
               "schedule.train_log_every=2", "data.num_val_docs=5", "quant.small_numel=2048",
               "quant.gptq_calibration_batches=2", "eval.seq_len=1024", "eval.stride=512", "eval.ttt.phased_ttt_prefix_docs=2",
               "eval.ttt.ttt_batch_size=2", "eval.ttt.ttt_chunk_size=1024", "eval.ttt.ttt_lora_rank=8",

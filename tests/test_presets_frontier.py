@@ -19,6 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pgolf.build import CONF_DIR, build
+from pgolf.model.config import gate_flags, key_path
 from test_records_frontier import GOLDENS, PRESETS, _composed
 
 HPARAMS = json.loads((Path(__file__).parent / "goldens" / "records_frontier_hparams.json").read_text())["records"]
@@ -28,29 +29,45 @@ def _layers(value: str) -> list[int]:
     return [int(s) for s in value.split(",")]
 
 
+class Choice:
+    """A record's gate boolean against pgolf's one choice: on <=> model.attention.gate == choice."""
+
+    def __init__(self, choice: str, on: bool):
+        self.choice, self.on = choice, bool(on)
+
+    def __eq__(self, actual) -> bool:
+        return (actual == self.choice) == self.on
+
+    def __repr__(self) -> str:
+        return f"{'' if self.on else 'not '}{self.choice!r}"
+
+
 SAME = lambda v: v  # noqa: E731
-# record key -> (pgolf key, record value -> pgolf value)
+# record key -> (pgolf key or keys, record value -> pgolf value); leaves find their part family by name
 FIELDS = {
-    **{k: (f"model.{k}", SAME) for k in (
+    **{k: (key_path(k), SAME) for k in (
         "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
         "tied_embed_init_std", "logit_softcap", "rope_base", "qk_gain_init", "xsa_last_n", "rope_dims", "ln_scale",
-        "skip_gates_enabled", "ve_enabled", "ve_dim", "num_loops", "loop_start", "loop_end", "disable_layer0_attn", "bigram_dim", "gate_window", "negative_slope",
-        "gated_attn_enabled", "gated_attn_init_std", "sparse_attn_gate_enabled", "sparse_attn_gate_init_std",
-        "sparse_attn_gate_scale", "attn_out_gate_enabled", "attn_out_gate_src", "parallel_final_lane",
-        "parallel_start_layer")},
-    "ve_layers": ("model.ve_layers", _layers),
-    "bigram_vocab_size": ("model.bigram_buckets", SAME),
-    "parallel_residual_start": ("model.parallel_start_layer", SAME),
-    "recur_layers": ("model.loop_start", lambda v: min(_layers(v))),
-    "recur_layers_str": ("model.loop_start", lambda v: min(_layers(v))),
-    "repeat_untie_mlp": ("model.loop_untie_mlp", lambda v: v == "full"),
-    "smear_gate_enabled": ("model.smear_gate", lambda v: "window" if v else "none"),
-    "smear_gate_width": ("model.gate_window", SAME),
-    "gate_attn_out": ("model.attn_out_gate_enabled", SAME),
-    "gate_attn_src": ("model.attn_out_gate_src", SAME),
-    "gate_width": ("model.gate_window", SAME),
-    "value_residual": ("model.value_residual", lambda v: "none" if not v else v),
-    "untie_loop_mlps": ("model.loop_untie_mlp", SAME),
+        "skip_gates_enabled", "ve_enabled", "ve_dim", "num_loops", "loop_start", "loop_end", "disable_layer0_attn",
+        "bigram_dim", "negative_slope", "gated_attn_init_std", "sparse_attn_gate_init_std",
+        "sparse_attn_gate_scale", "attn_out_gate_src", "parallel_final_lane", "parallel_start_layer")},
+    # The records' one GATE_WINDOW sizes the attention gates and the window SmearGate.
+    "gate_window": (("model.attention.gate_window", "model.embeddings.gate_window"), SAME),
+    # The records' mutually exclusive gate booleans are one choice in pgolf.
+    **{flag: ("model.attention.gate", lambda v, c=choice: Choice(c, v)) for flag, choice in gate_flags().items()},
+    "ve_layers": ("model.embeddings.ve_layers", _layers),
+    "bigram_vocab_size": ("model.embeddings.bigram_buckets", SAME),
+    "parallel_residual_start": ("model.residual.parallel_start_layer", SAME),
+    "recur_layers": ("model.recurrence.loop_start", lambda v: min(_layers(v))),
+    "recur_layers_str": ("model.recurrence.loop_start", lambda v: min(_layers(v))),
+    "repeat_untie_mlp": ("model.recurrence.loop_untie_mlp", lambda v: v == "full"),
+    "smear_gate_enabled": ("model.embeddings.smear_gate", lambda v: "window" if v else "none"),
+    "smear_gate_width": ("model.embeddings.gate_window", SAME),
+    "gate_attn_out": ("model.attention.gate", lambda v: Choice("attn_out", v)),
+    "gate_attn_src": ("model.attention.attn_out_gate_src", SAME),
+    "gate_width": ("model.attention.gate_window", SAME),
+    "value_residual": ("model.embeddings.value_residual", lambda v: "none" if not v else v),
+    "untie_loop_mlps": ("model.recurrence.loop_untie_mlp", SAME),
     **{k: (f"optimizer.{k}", SAME) for k in (
         "tied_embed_lr", "matrix_lr", "scalar_lr", "embed_lr", "head_lr", "muon_momentum",
         "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "muon_backend_steps", "beta1", "beta2",
@@ -200,13 +217,14 @@ def test_preset_holds_the_records_values(record):
     for key, value in hp.items():
         if key not in fields or (record, key) in DEVIATIONS:
             continue
-        where, convert = fields[key]
-        if not same(get(cfg, where), convert(value)):
-            wrong.append(f"{where}: preset {get(cfg, where)!r}, record {key}={value!r}")
+        places, convert = fields[key]
+        for where in places if isinstance(places, tuple) else (places,):
+            if not same(get(cfg, where), convert(value)):
+                wrong.append(f"{where}: preset {get(cfg, where)!r}, record {key}={value!r}")
     # RoPE: 03-20..03-31 build Rotary(1024) (NTK past it), 04-01..04-09 ROPE_TRAIN_SEQ_LEN, 04-10 on no rescale
     rope = 0 if hp.get("rope_yarn") is False else hp.get("rope_train_seq_len", 1024)
-    if get(cfg, "model.rope_train_seq_len") != rope:
-        wrong.append(f"model.rope_train_seq_len: preset {get(cfg, 'model.rope_train_seq_len')}, record {rope}")
+    if get(cfg, "model.attention.rope_train_seq_len") != rope:
+        wrong.append(f"model.attention.rope_train_seq_len: preset {get(cfg, 'model.attention.rope_train_seq_len')}, record {rope}")
     eval_len = get(cfg, "eval.seq_len") or get(cfg, "schedule.train_seq_len")  # null = the train length
     if eval_len != hp["eval_seq_len"]:
         wrong.append(f"eval seq_len: preset {eval_len}, record {hp['eval_seq_len']}")
@@ -253,7 +271,7 @@ def test_preset_header_cites_the_record(record):
 
 
 # A small shape over any frontier preset: its layer indices stay valid at 11 layers.
-FRONTIER_TINY = ("model.model_dim=128", "model.num_heads=2", "model.num_kv_heads=1", "model.ortho_init=false",
+FRONTIER_TINY = ("model.model_dim=128", "model.num_heads=2", "model.num_kv_heads=1", "model.init.ortho_init=false",
                  "++quant.small_numel=4096")  # the GPTQ presets keep 65,536 elements float: too many here
 
 
@@ -269,8 +287,8 @@ def test_preset_builds_with_its_optimizer_and_quant_rules(record):
 # The 04-27 #1855 preset (the best pgolf runs) at a small shape over the CPU smoke setting
 # (conf/debug/smoke.yaml): its loop, lanes and XSA moved to fit 5 layers.
 SMALL_1855 = ("experiment=record_0427_pr1855_lqer", "debug=smoke", "model.num_layers=5", "model.model_dim=64",
-              "model.num_heads=2", "model.num_kv_heads=1", "model.loop_start=1", "model.loop_end=2",
-              "model.parallel_start_layer=3", "model.xsa_last_n=5", "schedule.iterations=8",
+              "model.num_heads=2", "model.num_kv_heads=1", "model.recurrence.loop_start=1", "model.recurrence.loop_end=2",
+              "model.residual.parallel_start_layer=3", "model.attention.xsa_last_n=5", "schedule.iterations=8",
               "schedule.train_log_every=4", "data.num_val_docs=5", "quant.small_numel=2048",
               "eval.ttt.phased_ttt_prefix_docs=2", "eval.ttt.ttt_batch_size=2", "eval.ttt.ttt_chunk_size=1024",
               "eval.seq_len=1024", "eval.stride=512", "quant.gptq_calibration_batches=2",

@@ -155,7 +155,7 @@ def test_a_run_switches_twice_rewarms_and_logs_it(fast_cache, tmp_path):
     """End to end on the smoke data (document attention, packed rows): 32 -> 64 -> 128 at steps 3
     and 5 of 8, a 3-step LR re-warm after each, the two prefetch batches dropped."""
     overrides = [*FAST, fast_cache, "logger=none", "schedule.train_log_every=1", "schedule.train_batch_tokens=1024",
-                 "data.loader=documents", "model.doc_attention=true", "schedule.warmup_steps=2",
+                 "data.loader=documents", "model.attention.doc_attention=true", "schedule.warmup_steps=2",
                  "schedule.train_seq_schedule='32@0.25,64@0.5,128@1.0'", "schedule.seq_change_warmup_steps=3",
                  "schedule.seq_change_drop_batches=2"]
     pgolf.train(pgolf.compose(overrides), run_dir=tmp_path)

@@ -193,7 +193,7 @@ QUANT_MAP = {
 @pytest.mark.parametrize("record", RECORDS)
 def test_quant_preset_maps_tensors_as_the_record(record):
     # Orthogonal init changes no shape and is slow on CPU at the real size.
-    cfg = pgolf.compose([f"experiment=record_{record}", "model.ortho_init=false"])
+    cfg = pgolf.compose([f"experiment=record_{record}", "model.init.ortho_init=false"])
     shapes = {k: tuple(v.shape) for k, v in build(cfg, "model").state_dict().items()}
     plan = build(cfg, "quant").check_names(shapes)
     expected = {}

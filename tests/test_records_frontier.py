@@ -21,7 +21,8 @@ import torch
 import pgolf
 from golden import seeded_tokens, seeded_weights
 from pgolf.build import build, to_container
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
+from pgolf.model.config import key_path
 from pgolf.model.banks import rebank_state_dict, unbank_state_dict
 from pgolf.model.docs import build_doc_mask, segment_mask
 from pgolf.schedule import loop_passes
@@ -51,7 +52,7 @@ NOT_BUILT: dict[str, str] = {}
 REL = 1e-6
 # The goldens load weights (init is not compared: orthogonal init off saves seconds) and use the
 # dense (B, T) path: the VarLen presets' doc_attention is switched off for them.
-DENSE = ("model.ortho_init=false", "model.doc_attention=false")
+DENSE = ("model.init.ortho_init=false", "model.attention.doc_attention=false")
 
 
 def small_overrides(kw: dict) -> list[str]:
@@ -62,16 +63,16 @@ def small_overrides(kw: dict) -> list[str]:
         key = key.lower()
         if key in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "xsa_last_n", "ve_dim",
                    "num_loops", "loop_start", "loop_end", "bigram_dim"):
-            out.append(f"model.{key}={value}")
+            out.append(f"{key_path(key)}={value}")
         elif key == "bigram_vocab_size":
-            out.append(f"model.bigram_buckets={value}")
+            out.append(f"model.embeddings.bigram_buckets={value}")
         elif key == "ve_layers":
-            out.append(f"model.ve_layers=[{value}]")
+            out.append(f"model.embeddings.ve_layers=[{value}]")
         elif key in ("parallel_start_layer", "parallel_residual_start"):
-            out.append(f"model.parallel_start_layer={value}")
+            out.append(f"model.residual.parallel_start_layer={value}")
         elif key in ("recur_layers", "recur_layers_str"):  # 03-31 / 04-04: one extra pass over the span
             layers = [int(s) for s in str(value).split(",")]
-            out += [f"model.loop_start={min(layers)}", f"model.loop_end={max(layers)}"]
+            out += [f"model.recurrence.loop_start={min(layers)}", f"model.recurrence.loop_end={max(layers)}"]
         elif key in ("embedding_dim", "repeat_untie_mlp_layers"):  # = model_dim / the loop span in pgolf
             continue
         else:
@@ -83,7 +84,7 @@ def golden_overrides(name: str) -> list[str]:
     rec = GOLDENS[name]
     out = small_overrides({**rec["small_overrides"], **rec["ctor_env"].get("small", {})})
     if name == "pr1334_lanemerge":  # 04-04 sizes its skips by the unlooped split: num_layers // 2 (5 of 11)
-        out.append(f"model.num_skip_weights={rec['small_overrides']['num_layers'] // 2}")
+        out.append(f"model.residual.num_skip_weights={rec['small_overrides']['num_layers'] // 2}")
     return out
 
 
@@ -202,7 +203,7 @@ def doc_attention_model(kwargs: dict, shapes: dict, weights: dict | None = None)
 
 @pytest.mark.parametrize("name", VARLEN)
 def test_packed_document_eval_equals_the_records(name):
-    """The VarLen records' packed eval (04-10 on) under model.doc_attention. #1667 (smear_bos_mask=false)
+    """The VarLen records' packed eval (04-10 on) under model.attention.doc_attention. #1667 (smear_bos_mask=false)
     keeps the cross-document SmearGate term there, as its own eval does; #1855's BOS mask drops it."""
     L = GOLDENS[name]["losses"]
     model = doc_attention_model(model_kwargs(name), GOLDENS[name]["state_dict_small"])
@@ -245,7 +246,7 @@ def test_real_shape_parameter_count_equals_the_log(name):
     # them, and its export drops them; pgolf builds no dead matrices (its state dict is the export's),
     # so the log counts exactly those on top: q and out (d x d), k and v (kv_dim x d).
     kv_dim = kw["num_kv_heads"] * kw["model_dim"] // kw["num_heads"]
-    dead = (2 * kw["model_dim"] + 2 * kv_dim) * kw["model_dim"] if kw.get("disable_layer0_attn") else 0
+    dead = (2 * kw["model_dim"] + 2 * kv_dim) * kw["model_dim"] if kw["attention"]["disable_layer0_attn"] else 0
     assert sum(p.numel() for p in model.parameters()) + dead == rec["params"]["log"]
 
 
@@ -297,7 +298,7 @@ def vr_kwargs(name: str, preset: str = "small") -> dict:
     if preset == "small":
         shape = small_overrides({k: v for k, v in rec["ctor_kwargs_small"].items() if k in VR_SHAPE})
     else:
-        shape = [f"model.{k}={v}" for k, v in VR_REAL[name].items()]
+        shape = [f"{key_path(k)}={v}" for k, v in VR_REAL[name].items()]
     kw = {k: v for k, v in to_container(_composed(PRESETS[rec["pgolf_base"]], (*shape, *DENSE)).model)
           .items() if not k.startswith("_")}
     return dict(kw, value_residual=rec["form"])
@@ -309,17 +310,17 @@ def test_value_residual_equals_the_records(name):
     number (the switch is live); the real-shape count is the log's plus the per-layer VR scalars."""
     rec = VR[name]
     torch.manual_seed(0)
-    model = GPT(**vr_kwargs(name))
+    model = GPT(**from_flat(vr_kwargs(name)))
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == rec["state_dict_small"]
     weights = seeded_weights({k: tuple(v) for k, v in rec["state_dict_small"].items()})
     model.load_state_dict(weights, strict=True)
     model.eval()
     assert loss(model, *seeded_tokens()) == pytest.approx(rec["losses"]["loss"], rel=REL)
-    off = GPT(**dict(vr_kwargs(name), value_residual="none")).eval()
+    off = GPT(**from_flat(dict(vr_kwargs(name), value_residual="none"))).eval()
     off.load_state_dict({k: v for k, v in weights.items() if rec["param"] not in k}, strict=True)
     assert loss(off, *seeded_tokens()) == pytest.approx(rec["losses"]["loss_vr_off"], rel=REL)
     with torch.device("meta"):
-        real = GPT(**vr_kwargs(name, "real"))
+        real = GPT(**from_flat(vr_kwargs(name, "real")))
     n_vr = sum(p.numel() for k, p in real.named_parameters() if rec["param"] in k)
     assert sum(p.numel() for p in real.parameters()) == rec["params"]["real"] == rec["params"]["log_vr_off"] + n_vr
 
@@ -329,17 +330,17 @@ def test_untied_repeat_mlps_start_as_copies_when_looping_switches_on():
     then equals the shared MLP of its span layer, so the first looped step runs the tied model."""
     kw = model_kwargs("pr1204_parresid_recur")
     torch.manual_seed(0)
-    model = GPT(**kw).eval()
+    model = GPT(**from_flat(kw)).eval()
     with torch.no_grad():
         for p in model.parameters():  # large enough that the repeat MLPs move the loss
             p.normal_(0, 0.5)
-    tied = GPT(**dict(kw, loop_untie_mlp=False)).eval()
+    tied = GPT(**from_flat(dict(kw, loop_untie_mlp=False))).eval()
     tied.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("repeat_mlp.")})
     x, y = seeded_tokens()
     assert abs(loss(model, x, y) - loss(tied, x, y)) > 1e-3  # both looping; random repeat MLPs: the pass differs
     model.set_looping(0)
     model.set_looping(1)  # the switch copies
-    for k, layer in enumerate(range(kw["loop_start"], kw["loop_end"] + 1)):
+    for k, layer in enumerate(range(kw["recurrence"]["loop_start"], kw["recurrence"]["loop_end"] + 1)):
         assert torch.equal(model.repeat_mlp[k].proj.weight, model.blocks[layer].mlp.proj.weight)
     assert loss(model, x, y) == loss(tied, x, y)
 
@@ -361,8 +362,8 @@ def test_recurrence_switches_on_at_a_training_step():
                                       ve_layers=[6])])
 def test_value_residual_and_1204_options_reject_bad_values(bad):
     from pgolf.errors import PgolfError
-    from pgolf.model.gpt import check_model_args
+    from pgolf.model import check_model
 
     with pytest.raises(PgolfError, match="model\\."):
-        check_model_args(num_layers=4, **bad)
-    check_model_args(num_layers=4, **dict(bad, ve_layers=[5])) if "ve_layers" in bad else None
+        check_model(**from_flat(dict(num_layers=4, **bad)))
+    check_model(**from_flat(dict(num_layers=4, **dict(bad, ve_layers=[5])))) if "ve_layers" in bad else None

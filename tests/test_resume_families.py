@@ -25,27 +25,27 @@ BASE = [*FAST, "logger=none", "schedule.train_log_every=1", "schedule.warmdown_i
 STOP_AT = 3  # of 8 steps; every transition below happens at step 4 (fraction 0.5) or later
 FAMILIES = {  # options of one kind combined into one job each, to keep the suite's time
     "model_parts_loop_at_fraction": [
-        "model.num_layers=3", "model.num_loops=1", "model.loop_start=1", "model.loop_end=1",
-        "schedule.enable_looping_at=0.5", "model.parallel_start_layer=2", "model.xsa_last_n=2",
-        "model.value_residual=sigmoid", "model.skip_gates_enabled=true", "model.smear_gate=window", "model.gate_window=4",
-        "model.bigram_buckets=37", "model.bigram_dim=8", "model.ve_enabled=true", "model.ve_dim=16",
-        "model.ve_layers=[1]", "model.attn_out_gate_enabled=true"],
+        "model.num_layers=3", "model.recurrence.num_loops=1", "model.recurrence.loop_start=1", "model.recurrence.loop_end=1",
+        "schedule.enable_looping_at=0.5", "model.residual.parallel_start_layer=2", "model.attention.xsa_last_n=2",
+        "model.embeddings.value_residual=sigmoid", "model.residual.skip_gates_enabled=true", "model.embeddings.smear_gate=window", "model.attention.gate_window=4",
+        "model.embeddings.bigram_buckets=37", "model.embeddings.bigram_dim=8", "model.embeddings.ve_enabled=true", "model.embeddings.ve_dim=16",
+        "model.embeddings.ve_layers=[1]", "model.attention.gate=attn_out"],
     "model_1204_loop_at_step": [
-        "model.num_layers=3", "model.num_loops=1", "model.loop_start=1", "model.loop_end=2", "schedule.recur_start_step=5",
-        "model.layer_index=virtual", "model.loop_untie_mlp=true", "model.parallel_start_layer=2",
-        "model.parallel_residual=learned_2lane"],
+        "model.num_layers=3", "model.recurrence.num_loops=1", "model.recurrence.loop_start=1", "model.recurrence.loop_end=2", "schedule.recur_start_step=5",
+        "model.recurrence.layer_index=virtual", "model.recurrence.loop_untie_mlp=true", "model.residual.parallel_start_layer=2",
+        "model.residual.parallel_residual=learned_2lane"],
     "optimizer_ema_qat_wd_taper_coprime": [
         "optimizer.ns_coefficients=polar_express", "optimizer.muon_row_normalize=true", "optimizer.muon_numerics=banked",
         "optimizer.grad_clip_norm=0.5", "optimizer.muon_weight_decay=0.04", "optimizer.adam_weight_decay=0.01",
-        "optimizer.muon_parallel=true", "schedule.ema_decay=0.9", "schedule.ema_start_frac=0.5", "model.qat_bits=6",
+        "optimizer.muon_parallel=true", "schedule.ema_decay=0.9", "schedule.ema_start_frac=0.5", "model.qat.qat_bits=6",
         "schedule.qat_start_frac=0.5", "schedule.wd_taper_start_frac=0.5", "schedule.wd_taper_final_mult=0.5",
         "data.loader=coprime"],
     "swa_shuffled": ["schedule.swa_every=1", "schedule.swa_start_frac=0.5", "data.loader=shuffled"],
     # progressive context (#2014): 32 -> 64 at step 2, before the stop, so the resumed run needs the saved
     # length and re-warm (steps 2-4); 64 -> 128 at step 5, after it
     "documents_packed_doc_attention_progressive": [
-        "data.loader=documents", "model.doc_attention=true", "model.smear_gate=window", "model.gate_window=4",
-        "model.bigram_buckets=37", "model.bigram_dim=8", "schedule.train_seq_schedule='32@0.125,64@0.5,128@1.0'",
+        "data.loader=documents", "model.attention.doc_attention=true", "model.embeddings.smear_gate=window", "model.attention.gate_window=4", "model.embeddings.gate_window=4",
+        "model.embeddings.bigram_buckets=37", "model.embeddings.bigram_dim=8", "schedule.train_seq_schedule='32@0.125,64@0.5,128@1.0'",
         "schedule.seq_change_warmup_steps=3", "schedule.seq_change_drop_batches=2"],
 }
 SAME = ("final/quant_sliding_bpb", "final/quant_bpb", "final/prequant_bpb", "final/pre_averaging_bpb", "train/steps",

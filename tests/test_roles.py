@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 import pgolf
+from pgolf.build import to_container
 from pgolf.errors import PgolfError
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.model.block import Block
 from pgolf.model.roles import CONTROL, EMBED, MATRIX, control_names, roles_of
 from pgolf.optim import Optimizers
@@ -33,12 +34,12 @@ OTHER_PARTS = dict(gated_attn_enabled=True, tie_embeddings=False, bigram_buckets
 
 def models() -> dict[str, GPT]:
     torch.manual_seed(0)
-    return {"all_on": GPT(**dict(TINY, **ALL_ON)), "other_parts": GPT(**dict(TINY, **OTHER_PARTS)),
-            "attn_out_xor_learned": GPT(**dict(TINY, attn_out_gate_enabled=True, bigram_buckets=64, bigram_hash="xor",
+    return {"all_on": GPT(**from_flat(dict(TINY, **ALL_ON))), "other_parts": GPT(**from_flat(dict(TINY, **OTHER_PARTS))),
+            "attn_out_xor_learned": GPT(**from_flat(dict(TINY, attn_out_gate_enabled=True, bigram_buckets=64, bigram_hash="xor",
                                                bigram_scale_init=0.05, smear_gate="post_norm", num_loops=1,
                                                loop_start=1, loop_end=1, parallel_start_layer=1,
                                                parallel_residual="learned_2lane", layer_index="virtual",
-                                               loop_untie_mlp=True, disable_layer0_attn=True))}
+                                               loop_untie_mlp=True, disable_layer0_attn=True)))}
 
 
 def test_every_parameter_of_the_all_parts_models_has_a_role():
@@ -64,7 +65,7 @@ def test_a_part_that_forgets_a_role_fails_at_build_naming_the_parameter(monkeypa
 
     monkeypatch.setattr(Block, "__init__", with_toy_gate)
     with pytest.raises(PgolfError, match=r"parameter blocks\.0\.toy_gate \(4, 8\) has no role.*set_role"):
-        GPT(**TINY)
+        GPT(**from_flat(TINY))
 
 
 def test_optimizer_groups_and_bf16_placement_follow_the_roles():
@@ -116,9 +117,9 @@ def test_quant_name_rules_agree_with_the_roles(record):
     rules is its role's class: control tensors stay float, matrices are quantized unless small or
     named by a keep-float rule (tok_emb, late-K), and no matrix or table hits a control pattern."""
     cfg = pgolf.compose([f"experiment=record_{record}"])
-    kwargs = {k: v for k, v in cfg.model.items() if k != "_target_"}
+    kwargs = {k: v for k, v in to_container(cfg.model).items() if k != "_target_"}
     with torch.device("meta"):
-        model = GPT(**{**kwargs, "ortho_init": False, "overtone_init": False})
+        model = GPT(**from_flat({**kwargs, "ortho_init": False, "overtone_init": False}))
     rules = get_rules(cfg.quant.preset)
     wrong = {}
     for name, role in roles_of(model).items():
@@ -135,7 +136,7 @@ def test_every_quant_preset_agrees_with_the_roles_on_the_frontier_models():
     wrong = {}
     for record in sorted(GOLDENS):
         with torch.device("meta"):
-            model = GPT(**pgolf_kwargs(record, "real"))
+            model = GPT(**from_flat(pgolf_kwargs(record, "real")))
         roles = roles_of(model)
         for preset, rules in PRESETS.items():
             for name, role in roles.items():
@@ -194,7 +195,7 @@ def record_grouping(name: str) -> dict[tuple, set[str]]:
 
 def pgolf_grouping(name: str) -> dict[tuple, set[str]]:
     torch.manual_seed(0)
-    model = GPT(**pgolf_kwargs(name))
+    model = GPT(**from_flat(pgolf_kwargs(name)))
     opt = Optimizers(model, **optimizer_kwargs(name))
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[tuple, set[str]] = {}

@@ -336,7 +336,7 @@ def test_the_bundle_rejects_a_bad_environment_value(runs, tmp_path):
     # An option whose other values need code the bundle left out cannot be switched from outside.
     r = run_script(script, tmp_path, {"SMEAR_GATE": "token"})
     assert r.returncode == 2
-    assert r.stderr == ("error: model.smear_gate='token': this script was bundled for model.smear_gate='none' and "
+    assert r.stderr == ("error: model.embeddings.smear_gate='token': this script was bundled for model.embeddings.smear_gate='none' and "
                         "left out the code other values use; bundle a run with that setting (python -m pgolf.submit "
                         "bundle RUN_DIR)\n")
     assert not (tmp_path / "logs").exists()

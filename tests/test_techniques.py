@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.model.embeddings import BigramHash, SigmoidSmear, shift_right, token_smear
 
 SMALL = dict(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2)
 
 
 def test_token_smear_is_the_identity_at_init():
-    model = GPT(**SMALL, smear_gate="token")
+    model = GPT(**from_flat(dict(**SMALL, smear_gate="token")))
     assert model.smear_gate.weight.abs().sum() == 0 and model.smear_lambda.item() == 0
     x = torch.randn(2, 5, 64)
     assert torch.equal(token_smear(x, model.smear_gate, model.smear_lambda), x)
@@ -54,8 +54,8 @@ def test_bigram_xor_hash_on_a_hand_made_sequence():
 
 def test_ortho_init_and_proj_scale():
     torch.manual_seed(0)
-    model = GPT(**SMALL, ortho_init=True, bigram_buckets=256, bigram_dim=32, bigram_hash="xor", bigram_init="zeros",
-                bigram_scale_init=0.05, ortho_min_dim=32, ortho_proj_scale=True)
+    model = GPT(**from_flat(dict(**SMALL, ortho_init=True, bigram_buckets=256, bigram_dim=32, bigram_hash="xor", bigram_init="zeros",
+                bigram_scale_init=0.05, ortho_min_dim=32, ortho_proj_scale=True)))
     w = model.blocks[0].attn.c_q.weight
     assert torch.allclose(w @ w.T, torch.eye(64), atol=1e-5)
     assert model.blocks[0].attn.proj.weight.abs().sum() == 0  # zero-init stays zero

@@ -18,7 +18,7 @@ from golden import seeded_luts
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from pgolf.errors import PgolfError
-from pgolf.model import GPT
+from pgolf.model import GPT, from_flat
 from pgolf.ttt.chunked import ChunkedSGD
 from pgolf.ttt.common import TTTRuntime
 from pgolf.ttt.lora import LoRATTT, find_docs
@@ -31,8 +31,8 @@ V = 64
 def tiny(seed: int = 0) -> GPT:
     """Two layers looped once (three virtual slots), so adapters are per virtual slot."""
     torch.manual_seed(seed)
-    m = GPT(vocab_size=V, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, num_loops=1,
-            loop_start=1, loop_end=1, rope_base=10000.0)
+    m = GPT(**from_flat(dict(vocab_size=V, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, num_loops=1,
+            loop_start=1, loop_end=1, rope_base=10000.0)))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -1,6 +1,6 @@
 """Training on packed documents: one row per micro-batch, segments cut as #1530 cuts them.
 
-With document attention (`model.doc_attention`), the records from 2026-04-10 #1530
+With document attention (`model.attention.doc_attention`), the records from 2026-04-10 #1530
 (VarLenAttn, `DocumentPackingLoader` + `_build_cu_seqlens`) train on one packed row per rank
 and micro-step: the rank's contiguous span of `local_tokens` is x of shape (1, local_tokens),
 and attention runs within segments. A segment starts at every BOS and at the span's first

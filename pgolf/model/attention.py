@@ -8,6 +8,8 @@ gate -> output projection.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,7 +18,83 @@ from pgolf.model.docs import DocMask, causal_attention
 from pgolf.model.linear import CastedLinear
 from pgolf.model.roles import CONTROL, set_role, with_role
 from pgolf.model.rotary import apply_rotary
+from pgolf.errors import PgolfError
 from pgolf.model.value_residual import LayerValues, add_value_residual_params, value_residual
+
+
+
+@dataclass
+class AttentionConfig:
+    """`model.attention`: options of the attention part family (records' env names lower-cased).
+
+    `gate` picks one output gate from `ATTENTION_GATES` (the records' mutually exclusive
+    ATTN_OUT_GATE_ENABLED / GATED_ATTN_ENABLED / SPARSE_ATTN_GATE_ENABLED); the gates' options sit
+    beside it. `xsa_last_n` counts physical layers (virtual under `recurrence.layer_index=virtual`)."""
+
+    qk_gain_init: float = 1.5
+    rope_base: float = 10000.0
+    rope_dims: int = 0            # 0 = all head dims; 16 = partial RoPE (2026-03-21 #315)
+    rope_train_seq_len: int = 0   # NTK base rescale past this length; 0 = off
+    xsa_last_n: int = 0           # XSA on the last N layers (2026-03-20 #265)
+    gate: str = "none"            # a key of ATTENTION_GATES
+    gate_window: int = 12         # input dims of the windowed gates
+    attn_out_gate_src: str = "proj"
+    gated_attn_init_std: float = 0.01
+    sparse_attn_gate_init_std: float = 0.0
+    sparse_attn_gate_scale: float = 1.0
+    disable_layer0_attn: bool = False  # block 0 runs its MLP only (2026-03-31 #1204)
+    doc_attention: bool = False   # no query attends across a BOS (docs.py, 2026-04-10 #1530)
+
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
+        """One PgolfError line naming the option and the fix; allocates nothing."""
+        head_dim = model.head_dim
+        if self.gate not in ATTENTION_GATES:
+            raise PgolfError(f"model.attention.gate={self.gate!r} is not one of {', '.join(ATTENTION_GATES)}")
+        if self.attn_out_gate_src not in ("proj", "q"):
+            raise PgolfError(f"model.attention.attn_out_gate_src={self.attn_out_gate_src!r} is not one of proj, q")
+        gate = ATTENTION_GATES[self.gate]
+        if gate is not None and getattr(gate, "windowed", False) and not 1 <= self.gate_window <= model.model_dim:
+            raise PgolfError(f"model.attention.gate_window={self.gate_window} must be in 1..model_dim={model.model_dim}")
+        if self.rope_dims and not (2 < self.rope_dims <= head_dim and self.rope_dims % 2 == 0):
+            raise PgolfError(f"model.attention.rope_dims={self.rope_dims} must be 0 (all {head_dim} head dims) "
+                             f"or an even number in 4..{head_dim}")
+        if self.rope_train_seq_len < 0:
+            raise PgolfError(f"model.attention.rope_train_seq_len={self.rope_train_seq_len} must be 0 "
+                             "(no NTK rescale) or the RoPE length")
+        if self.xsa_last_n < 0:
+            raise PgolfError(f"model.attention.xsa_last_n={self.xsa_last_n} must be >= 0 "
+                             "(0 = off, >= num_layers = every layer)")
+        rec = model.recurrence
+        if self.disable_layer0_attn and rec.layer_index == "virtual" and rec.num_loops and rec.loop_start == 0:
+            raise PgolfError("model.attention.disable_layer0_attn=true with model.recurrence.layer_index=virtual "
+                             "turns off virtual layer 0 only, but the loop repeats physical layer 0, whose attention "
+                             "matrices it drops: use model.recurrence.loop_start >= 1")
+        if not isinstance(self.doc_attention, bool):
+            raise PgolfError(f"model.attention.doc_attention={self.doc_attention!r} must be true or false")
+
+
+# The output gates by `model.attention.gate` name. Adding one: a class registered here with
+# `@register_gate("name")` (docs/adding-a-technique.md); the YAML choice, compose-time check, the
+# bundle's reach table and the env entry's record flag all read this registry.
+ATTENTION_GATES: dict[str, type | None] = {"none": None}
+
+
+def register_gate(name: str):
+    """Class decorator: make a gate selectable as `model.attention.gate=<name>`.
+
+    A gate class is built as `cls(dim, num_heads, cfg: AttentionConfig)`, holds `members` (record
+    name -> (module or Parameter, role or None), registered on the attention module), is called as
+    `gate(y (B, T, H, D), x (B, T, dim), q_raw (B, T, dim)) -> (B, T, H, D)` and has `describe()`.
+    Optional class attributes: `record_flag` (the record's boolean env name, e.g.
+    "sparse_attn_gate_enabled", which the env entry maps onto the choice) and `windowed` (its
+    input is x[..., :gate_window], checked against model_dim)."""
+
+    def register(cls: type) -> type:
+        cls.choice = name
+        ATTENTION_GATES[name] = cls
+        return cls
+
+    return register
 
 def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     """XSA (2026-03-20 #265): remove from each head's output its component along the token's own
@@ -28,14 +106,17 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     return (y_g - (y_g * vn).sum(dim=-1, keepdim=True) * vn).reshape(B, T, H, D)
 
 
+@register_gate("attn_out")
 class AttnOutGate:
     """AttnOutGate (2026-04-16 #1667): y_h <- 2*sigmoid(W s[..., :w]) * y_h, W (H, w) zero-init,
     so the gate is 1 at init; s is the attention input (`attn_out_gate_src=proj`) or q (`q`).
     `members`: what the attention registers under the record's names (`attn_gate_proj`)."""
 
-    def __init__(self, dim: int, num_heads: int, *, gate_window: int, attn_out_gate_src: str, **_):
-        self.window, self.src = gate_window, attn_out_gate_src
-        self.proj = with_role(CastedLinear(gate_window, num_heads), CONTROL)  # Adam, fp32, kept float
+    record_flag, windowed = "attn_out_gate_enabled", True
+
+    def __init__(self, dim: int, num_heads: int, cfg: AttentionConfig):
+        self.window, self.src = cfg.gate_window, cfg.attn_out_gate_src
+        self.proj = with_role(CastedLinear(self.window, num_heads), CONTROL)  # Adam, fp32, kept float
         self.proj._zero_init = True
         self.members = {"attn_gate_proj": (self.proj, None)}
 
@@ -48,12 +129,15 @@ class AttnOutGate:
         return f"attention output gate 2*sigmoid(W s[:{self.window}]) per head, s = {self.src} (2026-04-16 #1667)"
 
 
+@register_gate("gated")
 class DenseAttnGate:
     """Gated attention (2026-04-19 #1736, Qwen G1 head-wise): y_h <- sigmoid(W x) * y_h with
     W (H, dim) ~ N(0, gated_attn_init_std^2), so the gate is about 0.5 at init (`attn_gate_w`)."""
 
-    def __init__(self, dim: int, num_heads: int, *, gated_attn_init_std: float, **_):
-        self.w = nn.Parameter(torch.randn(num_heads, dim) * gated_attn_init_std)
+    record_flag = "gated_attn_enabled"
+
+    def __init__(self, dim: int, num_heads: int, cfg: AttentionConfig):
+        self.w = nn.Parameter(torch.randn(num_heads, dim) * cfg.gated_attn_init_std)
         self.members = {"attn_gate_w": (self.w, CONTROL)}
 
     def __call__(self, y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
@@ -64,14 +148,16 @@ class DenseAttnGate:
         return "dense gated attention sigmoid(W x) per head, W (H, dim) (2026-04-19 #1736)"
 
 
+@register_gate("sparse")
 class SparseAttnGate:
     """SparseAttnGate (2026-04-23 #1787): y_h <- sigmoid(scale * W x[..., :w]) * y_h, W (H, w)
     zero-init (0.5 at init); scale 1.0 in #1787, 0.5 in #1855 (`attn_gate_w`)."""
 
-    def __init__(self, dim: int, num_heads: int, *, gate_window: int, sparse_attn_gate_init_std: float,
-                 sparse_attn_gate_scale: float, **_):
-        self.window, self.scale = gate_window, sparse_attn_gate_scale
-        self.w = nn.Parameter(torch.randn(num_heads, gate_window) * sparse_attn_gate_init_std)
+    record_flag, windowed = "sparse_attn_gate_enabled", True
+
+    def __init__(self, dim: int, num_heads: int, cfg: AttentionConfig):
+        self.window, self.scale = cfg.gate_window, cfg.sparse_attn_gate_scale
+        self.w = nn.Parameter(torch.randn(num_heads, self.window) * cfg.sparse_attn_gate_init_std)
         self.members = {"attn_gate_w": (self.w, CONTROL)}
 
     def __call__(self, y: Tensor, x: Tensor, q_raw: Tensor) -> Tensor:
@@ -83,9 +169,6 @@ class SparseAttnGate:
                 "(2026-04-23 #1787, scale 0.5 in #1855)")
 
 
-OUTPUT_GATES = {"none": None, "attn_out": AttnOutGate, "dense": DenseAttnGate, "sparse": SparseAttnGate}
-
-
 class CausalSelfAttention(nn.Module):
     """GQA attention on (B, T, dim) -> (B, T, dim). Parameters keep the records' names:
     c_q, c_k, c_v, proj, q_gain, and attn_gate_proj / attn_gate_w for the gates.
@@ -94,10 +177,8 @@ class CausalSelfAttention(nn.Module):
     block past the physical layers, or layer 0 with its attention disabled); such a module runs
     with another one's linears (`lin` in forward), its own q_gain, XSA flag and gate."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, qat: dict, *,
-                 xsa: bool = False, attn_gate: str = "none", gate_window: int = 12, attn_out_gate_src: str = "proj",
-                 gated_attn_init_std: float = 0.01, sparse_attn_gate_init_std: float = 0.0,
-                 sparse_attn_gate_scale: float = 1.0, value_residual_form: str = "none", linears: bool = True):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, cfg: AttentionConfig, qat: dict, *,
+                 xsa: bool = False, value_residual_form: str = "none", linears: bool = True):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
@@ -108,16 +189,13 @@ class CausalSelfAttention(nn.Module):
             self.c_v = CastedLinear(dim, kv_dim, **qat)
             self.proj = CastedLinear(dim, dim, **qat)
             self.proj._zero_init = True
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
+        self.q_gain = nn.Parameter(torch.full((num_heads,), cfg.qk_gain_init, dtype=torch.float32))
         set_role(self, "q_gain", CONTROL)
         self.use_xsa = xsa
         add_value_residual_params(self, value_residual_form)  # value_residual.py
         # The output gate part holds its parameters; they sit here under the records' names.
-        gate = OUTPUT_GATES[attn_gate]
-        self.output_gate = gate and gate(dim, num_heads, gate_window=gate_window, attn_out_gate_src=attn_out_gate_src,
-                                         gated_attn_init_std=gated_attn_init_std,
-                                         sparse_attn_gate_init_std=sparse_attn_gate_init_std,
-                                         sparse_attn_gate_scale=sparse_attn_gate_scale)
+        gate = ATTENTION_GATES[cfg.gate]
+        self.output_gate = gate(dim, num_heads, cfg) if gate is not None else None
         for name, (member, role) in (self.output_gate.members.items() if self.output_gate else ()):
             setattr(self, name, member)
             if role is not None:

@@ -23,23 +23,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf.model.attention import CausalSelfAttention
-from pgolf.model.mlp import MLP
+from pgolf.model.attention import AttentionConfig, CausalSelfAttention
+from pgolf.model.mlp import MLP, MLPConfig
 from pgolf.model.roles import CONTROL, set_role
 
 
 class Block(nn.Module):
     """One layer: `attn`, `mlp`, `attn_scale`, `mlp_scale`, `resid_mix` (records' names)."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, qk_gain_init: float,
-                 qat: dict, *, layer_idx: int = 0, ln_scale: bool = False, attn: dict | None = None,
-                 mlp: dict | None = None, linears: bool = True, attn_enabled: bool = True):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, attn: AttentionConfig,
+                 qat: dict, *, layer_idx: int = 0, ln_scale: bool = False, xsa: bool = False,
+                 value_residual: str = "none", mlp: MLPConfig | None = None, linears: bool = True,
+                 attn_enabled: bool = True):
         super().__init__()
         self.attn_enabled = attn_enabled
-        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, qk_gain_init, qat, **(attn or {}),
-                                        linears=linears and attn_enabled)
+        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads, attn, qat, xsa=xsa,
+                                        value_residual_form=value_residual, linears=linears and attn_enabled)
         if linears:
-            self.mlp = MLP(dim, mlp_hidden, qat, **(mlp or {}))
+            mlp = mlp or MLPConfig()
+            self.mlp = MLP(dim, mlp_hidden, qat, activation=mlp.mlp_activation, negative_slope=mlp.negative_slope)
         self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         # Row 0 weighs the residual stream, row 1 the embedding x0.

@@ -1,4 +1,4 @@
-"""Document-aware attention: no query attends across a BOS boundary (`model.doc_attention`).
+"""Document-aware attention: no query attends across a BOS boundary (`model.attention.doc_attention`).
 
 The training and validation streams are documents packed back to back, each one starting with
 BOS (id `bos_id`, 1 for the challenge's SentencePiece models). With doc attention on, a BOS

@@ -20,7 +20,7 @@ checkpoint loads into pgolf with `strict=True`:
 - BigramHash `xor` (2026-03-20 records): `bigram.embed`, (36313*cur ^ 27191*prev) % (buckets-1),
   first position mapped to buckets-1, optional `bigram.scale`.
 
-Document starts (`model.doc_attention`, docs.py): every part that reads the previous position
+Document starts (`model.attention.doc_attention`, docs.py): every part that reads the previous position
 takes `starts` (B, T) bool, True at a BOS, and treats such a position like position 0 of a row:
 the SmearGates drop the previous-token term, BigramHash uses its first-position bucket. The one
 exception is the `window` SmearGate with `smear_bos_mask=false`: #1667 and #2135 ignore document
@@ -30,7 +30,7 @@ token), so it keeps that term, as they do. Value embeddings are a per-token look
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,82 @@ SMEAR_VARIANTS = ("none", "pre_norm", "post_norm", "token", "window")
 # Attribute (and so state_dict prefix) of each variant, as in its record.
 SMEAR_ATTR = {"pre_norm": "smeargate", "post_norm": "smear"}
 BIGRAM_ATTR = {"mul": "bigram_hash", "xor": "bigram"}
+BIGRAM_INITS = ("normal", "zeros")
+
+
+
+def layer_list(layers: list[int] | str | None) -> list[int]:
+    """`[9, 10]` or the records' env form "9,10" -> [9, 10]."""
+    if isinstance(layers, str):
+        return [int(s) for s in layers.split(",") if s.strip()]
+    return [int(i) for i in layers or ()]
+
+
+@dataclass
+class EmbeddingsConfig:
+    """`model.embeddings`: the embedding-path parts. SmearGate (`smear_gate`: none | pre_norm (#65)
+    | post_norm (2026-03-20) | token (PR #192) | window (2026-04-16 #1667, over the first
+    `gate_window` dims, BOS-masked unless `smear_bos_mask=false`), BigramHash (`bigram_buckets`
+    0 = off), value embeddings on `ve_layers` (physical, or virtual under
+    recurrence.layer_index=virtual) and the value residual (none | lambda (#549) | sigmoid)."""
+
+    smear_gate: str = "none"
+    smear_bos_mask: bool = True
+    gate_window: int = 12
+    bigram_buckets: int = 0
+    bigram_dim: int = 128
+    bigram_hash: str = "mul"
+    bigram_init: str = "normal"
+    bigram_scale_init: float | None = None
+    ve_enabled: bool = False
+    ve_dim: int = 128
+    ve_layers: list[int] | str | None = None
+    value_residual: str = "none"
+
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
+        from pgolf.model.value_residual import VALUE_RESIDUALS
+
+        for field, value, allowed in (("smear_gate", self.smear_gate, SMEAR_VARIANTS),
+                                      ("bigram_hash", self.bigram_hash, tuple(BIGRAM_ATTR)),
+                                      ("bigram_init", self.bigram_init, BIGRAM_INITS),
+                                      ("value_residual", self.value_residual, VALUE_RESIDUALS)):
+            if value not in allowed:
+                raise PgolfError(f"model.embeddings.{field}={value!r} is not one of {', '.join(allowed)}")
+        if self.smear_gate == "window" and not 1 <= self.gate_window <= model.model_dim:
+            raise PgolfError(f"model.embeddings.gate_window={self.gate_window} must be in "
+                             f"1..model_dim={model.model_dim}")
+        if self.bigram_buckets == 1 or self.bigram_buckets < 0:
+            raise PgolfError(f"model.embeddings.bigram_buckets={self.bigram_buckets} must be 0 (off) or at least 2")
+        kind, n_idx = model.recurrence.num_indexed(model.num_layers)
+        layers = layer_list(self.ve_layers)
+        if self.ve_enabled and (not layers or any(not 0 <= i < n_idx for i in layers) or len(set(layers)) < len(layers)):
+            raise PgolfError(f"model.embeddings.ve_layers={self.ve_layers!r} must list distinct {kind} layers in "
+                             f"0..{n_idx - 1}, e.g. [9,10]")
+        if self.ve_enabled and self.ve_dim <= 0:
+            raise PgolfError(f"model.embeddings.ve_dim={self.ve_dim} must be positive")
+
+
+@dataclass
+class InitConfig:
+    """`model.init`: the tied embedding's std, OrthoInit (#65; `ortho_min_dim` 64 and
+    `ortho_proj_scale` 1/sqrt(2L) in the 2026-03-20 records), and the overtone embedding and
+    phase-transition resid_mix inits (2026-03-19 OvertoneInit)."""
+
+    tied_embed_init_std: float = 0.005
+    ortho_init: bool = False
+    ortho_min_dim: int = 0
+    ortho_proj_scale: bool = False
+    overtone_init: bool = False
+    phase_resid_mix_init: bool = False
+
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
+        if self.ortho_min_dim < 0:
+            raise PgolfError(f"model.init.ortho_min_dim={self.ortho_min_dim} must be >= 0")
+
+    def describe(self) -> list[str]:
+        return [text for on, text in (
+            (self.overtone_init, "overtone embedding init: spectrum S_k = S_1/sqrt(k) (2026-03-19 OvertoneInit)"),
+            (self.phase_resid_mix_init, "phase-transition resid_mix init (2026-03-19 OvertoneInit)")) if on]
 
 
 def shift_right(x: Tensor, starts: Tensor | None = None) -> Tensor:
@@ -209,11 +285,11 @@ class BigramHash(nn.Module):
                  qat: dict | None = None):
         super().__init__()
         if hash not in BIGRAM_ATTR:
-            raise PgolfError(f"model.bigram_hash={hash!r} is not one of {', '.join(BIGRAM_ATTR)}")
-        if init not in ("normal", "zeros"):
-            raise PgolfError(f"model.bigram_init={init!r} is not one of normal, zeros")
+            raise PgolfError(f"model.embeddings.bigram_hash={hash!r} is not one of {', '.join(BIGRAM_ATTR)}")
+        if init not in BIGRAM_INITS:
+            raise PgolfError(f"model.embeddings.bigram_init={init!r} is not one of normal, zeros")
         if buckets < 2:
-            raise PgolfError(f"model.bigram_buckets={buckets} must be 0 (off) or at least 2")
+            raise PgolfError(f"model.embeddings.bigram_buckets={buckets} must be 0 (off) or at least 2")
         self.buckets, self.hash = buckets, hash
         self.table_name = "table" if hash == "mul" else "embed"
         table = with_role(nn.Embedding(buckets, dim), BIGRAM_TABLE)

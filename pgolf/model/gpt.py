@@ -18,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgolf.model.attention import AttentionConfig
 from pgolf.model.block import Block
-from pgolf.model.checks import _layer_list, check_model_args
+from pgolf.model.config import ModelConfig
 from pgolf.model.docs import DocMask, build_doc_mask, doc_backend
-from pgolf.model.embeddings import (BIGRAM_ATTR, BigramHash, ValueEmbedding, orthogonal_init_, overtone_init_,
-                                    phase_resid_mix_init_, smear_part)
-from pgolf.model.head import asym_softcap
-from pgolf.model.linear import CastedLinear
-from pgolf.model.mlp import MLP
-from pgolf.model.recurrence import describe_loop, layer_plan, layer_schedule, num_skips
-from pgolf.model.residual import Layer, Routing, fork
+from pgolf.model.embeddings import (BIGRAM_ATTR, BigramHash, EmbeddingsConfig, InitConfig, ValueEmbedding,
+                                    layer_list, orthogonal_init_, overtone_init_, phase_resid_mix_init_, smear_part)
+from pgolf.model.head import HeadConfig, asym_softcap
+from pgolf.model.linear import CastedLinear, QATConfig
+from pgolf.model.mlp import MLP, MLPConfig
+from pgolf.model.recurrence import RecurrenceConfig, describe_loop, layer_plan, layer_schedule, num_skips
+from pgolf.model.residual import Layer, ResidualConfig, Routing, fork
 from pgolf.model.roles import CONTROL, EMBED, HEAD, param_groups, roles_of, set_role, with_role
 from pgolf.model.rotary import describe_rope, rotary_tables
 from pgolf.model.value_residual import VR_DESCRIPTIONS, LayerValues
@@ -38,11 +39,13 @@ log = logging.getLogger("pgolf.model")
 class GPT(nn.Module):
     """The baseline GPT (U-Net skips, tied embeddings, tanh logit softcap) plus the record parts.
 
-    Keyword arguments mirror the records' environment variables lower-cased. Per-layer options
-    take physical layer indices (`xsa_last_n`, `parallel_start_layer`, `ve_layers`, LN scale);
-    `layer_index="virtual"` (2026-03-31 #1204) builds one Block per virtual layer (own scalars
-    over the physical layer's matrices) and makes `xsa_last_n`, `ve_layers` and LN scale count
-    virtual layers (`parallel_start_layer` stays physical, as in #1204).
+    Keywords: the shape, then one config per part family (config.py; a dict as Hydra gives it,
+    or the dataclass); leaf names are the records' environment variables lower-cased
+    (`GPT(**from_flat(...))` takes the records' flat names). Per-layer options take physical
+    layer indices (`attention.xsa_last_n`, `residual.parallel_start_layer`, `embeddings.ve_layers`,
+    LN scale); `recurrence.layer_index="virtual"` (2026-03-31 #1204) builds one Block per virtual
+    layer (own scalars over the physical layer's matrices) and makes `xsa_last_n`, `ve_layers` and
+    LN scale count virtual layers (`parallel_start_layer` stays physical, as in #1204).
     Looping runs `num_loops` extra passes over [loop_start, loop_end]; a model is built with
     looping on (what eval and a loaded checkpoint need) and the trainer sets the passes from the
     schedule's loop phase (`set_looping`; when is `pgolf.schedule`'s, which layers the model's).
@@ -56,189 +59,154 @@ class GPT(nn.Module):
         model_dim: int = 512,
         num_heads: int = 8,
         num_kv_heads: int = 4,
-        mlp_mult: float = 2.0,
-        mlp_hidden: int | None = None,
-        mlp_activation: str = "relu2",
-        negative_slope: float = 0.5,
         tie_embeddings: bool = True,
-        tied_embed_init_std: float = 0.005,
-        logit_softcap: float = 30.0,
-        asym_logit_rescale: bool = False,
-        asym_logit_trainable: bool = False,
-        rope_base: float = 10000.0,
-        rope_dims: int = 0,
-        rope_train_seq_len: int = 0,
-        qk_gain_init: float = 1.5,
-        ln_scale: bool = False,
-        xsa_last_n: int = 0,
-        skip_gates_enabled: bool = False,
-        attn_out_gate_enabled: bool = False,
-        attn_out_gate_src: str = "proj",
-        gated_attn_enabled: bool = False,
-        gated_attn_init_std: float = 0.01,
-        sparse_attn_gate_enabled: bool = False,
-        sparse_attn_gate_init_std: float = 0.0,
-        sparse_attn_gate_scale: float = 1.0,
-        gate_window: int = 12,
-        parallel_start_layer: int = 0,
-        parallel_residual: str = "routed_2x2",
-        parallel_final_lane: str = "mean",
-        num_loops: int = 0,
-        loop_start: int = 0,
-        loop_end: int = 0,
-        loop_untie_mlp: bool = False,
-        layer_index: str = "physical",
-        disable_layer0_attn: bool = False,
-        num_skip_weights: int | None = None,
-        ve_enabled: bool = False,
-        ve_dim: int = 128,
-        ve_layers: list[int] | None = None,
-        value_residual: str = "none",
-        smear_gate: str = "none",
-        smear_bos_mask: bool = True,
         bos_id: int = 1,
-        doc_attention: bool = False,
-        bigram_buckets: int = 0,
-        bigram_dim: int = 128,
-        bigram_hash: str = "mul",
-        bigram_init: str = "normal",
-        bigram_scale_init: float | None = None,
-        ortho_init: bool = False,
-        ortho_min_dim: int = 0,
-        ortho_proj_scale: bool = False,
-        overtone_init: bool = False,
-        phase_resid_mix_init: bool = False,
-        qat_bits: int = 0,
-        qat_clip: str = "percentile",
+        attention: AttentionConfig | dict | None = None,
+        mlp: MLPConfig | dict | None = None,
+        residual: ResidualConfig | dict | None = None,
+        recurrence: RecurrenceConfig | dict | None = None,
+        embeddings: EmbeddingsConfig | dict | None = None,
+        head: HeadConfig | dict | None = None,
+        init: InitConfig | dict | None = None,
+        qat: QATConfig | dict | None = None,
     ):
         super().__init__()
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        check_model_args(**args)
-        hidden = mlp_hidden if mlp_hidden is not None else int(mlp_mult * model_dim)
-        qat = {"qat_bits": qat_bits, "qat_clip": qat_clip}
-        head_dim = model_dim // num_heads
-        self.tie_embeddings = tie_embeddings
-        self.logit_softcap = logit_softcap
-        self.asym_logit_rescale = asym_logit_rescale
-        if asym_logit_rescale:  # AsymLogit (#1923, head.py): the records' keys, init = the scalar cap
-            self.softcap_pos = nn.Parameter(torch.tensor(float(logit_softcap)), requires_grad=asym_logit_trainable)
-            self.softcap_neg = nn.Parameter(torch.tensor(float(logit_softcap)), requires_grad=asym_logit_trainable)
+        self.config = cfg = ModelConfig.of(**args).check()  # config.py: each family's options and checks
+        self.tie_embeddings, self.bos_id = tie_embeddings, bos_id
+        self._build_head(cfg)
+        self._build_embedding_path(cfg)
+        self._build_layers(cfg)
+        self._init_weights(cfg)
+        roles_of(self)  # every parameter has a role (roles.py), else one error naming it
+        log.info("model parts: %s", "; ".join(self.describe()) or "the baseline's")
+
+    def _register(self, host: nn.Module, members: dict) -> None:
+        """Register a part's members (record name -> (module or Parameter, role or None)) on `host`."""
+        for name, (member, role) in members.items():
+            setattr(host, name, member)
+            if role is not None:
+                set_role(host, name, role)
+
+    def _build_head(self, cfg: ModelConfig) -> None:
+        """Token embedding, softcap (AsymLogit's two caps, head.py, #1923) and the untied head."""
+        h = cfg.head
+        self.logit_softcap, self.asym_logit_rescale = h.logit_softcap, h.asym_logit_rescale
+        if h.asym_logit_rescale:  # the records' keys, init = the scalar cap
+            self.softcap_pos = nn.Parameter(torch.tensor(float(h.logit_softcap)), requires_grad=h.asym_logit_trainable)
+            self.softcap_neg = nn.Parameter(torch.tensor(float(h.logit_softcap)), requires_grad=h.asym_logit_trainable)
             set_role(self, "softcap_pos", CONTROL)
             set_role(self, "softcap_neg", CONTROL)
-            log.info("asym logit: softcap_pos/softcap_neg init %s, %s", logit_softcap,
-                     "trained with the scalars" if asym_logit_trainable else "never updated (as the records: identity)")
-        self.rope_base, self.rope_train_seq_len = rope_base, rope_train_seq_len
-        self.rope_dims = rope_dims or head_dim
-        self.tok_emb = with_role(nn.Embedding(vocab_size, model_dim), EMBED)
-        # Embedding-path parts live under their records' attribute names (see embeddings.py).
-        self.bigram_attr = BIGRAM_ATTR.get(bigram_hash, "bigram") if bigram_buckets else None
+            log.info("asym logit: softcap_pos/softcap_neg init %s, %s", h.logit_softcap,
+                     "trained with the scalars" if h.asym_logit_trainable else "never updated (as the records: identity)")
+        self.tok_emb = with_role(nn.Embedding(cfg.vocab_size, cfg.model_dim), EMBED)
+        # The final RMSNorm as a module (no parameters): calibration hooks its output, the tied head's input.
+        self.final_norm = nn.RMSNorm(cfg.model_dim, elementwise_affine=False)
+        self.lm_head = None if cfg.tie_embeddings else with_role(CastedLinear(cfg.model_dim, cfg.vocab_size), HEAD)
+        if self.lm_head is not None:
+            self.lm_head._zero_init = True
+
+    def _build_embedding_path(self, cfg: ModelConfig) -> None:
+        """BigramHash, SmearGate and value embeddings (embeddings.py), under their records' names."""
+        e, dim, qat = cfg.embeddings, cfg.model_dim, cfg.qat.linear_kwargs()
+        self.bigram_attr = BIGRAM_ATTR.get(e.bigram_hash, "bigram") if e.bigram_buckets else None
         if self.bigram_attr:
-            setattr(self, self.bigram_attr, BigramHash(model_dim, buckets=bigram_buckets, dim=bigram_dim,
-                                                       hash=bigram_hash, init=bigram_init, scale_init=bigram_scale_init,
-                                                       qat=qat))
-        self.bos_id = bos_id
-        # SmearGate (embeddings.py): the part holds its parameters, registered here under its record's names.
-        self.smear_part = smear_part(smear_gate, model_dim, gate_window=gate_window, bos_mask=smear_bos_mask,
-                                     bos_id=bos_id)
-        for name, (member, role) in (self.smear_part.members.items() if self.smear_part else ()):
-            setattr(self, name, member)
-            if role is not None:
-                set_role(self, name, role)
+            setattr(self, self.bigram_attr, BigramHash(dim, buckets=e.bigram_buckets, dim=e.bigram_dim,
+                                                       hash=e.bigram_hash, init=e.bigram_init,
+                                                       scale_init=e.bigram_scale_init, qat=qat))
+        # SmearGate: the part holds its parameters, registered here under its record's names.
+        self.smear_part = smear_part(e.smear_gate, dim, gate_window=e.gate_window, bos_mask=e.smear_bos_mask,
+                                     bos_id=cfg.bos_id)
+        self._register(self, self.smear_part.members if self.smear_part else {})
         # Document-aware attention (docs.py, #1530's VarLen): no position sees another document.
-        self.doc_attention = doc_attention
-        if doc_attention:
+        self.doc_attention = cfg.attention.doc_attention
+        if self.doc_attention:
             log.info("doc attention: on (BOS id %d starts a document; kernel %s on CUDA, sdpa mask on CPU); "
-                     "SmearGate and BigramHash restart at each BOS", bos_id, doc_backend(torch.device("cuda")))
-        if smear_gate == "window" and not smear_bos_mask:  # under doc attention too, as #1667's packed eval
-            log.warning("model.smear_bos_mask=false: SmearGate mixes the previous document's last token into "
-                        "each BOS position (the cross-document leak of #1667 and #2135), doc_attention or not; "
-                        "use it only to reproduce those records")
-        if value_residual != "none":
+                     "SmearGate and BigramHash restart at each BOS", cfg.bos_id, doc_backend(torch.device("cuda")))
+        if e.smear_gate == "window" and not e.smear_bos_mask:  # under doc attention too, as #1667's packed eval
+            log.warning("model.embeddings.smear_bos_mask=false: SmearGate mixes the previous document's last token "
+                        "into each BOS position (the cross-document leak of #1667 and #2135), doc_attention or "
+                        "not; use it only to reproduce those records")
+        if e.value_residual != "none":
             log.info("value residual: %s (every attention mixes in the first layer's raw v; %s per layer)",
-                     value_residual, "vr_lambda" if value_residual == "lambda" else "vrl_alpha")
-        # Depth recurrence: one (encoder, decoder) schedule per number of extra passes.
-        loop = {"num_loops": num_loops, "loop_start": loop_start, "loop_end": loop_end}
-        self.num_loops = num_loops
-        self.init_description = [text for on, text in (
-            (overtone_init, "overtone embedding init: spectrum S_k = S_1/sqrt(k) (2026-03-19 OvertoneInit)"),
-            (phase_resid_mix_init, "phase-transition resid_mix init (2026-03-19 OvertoneInit)")) if on]
-        self.schedules = [layer_schedule(num_layers, passes=p, **loop) for p in range(num_loops + 1)]
-        # Per virtual position: (block_idx, physical_idx, repeat_mlp_idx) (recurrence.layer_plan).
-        virtual = layer_index == "virtual"
-        self.plans = [layer_plan(num_layers, passes=p, virtual_blocks=virtual, untie_mlp=loop_untie_mlp, **loop)
-                      for p in range(num_loops + 1)]
-        n_blocks = len(sum(self.schedules[num_loops], ())) if virtual else num_layers
-        self.loop_passes = num_loops
-        self.loop_description = describe_loop(**loop, virtual_blocks=virtual, untie_mlp=loop_untie_mlp)
-        self.num_encoder_layers = num_layers // 2
-        self.num_decoder_layers = num_layers - self.num_encoder_layers
-        # U-Net skip rows: min(|enc|, |dec|) of the looped schedule, or as many as a record allocated
-        # (04-04 #1334 sizes them by the unlooped split and leaves the first encoder output unused).
-        n_skips = num_skip_weights if num_skip_weights is not None else num_skips(num_layers, **loop)
-        self.num_skip_weights = n_skips
-        self.skip_weights = nn.Parameter(torch.ones(n_skips, model_dim, dtype=torch.float32))
-        # Sigmoid skip gates (#1089 via 2026-04-01 #1218): x <- lerp(w*skip, x, sigmoid(g)), g init 0.
-        self.skip_gates = nn.Parameter(torch.zeros(n_skips, model_dim)) if skip_gates_enabled else None
-        attn_gate = ("attn_out" if attn_out_gate_enabled else "dense" if gated_attn_enabled
-                     else "sparse" if sparse_attn_gate_enabled else "none")
-        attn = dict(attn_gate=attn_gate, gate_window=gate_window, attn_out_gate_src=attn_out_gate_src,
-                    gated_attn_init_std=gated_attn_init_std, sparse_attn_gate_init_std=sparse_attn_gate_init_std,
-                    sparse_attn_gate_scale=sparse_attn_gate_scale, value_residual_form=value_residual)
-        # Blocks 0..L-1 own physical layer i's matrices; under layer_index=virtual, blocks L.. hold
-        # only the scalars of the later virtual layers (#1204: blocks.11/12 at 11 layers).
-        mlp = dict(activation=mlp_activation, negative_slope=negative_slope)
-        self.blocks = nn.ModuleList(
-            Block(model_dim, num_heads, num_kv_heads, hidden, qk_gain_init, qat, layer_idx=i, ln_scale=ln_scale,
-                  attn=dict(attn, xsa=i >= n_blocks - xsa_last_n), mlp=mlp, linears=i < num_layers,
-                  attn_enabled=not (disable_layer0_attn and i == 0))
-            for i in range(n_blocks)
-        )
-        if disable_layer0_attn:
-            log.info("layer-0 attention: off (block 0 runs its MLP only; no blocks.0.attn matrices, as #1204)")
-        # Untied MLP copies for the extra passes (#1204 REPEAT_UNTIE_MLP=full): repeat_mlp.{k}.fc/proj,
-        # zero at init and copied from the shared MLPs when looping switches on (set_looping).
-        span = loop_end - loop_start + 1
-        self.repeat_mlp = nn.ModuleList(MLP(model_dim, hidden, qat, **mlp) for _ in range(num_loops * span)) \
-            if loop_untie_mlp and num_loops else None
-        if self.repeat_mlp is not None:
-            for m in self.repeat_mlp.modules():
-                if isinstance(m, CastedLinear):
-                    m._zero_init = True
-        # Residual routing per physical layer (residual.py); its lane scalars cover every layer, as the
-        # records, and sit at top level under the records' names.
-        self.routing = Routing(parallel_residual, parallel_final_lane, num_layers, parallel_start_layer)
-        for name, (param, role) in self.routing.params.items():
-            setattr(self, name, param)
-            set_role(self, name, role)
-        # Value embeddings on the listed physical layers (2026-03-22 #414 / #374).
-        self.ve_slot = {layer: k for k, layer in enumerate(_layer_list(ve_layers))} if ve_enabled else {}
-        self.ve_shared = ValueEmbedding(vocab_size, ve_dim, num_kv_heads * head_dim) if self.ve_slot else None
+                     e.value_residual, "vr_lambda" if e.value_residual == "lambda" else "vrl_alpha")
+        # Value embeddings on the listed layers (2026-03-22 #414 / #374).
+        self.ve_slot = {layer: k for k, layer in enumerate(layer_list(e.ve_layers))} if e.ve_enabled else {}
+        kv_dim = cfg.num_kv_heads * cfg.head_dim
+        self.ve_shared = ValueEmbedding(cfg.vocab_size, e.ve_dim, kv_dim) if self.ve_slot else None
         if self.ve_slot:
             scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_slot)
             self.ve_layer_scales = with_role(scales, CONTROL)
-        # Skip weights and gates steer the stream: Adam at scalar_lr, fp32, kept float.
-        for name in ("skip_weights", "skip_gates"):
+        a = cfg.attention
+        self.rope_base, self.rope_train_seq_len = a.rope_base, a.rope_train_seq_len
+        self.rope_dims = a.rope_dims or cfg.head_dim
+
+    def _build_layers(self, cfg: ModelConfig) -> None:
+        """Depth-recurrence plans, U-Net skips, the blocks, untied repeat MLPs and the residual routing."""
+        rec, res, n = cfg.recurrence, cfg.residual, cfg.num_layers
+        loop, virtual, hidden, qat = rec.loop, rec.layer_index == "virtual", cfg.mlp.hidden(cfg.model_dim), \
+            cfg.qat.linear_kwargs()
+        self.num_loops = self.loop_passes = rec.num_loops
+        # One (encoder, decoder) schedule per number of extra passes; per virtual position
+        # (block_idx, physical_idx, repeat_mlp_idx) (recurrence.layer_plan).
+        self.schedules = [layer_schedule(n, passes=p, **loop) for p in range(rec.num_loops + 1)]
+        self.plans = [layer_plan(n, passes=p, virtual_blocks=virtual, untie_mlp=rec.loop_untie_mlp, **loop)
+                      for p in range(rec.num_loops + 1)]
+        n_blocks = len(sum(self.schedules[rec.num_loops], ())) if virtual else n
+        self.loop_description = describe_loop(**loop, virtual_blocks=virtual, untie_mlp=rec.loop_untie_mlp)
+        self.num_encoder_layers, self.num_decoder_layers = n // 2, n - n // 2
+        # U-Net skip rows: min(|enc|, |dec|) of the looped schedule, or as many as a record allocated
+        # (04-04 #1334 sizes them by the unlooped split and leaves the first encoder output unused).
+        self.num_skip_weights = res.num_skip_weights if res.num_skip_weights is not None else num_skips(n, **loop)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skip_weights, cfg.model_dim, dtype=torch.float32))
+        # Sigmoid skip gates (#1089 via 2026-04-01 #1218): x <- lerp(w*skip, x, sigmoid(g)), g init 0.
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skip_weights, cfg.model_dim)) \
+            if res.skip_gates_enabled else None
+        for name in ("skip_weights", "skip_gates"):  # Adam at scalar_lr, fp32, kept float
             if self._parameters.get(name) is not None:
                 set_role(self, name, CONTROL)
-        # The final RMSNorm as a module (no parameters): calibration hooks its output, the tied head's input.
-        self.final_norm = nn.RMSNorm(model_dim, elementwise_affine=False)
-        self.lm_head = None if tie_embeddings else with_role(CastedLinear(model_dim, vocab_size), HEAD)
-        if self.lm_head is not None:
-            self.lm_head._zero_init = True
-        if tie_embeddings:
-            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=tied_embed_init_std)
-            if overtone_init:
+        # Blocks 0..L-1 own physical layer i's matrices; under layer_index=virtual, blocks L.. hold
+        # only the scalars of the later virtual layers (#1204: blocks.11/12 at 11 layers).
+        a = cfg.attention
+        self.blocks = nn.ModuleList(
+            Block(cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, hidden, a, qat, layer_idx=i, ln_scale=res.ln_scale,
+                  xsa=i >= n_blocks - a.xsa_last_n, value_residual=cfg.embeddings.value_residual, mlp=cfg.mlp,
+                  linears=i < n, attn_enabled=not (a.disable_layer0_attn and i == 0))
+            for i in range(n_blocks))
+        if a.disable_layer0_attn:
+            log.info("layer-0 attention: off (block 0 runs its MLP only; no blocks.0.attn matrices, as #1204)")
+        # Untied MLP copies for the extra passes (#1204 REPEAT_UNTIE_MLP=full): repeat_mlp.{k}.fc/proj,
+        # zero at init and copied from the shared MLPs when looping switches on (set_looping).
+        span = rec.loop_end - rec.loop_start + 1
+        self.repeat_mlp = nn.ModuleList(MLP(cfg.model_dim, hidden, qat, activation=cfg.mlp.mlp_activation,
+                                            negative_slope=cfg.mlp.negative_slope)
+                                        for _ in range(rec.num_loops * span)) \
+            if rec.loop_untie_mlp and rec.num_loops else None
+        for m in self.repeat_mlp.modules() if self.repeat_mlp is not None else ():
+            if isinstance(m, CastedLinear):
+                m._zero_init = True
+        # Residual routing per physical layer (residual.py); its lane scalars cover every layer, as the
+        # records, and sit at top level under the records' names.
+        self.routing = Routing(res.parallel_residual, res.parallel_final_lane, n, res.parallel_start_layer)
+        self._register(self, self.routing.params)
+
+    def _init_weights(self, cfg: ModelConfig) -> None:
+        """The records' inits in their order: tied embedding (+ overtone), OrthoInit, zero-init
+        layers, phase resid_mix (embeddings.py)."""
+        i = cfg.init
+        self.init_description = i.describe()
+        if cfg.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=i.tied_embed_init_std)
+            if i.overtone_init:
                 overtone_init_(self.tok_emb.weight)
-        if ortho_init:
-            orthogonal_init_(self, min_dim=ortho_min_dim,
-                             proj_scale=1.0 / math.sqrt(2 * num_layers) if ortho_proj_scale else 1.0)
+        if i.ortho_init:
+            orthogonal_init_(self, min_dim=i.ortho_min_dim,
+                             proj_scale=1.0 / math.sqrt(2 * cfg.num_layers) if i.ortho_proj_scale else 1.0)
         for module in self.modules():
             if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
-        if phase_resid_mix_init:
+        if i.phase_resid_mix_init:
             phase_resid_mix_init_(self.blocks)
-        roles_of(self)  # every parameter has a role (roles.py), else one error naming it
-        log.info("model parts: %s", "; ".join(self.describe()) or "the baseline's")
 
     def describe(self) -> list[str]:
         """One line per technique part this model wires (the parts describe themselves), for the

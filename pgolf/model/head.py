@@ -9,8 +9,30 @@ option is an identity in every record run; `asym_logit_trainable` lets the optim
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from pgolf.errors import PgolfError
+
+
+
+@dataclass
+class HeadConfig:
+    """`model.head`: the logit softcap, and AsymLogit's two caps (`asym_logit_rescale`; trained
+    only with `asym_logit_trainable`, which no record did)."""
+
+    logit_softcap: float = 30.0
+    asym_logit_rescale: bool = False
+    asym_logit_trainable: bool = False
+
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
+        if self.logit_softcap <= 0:
+            raise PgolfError(f"model.head.logit_softcap={self.logit_softcap} must be positive")
+        if self.asym_logit_trainable and not self.asym_logit_rescale:
+            raise PgolfError("model.head.asym_logit_trainable=true needs model.head.asym_logit_rescale=true "
+                             "(the caps it trains)")
 
 
 def asym_softcap(z: Tensor, softcap_pos: Tensor, softcap_neg: Tensor) -> Tensor:

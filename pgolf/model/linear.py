@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.model.roles import MATRIX, set_role
 from pgolf.quant import fake_quantize
+
+
+
+@dataclass
+class QATConfig:
+    """`model.qat`: fake-quantize every block linear's weight to `qat_bits` (0 = off; int6 STE of
+    records #65/#192) with the exporter's `qat_clip` rule; the schedule decides when it is on."""
+
+    qat_bits: int = 0
+    qat_clip: str = "percentile"
+
+    def linear_kwargs(self) -> dict:
+        return asdict(self)
+
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
+        from pgolf.errors import PgolfError
+        from pgolf.quant.treatments import CLIPS
+
+        if self.qat_clip not in CLIPS:
+            raise PgolfError(f"model.qat.qat_clip={self.qat_clip!r} is not one of {', '.join(CLIPS)}")
+        if self.qat_bits and not 4 <= self.qat_bits <= 8:
+            raise PgolfError(f"model.qat.qat_bits={self.qat_bits} must be 0 (off) or in 4..8 (the exporter's range)")
 
 
 class CastedLinear(nn.Linear):

@@ -12,6 +12,57 @@ its place in the list.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from pgolf.errors import PgolfError
+
+
+# Which index per-layer options (xsa_last_n, ve_layers, LN scale) and block scalars follow.
+LAYER_INDEX = ("physical", "virtual")
+
+
+@dataclass
+class RecurrenceConfig:
+    """`model.recurrence`: `num_loops` extra passes over physical layers [loop_start, loop_end]
+    (when looping switches on is the schedule's); `loop_untie_mlp` and `layer_index=virtual`
+    are #1204's untied repeat MLPs and one block of scalars per virtual layer."""
+
+    num_loops: int = 0
+    loop_start: int = 0
+    loop_end: int = 0
+    loop_untie_mlp: bool = False
+    layer_index: str = "physical"
+
+    @property
+    def loop(self) -> dict:
+        """The keywords of layer_schedule / layer_plan / num_skips."""
+        return {"num_loops": self.num_loops, "loop_start": self.loop_start, "loop_end": self.loop_end}
+
+    @property
+    def extra_layers(self) -> int:
+        """Virtual layers the loops add at full depth."""
+        return self.num_loops * (self.loop_end - self.loop_start + 1) if self.num_loops else 0
+
+    def num_indexed(self, num_layers: int) -> tuple[str, int]:
+        """(kind, count) of the layer indices per-layer options take: physical, or virtual under
+        layer_index=virtual (#1204)."""
+        if self.layer_index == "virtual":
+            return "virtual", num_layers + self.extra_layers
+        return "physical", num_layers
+
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
+        if self.layer_index not in LAYER_INDEX:
+            raise PgolfError(f"model.recurrence.layer_index={self.layer_index!r} is not one of {', '.join(LAYER_INDEX)}")
+        if self.num_loops < 0:
+            raise PgolfError(f"model.recurrence.num_loops={self.num_loops} must be >= 0 (0 = no depth recurrence)")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < model.num_layers:
+            raise PgolfError(f"model.recurrence.loop_start={self.loop_start}, model.recurrence.loop_end={self.loop_end} "
+                             f"must satisfy 0 <= loop_start <= loop_end < num_layers={model.num_layers} "
+                             "(physical indices, inclusive)")
+        if self.loop_untie_mlp and not self.num_loops:
+            raise PgolfError("model.recurrence.loop_untie_mlp=true needs depth recurrence "
+                             "(model.recurrence.num_loops >= 1)")
+
 
 def layer_schedule(num_layers: int, *, num_loops: int = 0, loop_start: int = 0, loop_end: int = -1,
                    passes: int = 0) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -16,12 +16,16 @@ names, as the records keep them, and the steps read them from the routing, never
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from pgolf.errors import PgolfError
+from pgolf.model.recurrence import layer_schedule
 from pgolf.model.roles import CONTROL, Role
+
 
 PARALLEL_RESIDUALS = ("gptj", "lane_merge", "routed_2x2", "learned_2lane")
 PARALLEL_FINAL_LANES = ("mean", "attn", "mlp")
@@ -37,6 +41,40 @@ ROUTING_DESCRIPTIONS = {
     "routed_2x2": "2x2 routed parallel lanes with learned resid/post lambdas (#1529 / 2026-04-10 #1530)",
     "learned_2lane": "two lanes with learned routing, skips into every lane (2026-03-31 #1204)",
 }
+
+
+@dataclass
+class ResidualConfig:
+    """`model.residual`: how layers update the stream. `parallel_residual` from physical layer
+    `parallel_start_layer` (0 = sequential everywhere), sigmoid U-Net skip gates
+    (`skip_gates_enabled`, #1089 via 2026-04-01 #1218), the count of skip rows (null = derived)
+    and the LN scale 1/sqrt(layer+1) of the block norms (`ln_scale`, 2026-03-21 #315)."""
+
+    ln_scale: bool = False
+    skip_gates_enabled: bool = False
+    num_skip_weights: int | None = None
+    parallel_start_layer: int = 0
+    parallel_residual: str = "routed_2x2"
+    parallel_final_lane: str = "mean"
+
+    def check(self, model) -> None:  # model: config.ModelConfig (every family, read-only)
+        for field, value, allowed in (("parallel_residual", self.parallel_residual, PARALLEL_RESIDUALS),
+                                      ("parallel_final_lane", self.parallel_final_lane, PARALLEL_FINAL_LANES)):
+            if value not in allowed:
+                raise PgolfError(f"model.residual.{field}={value!r} is not one of {', '.join(allowed)}")
+        n, rec = model.num_layers, model.recurrence
+        if not 0 <= self.parallel_start_layer < n:
+            raise PgolfError(f"model.residual.parallel_start_layer={self.parallel_start_layer} must be 0 (off) or a "
+                             f"physical layer in 1..{n - 1}")
+        if self.parallel_start_layer and self.parallel_residual in TWO_LANE:
+            encoder = layer_schedule(n, passes=rec.num_loops, **rec.loop)[0] + layer_schedule(n)[0]
+            if max(encoder, default=-1) >= self.parallel_start_layer:
+                raise PgolfError(f"model.residual.parallel_start_layer={self.parallel_start_layer} falls in the U-Net "
+                                 f"encoder (layers {sorted(set(encoder))}); the {self.parallel_residual} lanes start "
+                                 f"in the decoder: use at least {max(encoder) + 1}")
+        if self.num_skip_weights is not None and not 0 <= self.num_skip_weights <= n + rec.extra_layers:
+            raise PgolfError(f"model.residual.num_skip_weights={self.num_skip_weights} must be null (derived) or a "
+                             "count of U-Net skips")
 
 
 class Layer(NamedTuple):

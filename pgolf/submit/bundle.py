@@ -31,7 +31,7 @@ import yaml
 
 from pgolf.data.spec import cache_root
 from pgolf.errors import PgolfError
-from pgolf.submit.reach import left_out
+from pgolf.submit.reach import left_out, rows
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # Dependency order: a module comes after every module whose names it uses at import time.
@@ -39,7 +39,7 @@ MODULES = (
     "errors", "quant/treatments", "quant/lqer", "quant/rules", "quant/gptq", "quant/state", "quant/codecs",
     "quant/pergroup", "quant/prune", "quant/artifact", "quant/calibrate", "quant/spec", "model/roles", "model/linear",
     "model/rotary", "model/docs", "model/value_residual", "model/attention", "model/mlp", "model/block",
-    "model/residual", "model/recurrence", "model/embeddings", "model/checks", "model/head", "model/gpt", "optim",
+    "model/recurrence", "model/residual", "model/embeddings", "model/head", "model/config", "model/gpt", "optim",
     "progressive", "schedule",
     "evaluate", "ttt/scorer", "ttt/common", "ttt/adapters", "ttt/run", "ttt/chunked", "ttt/lora", "ttt/phased", "ttt/ngram",
     "data/shards", "data/loader", "data/loaders", "data/packing", "data/caseops", "data/byte_counts", "data/spec",
@@ -214,13 +214,18 @@ def _chunks(config: dict) -> list[str]:
     config literal goes."""
     names, dropped, fixed = _plan(config)
     everything, unbundled = _statements()
-    statements = _prune(everything, set(names.values()), dropped)
+    # The parts the config reaches are roots too: a registered part (an attention gate) is found
+    # through its registry, never by name.
+    reached = {name for row in rows() for name in row.names} - dropped
+    statements = _prune(everything, set(names.values()) | reached, dropped)
     # A part left out but named by shipped code (a table, a guarded call) is bound to _Absent.
     named = sorted(dropped & set().union(*(_uses(stmt) for stmt in statements)))
     undefined = _undefined_globals(statements) - unbundled - set(named)
     assert not undefined, f"bundle refers to undefined names {sorted(undefined)}"
     # The entry's placeholders get the run's values.
-    values = {"CONFIG": CONFIG_TOKEN, "FIXED": repr(fixed),
+    from pgolf.model.config import gate_flags
+
+    values = {"CONFIG": CONFIG_TOKEN, "FIXED": repr(fixed), "FLAGS": repr(gate_flags()),
               "TARGETS": "{" + ", ".join(f"{t!r}: {n}" for t, n in names.items()) + "}"}
 
     def text(stmt: ast.stmt) -> str:
@@ -295,7 +300,8 @@ def minified_source(config: dict) -> str:
     modules' sources and the parts (parsing, pruning and minifying cost about 2 CPU s a run)."""
     names, dropped, fixed = _plan(config)
     sources = tuple((PACKAGE_DIR / f"{rel}.py").read_text(encoding="utf-8") for rel in MODULES)
-    code = _disk_cached("bundled", (sources, sorted(names.items()), sorted(dropped), repr(fixed)),
+    registered = sorted(name for row in rows() for name in row.names)  # a part registered at run time
+    code = _disk_cached("bundled", (sources, sorted(names.items()), sorted(dropped), repr(fixed), registered),
                         lambda: "\n".join(minify(chunk) for chunk in _chunks(config)))
     assert code.count(CONFIG_TOKEN) == 1, "python-minifier changed the config placeholder"
     return code.replace(CONFIG_TOKEN, repr(bundle_config(config)))

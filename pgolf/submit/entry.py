@@ -10,7 +10,10 @@ or is one of the records' one-word names, by its bare upper-cased name (`NUM_LAY
 `VOCAB_SIZE` sets every group's `vocab_size`); a nested option's key the same way
 (`TTT_LORA_RANK` or `EVAL_TTT_TTT_LORA_RANK` sets `eval.ttt.ttt_lora_rank`); one-word keys
 such as `name` or `level` need the group prefix so that unrelated environment variables
-cannot change a run.
+cannot change a run. A part family's key (`model.attention.xsa_last_n`) is set by its leaf name
+as the records spell it (`XSA_LAST_N`; `GATE_WINDOW` sets both places it lives) or by
+`MODEL_ATTENTION_XSA_LAST_N`; the records' gate booleans (`SPARSE_ATTN_GATE_ENABLED=1`, ...) select
+their choice of `model.attention.gate`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.errors import PgolfError
+from pgolf.model.config import gate_flags
 from pgolf.runlog import NullLogger
 from pgolf.trainer import Job, run_job
 
 CONFIG: dict = {}
 TARGETS: dict = {}
 FIXED: tuple = ()  # dotted keys whose values decided which parts the bundler left out (pgolf.submit.reach)
+FLAGS: dict = {}  # the records' gate booleans -> their model.attention.gate choice, frozen by the bundler
 ONE_WORD_NAMES = ("iterations", "beta1", "beta2")  # upstream's env vars without an underscore
 
 
@@ -70,26 +75,49 @@ def apply_env(config: dict, environ: dict) -> list[str]:
             applied.append(f"{key.upper()}={environ[key.upper()]}")
     for group, node in config.items():
         if isinstance(node, dict):
-            _apply_group(node, group.upper(), environ, applied)
-    return applied
+            applied += _apply_node(group, node, environ)
+    return list(dict.fromkeys(applied + apply_flags(config, environ)))  # GATE_WINDOW sets two places
 
 
-def _apply_group(node: dict, prefix: str, environ: dict, applied: list[str]) -> None:
-    """A group's keys (`PREFIX_KEY`, or the bare `KEY`) and, one level down, a nested option's
-    (`eval.ttt.ttt_lora_rank` from `EVAL_TTT_TTT_LORA_RANK` or the records' `TTT_LORA_RANK`;
-    #1530/#1626's TTT_*, PHASED_TTT_*, GLOBAL_TTT_* are eval.ttt's keys upper-cased)."""
+def _apply_node(prefix: str, node: dict, environ: dict) -> list[str]:
+    """One group's keys and its nested nodes' (a part family such as model.attention, or a nested
+    option such as eval.ttt), by their leaves' own names or PREFIX_NODE_KEY: `eval.ttt.ttt_lora_rank`
+    from `EVAL_TTT_TTT_LORA_RANK` or the records' `TTT_LORA_RANK` (#1530/#1626's TTT_*, PHASED_TTT_*,
+    GLOBAL_TTT_* are eval.ttt's keys upper-cased)."""
+    applied = []
     for key, value in node.items():
         if key.startswith("_"):
             continue
         if isinstance(value, dict):
-            _apply_group(value, f"{prefix}_{key.upper()}", environ, applied)
+            applied += _apply_node(f"{prefix}_{key}", value, environ)
             continue
         bare = "_" in key or key in ONE_WORD_NAMES
-        for name in (f"{prefix}_{key.upper()}", *([key.upper()] if bare else [])):
+        for name in (f"{prefix}_{key}".upper(), *([key.upper()] if bare else [])):
             if name in environ:
                 node[key] = parse_env(name, environ[name], value)
                 applied.append(f"{name}={environ[name]}")
                 break
+    return applied
+
+
+def apply_flags(config: dict, environ: dict) -> list[str]:
+    """The records' mutually exclusive gate booleans onto `model.attention.gate`: a true one
+    selects its gate, a false one turns its own gate off (pgolf.model.config.gate_flags)."""
+    attention = config.get("model", {}).get("attention")
+    flags = FLAGS or gate_flags()
+    if not isinstance(attention, dict):
+        return []
+    named = [f for f in flags if f.upper() in environ]
+    on = [f.upper() for f in named if parse_env(f.upper(), environ[f.upper()], False)]
+    if len(on) > 1:
+        raise PgolfError(f"{on[0]}=1 and {on[1]}=1 are mutually exclusive attention output gates; "
+                         "set one (or MODEL_ATTENTION_GATE=<choice>)")
+    for flag in named:
+        if parse_env(flag.upper(), environ[flag.upper()], False):
+            attention["gate"] = flags[flag]
+        elif attention.get("gate") == flags[flag]:
+            attention["gate"] = "none"
+    return [f"{f.upper()}={environ[f.upper()]}" for f in named]
 
 
 def check_fixed(config: dict) -> None:

@@ -221,18 +221,19 @@ def techniques(config: dict) -> list[str]:
     m, o = config.get("model", {}), config.get("optimizer", {})
     s, q = config.get("schedule", {}), config.get("quant", {})
     dim = m.get("model_dim", 512)
-    hidden = m.get("mlp_hidden") or int(m.get("mlp_mult", 2.0) * dim)
+    mlp, init, qat = m.get("mlp") or {}, m.get("init") or {}, m.get("qat") or {}
+    hidden = mlp.get("mlp_hidden") or int(mlp.get("mlp_mult", 2.0) * dim)
     out = [f"{m.get('num_layers')} layers x {dim} dim, {m.get('num_heads')} heads / {m.get('num_kv_heads')} KV "
-           f"heads, MLP {m.get('mlp_mult')}x (hidden {hidden}), vocab {m.get('vocab_size')}"
+           f"heads, MLP {mlp.get('mlp_mult')}x (hidden {hidden}), vocab {m.get('vocab_size')}"
            + (", tied embeddings" if m.get("tie_embeddings") else "")]
     out += model_parts(m)
-    if m.get("ortho_init"):
-        out.append(f"orthogonal init (matrices with min dim >= {m.get('ortho_min_dim', 0)})"
-                   + (", output projections scaled by 1/sqrt(2L)" if m.get("ortho_proj_scale") else ""))
-    if m.get("qat_bits", 0):
+    if init.get("ortho_init"):
+        out.append(f"orthogonal init (matrices with min dim >= {init.get('ortho_min_dim', 0)})"
+                   + (", output projections scaled by 1/sqrt(2L)" if init.get("ortho_proj_scale") else ""))
+    if qat.get("qat_bits", 0):
         start = s.get("qat_start_frac", 1.0)
         late = f", from when the LR multiplier falls below {start}" if start < 1.0 else ", from the first step"
-        out.append(f"int{m['qat_bits']} STE QAT ({m.get('qat_clip')} clip){late}")
+        out.append(f"int{qat['qat_bits']} STE QAT ({qat.get('qat_clip')} clip){late}")
     out.append(f"Muon (lr {o.get('matrix_lr')}, momentum {o.get('muon_momentum_warmup_start')} -> "
                f"{o.get('muon_momentum')} over {o.get('muon_momentum_warmup_steps')} steps) + Adam")
     if o.get("muon_weight_decay", 0.0):
@@ -276,7 +277,8 @@ def submission(runs: list[Run], *, name: str, author: str, github_id: str, blurb
     bpbs, losses = [r.bpb for r in runs], [r.loss for r in runs]
     if blurb is None:
         m = config.get("model", {})
-        blurb = (f"{m.get('num_layers')}L {m.get('model_dim')}d MLP {m.get('mlp_mult')}x, {preset} + {codec}, "
+        blurb = (f"{m.get('num_layers')}L {m.get('model_dim')}d MLP {(m.get('mlp') or {}).get('mlp_mult')}x, "
+                 f"{preset} + {codec}, "
                  f"{method.replace('_', ' ')} eval stride {stride}; mean of {len(runs)} seed(s), bundled by pgolf.")
         blurb = f"Non-record ({non_record}). {blurb}" if non_record else blurb
     out = {
