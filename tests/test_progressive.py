@@ -137,7 +137,7 @@ def test_one_graph_per_length_is_counted_and_compiled():
     from pgolf.model import GPT
 
     torch.manual_seed(0)
-    model = GPT(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2.0)
+    model = GPT(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp={"mlp_mult": 2.0})
     sched = Schedule(train_seq_len=64, train_seq_schedule="16@0.3,32@0.6,64@1.0")
     shapes = train_shapes(sched, 0)
     assert shapes == [(16, 0), (32, 0), (64, 0)] and graphs_needed([0], set(), len(shapes)) == 3

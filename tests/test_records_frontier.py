@@ -194,9 +194,14 @@ def packed_losses(model: GPT, L: dict) -> dict[str, tuple[float, float]]:
     return {"loss_bos_docs": (docs, L["loss_bos_docs"]), "loss_varlen_rows": (varlen_rows, L["loss_varlen_rows"])}
 
 
+def with_part(kwargs: dict, family: str, **leaves) -> dict:
+    """GPT's nested keywords `kwargs` with some of one part family's options replaced."""
+    return {**kwargs, family: {**kwargs.get(family, {}), **leaves}}
+
+
 def doc_attention_model(kwargs: dict, shapes: dict, weights: dict | None = None) -> GPT:
     torch.manual_seed(0)
-    model = GPT(**{**kwargs, "doc_attention": True, "bos_id": 1}).eval()
+    model = GPT(**{**with_part(kwargs, "attention", doc_attention=True), "bos_id": 1}).eval()
     model.load_state_dict(weights or seeded_weights({k: tuple(v) for k, v in shapes.items()}), strict=True)
     return model
 
@@ -210,7 +215,7 @@ def test_packed_document_eval_equals_the_records(name):
     for key, (ours, record) in packed_losses(model, L).items():
         assert ours == pytest.approx(record, rel=REL), key
     if "loss_bos_docs_mask_off" in L:  # #1855 with its BOS mask off (module BOS_ID = -1): #1667's leak
-        off = doc_attention_model(dict(model_kwargs(name), smear_bos_mask=False), GOLDENS[name]["state_dict_small"])
+        off = doc_attention_model(with_part(model_kwargs(name), "embeddings", smear_bos_mask=False), GOLDENS[name]["state_dict_small"])
         assert packed_losses(off, L)["loss_bos_docs"][0] == pytest.approx(L["loss_bos_docs_mask_off"], rel=REL)
         assert L["loss_bos_docs_mask_off"] != pytest.approx(L["loss_bos_docs"], rel=REL)
 
