@@ -526,13 +526,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
                 swa.add(base_model)
             capped = sched.budget_ms > 0 and approx_ms >= sched.budget_ms
             if sched.train_log_every > 0 and (step <= 10 or step % sched.train_log_every == 0 or stop_after is not None):
-                loss_value = train_loss.item()
-                check_finite(loss_value, step)
-                log(f"step:{step}/{sched.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
-                    f"step_avg:{approx_ms / step:.2f}ms lr_scale:{scale:.4f} wd_mul:{point.wd_mul:.4f}"
-                    + (f" seq_len:{growth.seq_len}" if growth.active else ""))
-                job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/wd_mul": point.wd_mul,
-                                "train/step_ms": approx_ms / step, "train/seq_len": growth.seq_len}, step=step)
+                log_train_step(job, log, step, train_loss, approx_ms, scale, point.wd_mul, growth)
             fault_point(f"step:{step}")
             capped, save_now, preempted = any_rank(
                 [capped, saving.due(step, approx_ms, *saved_at), preemption.signum is not None], rt)
@@ -559,13 +553,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
     raw_bpb = pre_bpb  # before weight averaging
     averaged = apply_average(base_model, swa, ema, evaluate, raw_bpb, log)
     pre_loss, pre_bpb = averaged if averaged is not None else (pre_loss, pre_bpb)
-    # GPTQ calibration (pgolf/quant/calibrate.py): train batches right after the loop, inside the budget
-    # the GPTQ reserve kept free (eval time excluded, as from train_ms), or the model's own samples.
-    calibration = job.quant.calibrate(
-        base_model, next_batch=lambda: loader.next_batch(sched.train_batch_tokens, sched.train_seq_len,
-                                                         data.grad_accum)[0],
-        train_s=train_ms / 1000.0, cap_s=sched.max_wallclock_seconds or None, log=log, vocab_size=data.vocab,
-        device=rt.device, autocast=autocast)
+    calibration = calibrate_for_export(job, rt, log, base_model, loader, data, train_ms, autocast)
     metrics = finish(job, rt, run_dir, log, base_model, evaluate, dict(
         pre_loss=pre_loss, pre_bpb=pre_bpb, n_params=model.n_params, steps=step, train_ms=train_ms,
         peak_mib=peak_mib, unigram_bpb=data.unigram_bpb, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb,
@@ -573,6 +561,31 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         preemption, calibration)
     rt.close()
     return metrics
+
+
+def log_train_step(job: Job, log: RunLog, step: int, train_loss: torch.Tensor, approx_ms: float, scale: float,
+                   wd_mul: float, growth: SeqGrowth) -> None:
+    """The train log line and W&B row of `step` (a non-finite loss stops the run here)."""
+    loss_value = train_loss.item()
+    check_finite(loss_value, step)
+    log(f"step:{step}/{job.schedule.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms "
+        f"step_avg:{approx_ms / step:.2f}ms lr_scale:{scale:.4f} wd_mul:{wd_mul:.4f}"
+        + (f" seq_len:{growth.seq_len}" if growth.active else ""))
+    job.logger.log({"train/loss": loss_value, "train/lr_scale": scale, "train/wd_mul": wd_mul,
+                    "train/step_ms": approx_ms / step, "train/seq_len": growth.seq_len}, step=step)
+
+
+def calibrate_for_export(job: Job, rt: Runtime, log: RunLog, base_model: nn.Module, loader: Any, data: RunData,
+                         train_ms: float, autocast: Callable) -> Any:
+    """GPTQ calibration (pgolf/quant/calibrate.py): training batches right after the loop, inside the
+    budget the GPTQ reserve kept free (eval time excluded, as from train_ms), or the model's own
+    samples; None when the quant preset calibrates nothing."""
+    sched = job.schedule
+    return job.quant.calibrate(
+        base_model, next_batch=lambda: loader.next_batch(sched.train_batch_tokens, sched.train_seq_len,
+                                                         data.grad_accum)[0],
+        train_s=train_ms / 1000.0, cap_s=sched.max_wallclock_seconds or None, log=log, vocab_size=data.vocab,
+        device=rt.device, autocast=autocast)
 
 
 def stop_preempted(job: Job, rt: Runtime, log: RunLog, preemption: Preemption, what: str, run_dir: Path) -> None:
@@ -664,6 +677,29 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     quant_sliding = evaluate("sliding")  # a signal from here on: the run completes (metrics.json), exit 0
     ttt = evaluate("ttt") if job.eval_spec.ttt is not None else None  # last: it trains the model
     eval_s = time.perf_counter() - t_eval
+    metrics = final_metrics(t, rt, log, quant=(quant_loss, quant_bpb), quant_sliding=quant_sliding,
+                            pre_sliding=pre_sliding, ttt=ttt, calibration=calibration, identical=identical,
+                            sizes=(nmodel, ncode), eval_s=eval_s)
+    if rt.master:
+        write_atomic(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+        job.logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=t["steps"])
+        job.logger.summary(metrics)
+        for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):  # the run is complete
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        (run_dir / FINAL_STATE).unlink(missing_ok=True)
+    if preemption.signum is not None:
+        log("preempted after the final eval: the run is complete (metrics.json)")
+    job.logger.finish()
+    return metrics
+
+
+def final_metrics(t: dict, rt: Runtime, log: RunLog, *, quant: tuple, quant_sliding: tuple, pre_sliding: tuple | None,
+                  ttt: tuple | None, calibration: Any, identical: bool, sizes: tuple[int, int], eval_s: float) -> dict:
+    """metrics.json's figures (bpb, nats, bytes, counts; the headline keys in pgolf.cli) from the
+    training figures `t` and the final evals ((loss, bpb) pairs; TTT's carries its extra figures),
+    and their final log lines."""
+    quant_loss, quant_bpb = quant
+    nmodel, ncode = sizes
     metrics = {
         "final/quant_sliding_bpb": quant_sliding[1],
         "final/quant_sliding_loss_nats": quant_sliding[0],
@@ -709,14 +745,4 @@ def finish(job: Job, rt: Runtime, run_dir: Path, log: RunLog, base_model: nn.Mod
     if ttt is not None:
         log(f"final_ttt val_loss:{ttt[0]:.8f} val_bpb:{ttt[1]:.8f} (quantized sliding {quant_sliding[1]:.8f}, "
             f"gain {ttt[1] - quant_sliding[1]:+.8f})")
-    if rt.master:
-        write_atomic(run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-        job.logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=t["steps"])
-        job.logger.summary(metrics)
-        for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):  # the run is complete
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        (run_dir / FINAL_STATE).unlink(missing_ok=True)
-    if preemption.signum is not None:
-        log("preempted after the final eval: the run is complete (metrics.json)")
-    job.logger.finish()
     return metrics
