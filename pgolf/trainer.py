@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import json
 import math
 import os
@@ -193,7 +194,13 @@ def unigram_bpb(train_pattern: str, val_tokens: torch.Tensor, luts, vocab_size: 
 def run_job(job: Job, run_dir: Path) -> dict[str, Any]:
     # SIGTERM/SIGUSR1 from here to metrics.json leave a state `resume=` finishes (see stop_preempted)
     with Preemption() as preemption:
-        return _run_job(job, run_dir, preemption)
+        metrics, rt = _run_job(job, run_dir, preemption)
+    # Closed once _run_job's frame (the model, and DDP's reducer holding the process group) is gone:
+    # a group destroyed while DDP still held it was freed at interpreter exit, where gloo's threads
+    # aborted a finished worker about one run in two ("terminate called without an active exception").
+    gc.collect()
+    rt.close()
+    return metrics
 
 
 @dataclass
@@ -416,7 +423,7 @@ def make_evaluate(job: Job, rt: Runtime, data: RunData, model: Model, log: RunLo
     return evaluate
 
 
-def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
+def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> tuple[dict[str, Any], Runtime]:
     # -------------------------------- setup: runtime, data, model --------------------------------
     rt, log, run_dir = start_run(job, run_dir)
     sched, spec = job.schedule, job.eval_spec
@@ -458,9 +465,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         done_dir = Path(job.resume).resolve() if job.resume else run_dir
         base_model.load_state_dict(torch.load(done_dir / "final_model.pt", map_location=rt.device, weights_only=True))
         log(f"resumed:{done_dir / FINAL_STATE} step:{figures['steps']} training done; exporting and evaluating again")
-        metrics = finish(job, rt, run_dir, log, base_model, evaluate, figures, preemption)
-        rt.close()
-        return metrics
+        return finish(job, rt, run_dir, log, base_model, evaluate, figures, preemption), rt
 
     # -------------------------------- warm-up (prime compile, then restore), resume --------------------------------
     if sched.warmup_steps > 0:
@@ -559,8 +564,7 @@ def _run_job(job: Job, run_dir: Path, preemption: Preemption) -> dict[str, Any]:
         peak_mib=peak_mib, unigram_bpb=data.unigram_bpb, swa_count=swa.count, ema_count=ema.count, raw_bpb=raw_bpb,
         seq_switches=growth.switches),
         preemption, calibration)
-    rt.close()
-    return metrics
+    return metrics, rt
 
 
 def log_train_step(job: Job, log: RunLog, step: int, train_loss: torch.Tensor, approx_ms: float, scale: float,
