@@ -99,10 +99,16 @@ def _uses(stmt: ast.stmt) -> set[str]:
 
 
 @functools.lru_cache(maxsize=1)
+def _sources() -> tuple[str, ...]:
+    """The bundled modules' texts, in MODULES order (read once a process)."""
+    return tuple((PACKAGE_DIR / f"{rel}.py").read_text(encoding="utf-8") for rel in MODULES)
+
+
+@functools.lru_cache(maxsize=1)
 def _statements() -> tuple[list[tuple[str, ast.stmt]], set[str]]:
     """Every top-level statement of the bundled modules, with pgolf imports removed, and the
     names whose import from a left-out module became a raise."""
-    parsed = {rel: ast.parse((PACKAGE_DIR / f"{rel}.py").read_text(encoding="utf-8")) for rel in MODULES}
+    parsed = {rel: ast.parse(text) for rel, text in zip(MODULES, _sources())}
     defined = {name for tree in parsed.values() for stmt in tree.body for name in _defines(stmt)
                if not isinstance(stmt, (ast.Import, ast.ImportFrom))}
     out, owner, unbundled = [], {}, set()
@@ -299,9 +305,8 @@ def minified_source(config: dict) -> str:
     Runs that bundle the same parts share the minified code, which is kept on disk by the bundled
     modules' sources and the parts (parsing, pruning and minifying cost about 2 CPU s a run)."""
     names, dropped, fixed = _plan(config)
-    sources = tuple((PACKAGE_DIR / f"{rel}.py").read_text(encoding="utf-8") for rel in MODULES)
     registered = sorted(name for row in rows() for name in row.names)  # a part registered at run time
-    code = _disk_cached("bundled", (sources, sorted(names.items()), sorted(dropped), repr(fixed), registered),
+    code = _disk_cached("bundled", (_sources(), sorted(names.items()), sorted(dropped), repr(fixed), registered),
                         lambda: "\n".join(minify(chunk) for chunk in _chunks(config)))
     assert code.count(CONFIG_TOKEN) == 1, "python-minifier changed the config placeholder"
     return code.replace(CONFIG_TOKEN, repr(bundle_config(config)))
