@@ -5,6 +5,7 @@ equal 1 rank."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -186,7 +187,9 @@ def _worker(rank: int, world: int, port: int, variants: tuple[str, ...], out: di
         for v in variants:
             for dtype in DTYPES:
                 out[(v, dtype, rank)] = run_variant(v, rank, world, dtype)
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
